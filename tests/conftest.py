@@ -1,0 +1,48 @@
+"""Shared test helpers: seeded tiny models, torch <-> MLX conversion, one relative-error measure."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import mlx.core as mx  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def to_mx(t, dtype=None):
+    """A torch tensor (or numpy array) as an MLX array, keeping the dtype unless one is asked."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        t = t.numpy()
+    a = mx.array(t)
+    return a.astype(dtype) if dtype is not None else a
+
+
+def to_np(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    if isinstance(x, mx.array):
+        return np.array(x.astype(mx.float32)) if x.dtype in (mx.bfloat16, mx.float16) else np.array(x)
+    return np.asarray(x)
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the project's one parity measure."""
+    a, e = to_np(actual).astype(np.float64), to_np(expected).astype(np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != reference {e.shape}"
+    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
+
+
+def assert_close(actual, expected, tol=1e-4, what="output"):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+    return err
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    mx.random.seed(0)

@@ -1,0 +1,509 @@
+"""GLM-Image's diffusion transformer (diffusers' ``GlmImageTransformer2DModel``) in MLX.
+
+Parameter names equal diffusers', so a diffusers ``transformer/`` folder loads without key mapping.
+Inside, tokens are (B, S, D) and attention runs on (B, H, S, Dh); the public call takes and returns NCHW
+latents like diffusers. Text (glyph) tokens come first in the joint sequence and get no rotary embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import weights as W
+
+CACHE_MODES = ("write", "read", "skip")
+
+
+@dataclass
+class GlmImageTransformerConfig:
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 30
+    attention_head_dim: int = 40
+    num_attention_heads: int = 64
+    text_embed_dim: int = 1472
+    time_embed_dim: int = 512
+    condition_dim: int = 256
+    prior_vq_quantizer_codebook_size: int = 16384
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "GlmImageTransformerConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused elementwise pieces. Matmuls dominate the FLOPs; these are where compile saves memory traffic.
+
+
+@partial(mx.compile, shapeless=True)
+def _modulate(x, shift, scale):
+    # LayerNorm without affine (eps 1e-5, fp32 accumulation inside mx.fast.layer_norm), then AdaLN.
+    return mx.fast.layer_norm(x, None, None, 1e-5) * (1 + scale) + shift
+
+
+@partial(mx.compile, shapeless=True)
+def _gated_add(x, y, gate):
+    return x + y * gate
+
+
+@mx.compile  # not shapeless: the rotate-half split needs static shapes
+def _qk_norm_rope(x, cos, sin):
+    """Affine-free LayerNorm over each head, then rotate-half RoPE in fp32. x: (B, S, H, Dh); cos/sin: (S, 1, Dh)."""
+    dtype = x.dtype
+    x = mx.fast.layer_norm(x, None, None, 1e-5).astype(mx.float32)
+    x1, x2 = mx.split(x, 2, axis=-1)
+    rotated = mx.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(dtype)
+
+
+def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """diffusers' get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0): [cos, sin], fp32."""
+    half = dim // 2
+    # float64 then one rounding: the frequencies are exact to fp32, whatever exp the backend has
+    freqs = mx.array(np.exp(-math.log(max_period) * np.arange(half) / half).astype(np.float32))
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+    if dim % 2:
+        emb = mx.pad(emb, [(0, 0), (0, 1)])
+    return emb
+
+
+def rope_2d(height: int, width: int, head_dim: int, theta: float = 10000.0) -> tuple[mx.array, mx.array]:
+    """GlmImageRotaryPosEmbed: (cos, sin) of shape (height*width, head_dim) for a token grid, fp32.
+
+    The first quarter of the head's frequencies follow the row, the second the column, and the half is
+    repeated so that rotate-half pairs dimension i with i + head_dim/2.
+    """
+    quarter = head_dim // 4
+    dim_half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (mx.arange(0, dim_half, 2, dtype=mx.float32)[:quarter] / dim_half))
+    freqs_h = mx.arange(height, dtype=mx.float32)[:, None] * inv_freq[None]  # (h, dim/4)
+    freqs_w = mx.arange(width, dtype=mx.float32)[:, None] * inv_freq[None]  # (w, dim/4)
+    freqs = mx.concatenate(
+        [
+            mx.broadcast_to(freqs_h[:, None, :], (height, width, quarter)),
+            mx.broadcast_to(freqs_w[None, :, :], (height, width, quarter)),
+        ],
+        axis=-1,
+    )
+    freqs = mx.concatenate([freqs, freqs], axis=-1).reshape(height * width, -1)
+    return mx.cos(freqs), mx.sin(freqs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers, named as diffusers names them.
+
+
+class GELU(nn.Module):
+    """diffusers' GELU / LinearActivation: a projection followed by its activation."""
+
+    def __init__(self, dim_in: int, dim_out: int, activation: str):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.activation = {"gelu": nn.gelu, "gelu-approximate": nn.gelu_approx, "linear-silu": nn.silu}[activation]
+
+    def __call__(self, x):
+        return self.activation(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward: net = [activation projection, dropout (identity here), output linear]."""
+
+    def __init__(self, dim: int, dim_out: int, inner_dim: int | None = None, activation_fn: str = "gelu"):
+        super().__init__()
+        inner_dim = inner_dim or 4 * dim
+        self.net = [GELU(dim, inner_dim, activation_fn), nn.Identity(), nn.Linear(inner_dim, dim_out)]
+
+    def __call__(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TwoLayerMLP(nn.Module):
+    """TimestepEmbedding / PixArtAlphaTextProjection(act_fn="silu"): linear_1, SiLU, linear_2."""
+
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x):
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class GlmImageCombinedTimestepSizeEmbeddings(nn.Module):
+    def __init__(self, embedding_dim: int, condition_dim: int, timesteps_dim: int):
+        super().__init__()
+        self.condition_dim = condition_dim
+        self.timesteps_dim = timesteps_dim
+        self.timestep_embedder = TwoLayerMLP(timesteps_dim, embedding_dim)
+        self.condition_embedder = TwoLayerMLP(4 * condition_dim, embedding_dim)
+
+    def __call__(self, timestep, target_size, crop_coords, dtype):
+        batch = target_size.shape[0]
+        t_proj = timestep_embedding(timestep, self.timesteps_dim)
+        crop_proj = timestep_embedding(crop_coords.reshape(-1), self.condition_dim).reshape(batch, -1)
+        size_proj = timestep_embedding(target_size.reshape(-1), self.condition_dim).reshape(batch, -1)
+        cond = mx.concatenate([crop_proj, size_proj], axis=1)
+        emb = self.timestep_embedder(t_proj.astype(dtype)) + self.condition_embedder(cond.astype(dtype))
+        return nn.silu(emb)  # (B, time_embed_dim)
+
+
+class GlmImageImageProjector(nn.Module):
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size**2, hidden_size)
+
+    def __call__(self, x):
+        # (B, C, H, W) -> (B, H/p * W/p, C*p*p), channel-major inside a patch as diffusers flattens it
+        b, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), -1)
+        return self.proj(x)
+
+
+class GlmImageAdaLayerNormZero(nn.Module):
+    """The 12-way modulation of one block: (shift, scale, gate) for attention and MLP, image and text."""
+
+    def __init__(self, embedding_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(embedding_dim, 12 * dim)
+
+    def __call__(self, temb):
+        # diffusers' chunk order: image and text ("c_") alternate within each of the six kinds
+        emb = self.linear(temb)[:, None, :]  # (B, 1, 12*D)
+        return mx.split(emb, 12, axis=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = [nn.Linear(inner, dim)]
+
+    def __call__(self, x, cos, sin, mask=None, kv_cache: "GlmImageLayerKVCache | None" = None):
+        """x: (B, S, D) text then image tokens; cos/sin: (S, 1, Dh) with identity rows for the text."""
+        b, s, _ = x.shape
+        q = _qk_norm_rope(self.to_q(x).reshape(b, s, self.heads, -1), cos, sin)
+        k = _qk_norm_rope(self.to_k(x).reshape(b, s, self.heads, -1), cos, sin)
+        v = self.to_v(x).reshape(b, s, self.heads, -1)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, S, Dh)
+
+        if kv_cache is not None:
+            if kv_cache.mode == "write":
+                kv_cache.store(k, v)
+            elif kv_cache.mode == "read":
+                k, v = kv_cache.get(k, v)
+                if mask is not None:  # cached condition keys count as real tokens
+                    extra = mx.broadcast_to(mask[..., -1:], (*mask.shape[:-1], k.shape[2] - s))
+                    mask = mx.concatenate([extra, mask], axis=-1)
+
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(b, s, -1)
+        return self.to_out[0](out)
+
+
+class GlmImageTransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, time_embed_dim: int):
+        super().__init__()
+        self.norm1 = GlmImageAdaLayerNormZero(time_embed_dim, dim)
+        self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
+        self.ff = FeedForward(dim, dim, activation_fn="gelu-approximate")
+
+    @staticmethod
+    def _joint(text, text_shift, text_scale, image, shift, scale):
+        """Modulated [text, image] sequence; an empty text is left out (shapeless compile mis-shapes it)."""
+        image = _modulate(image, shift, scale)
+        if text.shape[1] == 0:
+            return image
+        return mx.concatenate([_modulate(text, text_shift, text_scale), image], axis=1)
+
+    def __call__(self, hidden_states, encoder_hidden_states, temb, cos, sin, mask=None, kv_cache=None):
+        text_len = encoder_hidden_states.shape[1]
+        (
+            shift_msa, c_shift_msa, scale_msa, c_scale_msa, gate_msa, c_gate_msa,
+            shift_mlp, c_shift_mlp, scale_mlp, c_scale_mlp, gate_mlp, c_gate_mlp,
+        ) = self.norm1(temb)  # fmt: skip
+
+        # Both streams share the QKV and feed-forward weights: one joint sequence, one matmul each.
+        x = self._joint(encoder_hidden_states, c_shift_msa, c_scale_msa, hidden_states, shift_msa, scale_msa)
+        attn = self.attn1(x, cos, sin, mask, kv_cache)
+        hidden_states = _gated_add(hidden_states, attn[:, text_len:], gate_msa)
+        if text_len:
+            encoder_hidden_states = _gated_add(encoder_hidden_states, attn[:, :text_len], c_gate_msa)
+
+        x = self._joint(encoder_hidden_states, c_shift_mlp, c_scale_mlp, hidden_states, shift_mlp, scale_mlp)
+        ff = self.ff(x)
+        hidden_states = _gated_add(hidden_states, ff[:, text_len:], gate_mlp)
+        if text_len:
+            encoder_hidden_states = _gated_add(encoder_hidden_states, ff[:, :text_len], c_gate_mlp)
+        return hidden_states, encoder_hidden_states
+
+
+class GlmImageAdaLayerNormContinuous(nn.Module):
+    """Final AdaLN: no activation before the linear (the conditioning is already SiLU'd); scale comes first."""
+
+    def __init__(self, embedding_dim: int, conditioning_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(conditioning_dim, 2 * embedding_dim)
+
+    def __call__(self, x, temb):
+        scale, shift = mx.split(self.linear(temb.astype(x.dtype))[:, None, :], 2, axis=-1)
+        return _modulate(x, shift, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache for condition images (image editing), with diffusers' semantics.
+
+
+class GlmImageLayerKVCache:
+    """One layer's cached keys/values, one entry per batch sample, each (1, H, S_cond, Dh).
+
+    Stored arrays stay lazy: the condition pass is computed by the first step that reads it, once; later
+    steps reuse the evaluated arrays.
+    """
+
+    def __init__(self):
+        self.k_caches: list[mx.array] = []
+        self.v_caches: list[mx.array] = []
+        self.mode: str | None = None
+        self.current_sample_idx = 0
+
+    def store(self, k: mx.array, v: mx.array):
+        if len(self.k_caches) <= self.current_sample_idx:
+            self.k_caches.append(k)
+            self.v_caches.append(v)
+        else:  # another condition image of the same sample
+            i = self.current_sample_idx
+            self.k_caches[i] = mx.concatenate([self.k_caches[i], k], axis=2)
+            self.v_caches[i] = mx.concatenate([self.v_caches[i], v], axis=2)
+
+    def get(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Cached keys/values of every sample, prepended along the sequence to the current ones."""
+        batch = k.shape[0]
+        n = len(self.k_caches)
+        if n == 0:
+            return k, v
+        if n != 1 and batch % n:
+            raise ValueError(
+                f"Cannot match {n} cached samples to batch size {batch}. "
+                "Batch size must be a multiple of the number of cached samples."
+            )
+        lengths = {c.shape[2] for c in self.k_caches}
+        if len(lengths) > 1:
+            raise ValueError(f"cached samples have different condition lengths {sorted(lengths)}; they cannot be batched")
+        repeat = batch // n
+        k_cache, v_cache = (
+            mx.concatenate(
+                [mx.broadcast_to(c, (repeat, *c.shape[1:])) for c in caches], axis=0
+            ) if n > 1 else mx.broadcast_to(caches[0], (batch, *caches[0].shape[1:]))
+            for caches in (self.k_caches, self.v_caches)
+        )
+        return mx.concatenate([k_cache.astype(k.dtype), k], axis=2), mx.concatenate([v_cache.astype(v.dtype), v], axis=2)
+
+    def clear(self):
+        self.k_caches = []
+        self.v_caches = []
+        self.mode = None
+        self.current_sample_idx = 0
+
+    def next_sample(self):
+        self.current_sample_idx += 1
+
+
+class GlmImageKVCache:
+    """All layers' caches. set_mode("write") for the condition pass, "read" for the conditional
+    denoising pass, "skip" for the unconditional one; next_sample() after each sample's condition images."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.caches = [GlmImageLayerKVCache() for _ in range(num_layers)]
+
+    def __getitem__(self, layer_idx: int) -> GlmImageLayerKVCache:
+        return self.caches[layer_idx]
+
+    def set_mode(self, mode: str | None):
+        if mode is not None and mode not in CACHE_MODES:
+            raise ValueError(f"Invalid mode: {mode}, must be one of 'write', 'read', 'skip'")
+        for cache in self.caches:
+            cache.mode = mode
+
+    def next_sample(self):
+        for cache in self.caches:
+            cache.next_sample()
+
+    def clear(self):
+        for cache in self.caches:
+            cache.clear()
+
+    def arrays(self) -> list[mx.array]:
+        return [a for c in self.caches for a in (*c.k_caches, *c.v_caches)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_array(x, dtype=None) -> mx.array:
+    x = x if isinstance(x, mx.array) else mx.array(x)
+    return x.astype(dtype) if dtype is not None else x
+
+
+class GlmImageTransformer2DModel(nn.Module):
+    def __init__(self, config: GlmImageTransformerConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):
+            config = GlmImageTransformerConfig.from_dict(config)
+        self.config = config
+        c = config
+        dim = c.inner_dim
+        self.image_projector = GlmImageImageProjector(c.in_channels, dim, c.patch_size)
+        self.glyph_projector = FeedForward(c.text_embed_dim, dim, inner_dim=dim, activation_fn="gelu")
+        self.prior_token_embedding = nn.Embedding(c.prior_vq_quantizer_codebook_size, dim)
+        self.prior_projector = FeedForward(dim, dim, inner_dim=dim, activation_fn="linear-silu")
+        self.time_condition_embed = GlmImageCombinedTimestepSizeEmbeddings(c.time_embed_dim, c.condition_dim, c.time_embed_dim)
+        self.transformer_blocks = [
+            GlmImageTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim, c.time_embed_dim)
+            for _ in range(c.num_layers)
+        ]
+        self.norm_out = GlmImageAdaLayerNormContinuous(dim, c.time_embed_dim)
+        self.proj_out = nn.Linear(dim, c.patch_size**2 * c.out_channels)
+        # Evaluating after each block bounds peak memory to about one block's activations (see benchmarks/).
+        self.eval_per_block = False
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.proj_out.bias.dtype
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        # diffusers' names are ours; only the (empty) dropout slot of each FeedForward needs nothing.
+        return weights
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None, subfolder: str | None = None) -> "GlmImageTransformer2DModel":
+        """Load a diffusers (or converted MLX) ``transformer/`` folder, lazily memory-mapped."""
+        folder = W.resolve(path, subfolder)
+        config = W.read_config(folder)
+        model = cls(GlmImageTransformerConfig.from_dict(config))
+        W.load_into(model, folder, config, dtype=dtype, sanitize=cls.sanitize)
+        return model
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, prior_token_id):
+        c = self.config
+        if hidden_states.ndim != 4:
+            raise ValueError(f"hidden_states must be (batch, {c.in_channels}, height, width), got shape {tuple(hidden_states.shape)}")
+        b, ch, h, w = hidden_states.shape
+        if ch != c.in_channels:
+            raise ValueError(f"hidden_states has {ch} channels, the model expects {c.in_channels}")
+        if h % c.patch_size or w % c.patch_size:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {c.patch_size}")
+        tokens = (h // c.patch_size) * (w // c.patch_size)
+        if prior_token_id.shape[-1] != tokens:
+            raise ValueError(
+                f"prior_token_id has {prior_token_id.shape[-1]} tokens, a {h}x{w} latent needs "
+                f"{h // c.patch_size}x{w // c.patch_size} = {tokens}"
+            )
+        if prior_token_id.ndim == 2 and prior_token_id.shape[0] not in (1, b):
+            raise ValueError(f"prior_token_id has batch {prior_token_id.shape[0]}, hidden_states has {b}")
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.text_embed_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be (batch, text_len, {c.text_embed_dim}), got shape {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[0] not in (1, b):
+            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, hidden_states has {b}")
+
+    def __call__(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        prior_token_id,
+        prior_token_drop,
+        timestep,
+        target_size,
+        crop_coords,
+        attention_mask=None,
+        kv_caches: GlmImageKVCache | None = None,
+    ) -> mx.array:
+        """Velocity for latents ``hidden_states`` (B, C, H, W); returns (B, C, H, W) in the model's dtype.
+
+        encoder_hidden_states: (B, L, text_embed_dim) glyph embeddings (L may be 0); prior_token_id: (B, N) or
+        (N,) ids on the token grid; prior_token_drop: bool, same shape (True zeroes that prior embedding
+        before the projector) or per sample; timestep: (B,) or scalar; target_size, crop_coords: (B, 2);
+        attention_mask: (B, L) with 1 for real text tokens.
+        """
+        dtype = self.dtype
+        hidden_states = _as_array(hidden_states, dtype)
+        encoder_hidden_states = _as_array(encoder_hidden_states, dtype)
+        prior_token_id = _as_array(prior_token_id).astype(mx.int32)
+        self._check_inputs(hidden_states, encoder_hidden_states, prior_token_id)
+        c = self.config
+        b, _, h, w = hidden_states.shape
+        gh, gw = h // c.patch_size, w // c.patch_size
+
+        timestep = mx.broadcast_to(_as_array(timestep, mx.float32).reshape(-1), (b,))
+        target_size = mx.broadcast_to(_as_array(target_size, mx.float32).reshape(-1, 2), (b, 2))
+        crop_coords = mx.broadcast_to(_as_array(crop_coords, mx.float32).reshape(-1, 2), (b, 2))
+
+        x = self.image_projector(hidden_states)  # (B, N, D)
+        text = self.glyph_projector(encoder_hidden_states)  # (B, L, D)
+        if text.shape[0] != b:
+            text = mx.broadcast_to(text, (b, *text.shape[1:]))
+        prior = self.prior_token_embedding(prior_token_id)  # (B, N, D) or (N, D)
+        drop = _as_array(prior_token_drop).astype(mx.bool_)
+        drop = drop.reshape(*drop.shape, *([1] * (prior.ndim - drop.ndim)))
+        prior = mx.where(drop, mx.zeros_like(prior), prior)
+        x = x + self.prior_projector(prior)
+
+        temb = self.time_condition_embed(timestep, target_size, crop_coords, dtype)
+
+        text_len = text.shape[1]
+        cos, sin = rope_2d(gh, gw, c.attention_head_dim)
+        # Text tokens get the identity rotation (cos 1, sin 0), so one table covers the joint sequence.
+        cos = mx.concatenate([mx.ones((text_len, cos.shape[1])), cos])[:, None, :]
+        sin = mx.concatenate([mx.zeros((text_len, sin.shape[1])), sin])[:, None, :]
+        mask = None
+        if attention_mask is not None:
+            attention_mask = _as_array(attention_mask)
+            if attention_mask.shape != (b, text_len):
+                raise ValueError(f"attention_mask must be (batch, text_len) = {(b, text_len)}, got {tuple(attention_mask.shape)}")
+            # diffusers casts its boolean pair mask to the query dtype before SDPA, so it ADDS 1 to the
+            # scores of pairs of real tokens instead of hiding padding. Matched as is (see README).
+            valid = mx.concatenate([(attention_mask > 0).astype(dtype), mx.ones((b, x.shape[1]), dtype)], axis=1)
+            mask = valid[:, None, :, None] * valid[:, None, None, :]  # (B, 1, S, S)
+
+        writing = kv_caches is not None and kv_caches[0].mode == "write"
+        for i, block in enumerate(self.transformer_blocks):
+            cache = kv_caches[i] if kv_caches is not None else None
+            x, text = block(x, text, temb, cos, sin, mask, cache)
+            if self.eval_per_block and not writing:
+                mx.eval(x, text)
+
+        x = self.proj_out(self.norm_out(x, temb))  # (B, N, p*p*C_out)
+        p = c.patch_size
+        x = x.reshape(b, gh, gw, -1, p, p).transpose(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, -1, gh * p, gw * p)

@@ -1,0 +1,353 @@
+"""Parity of the MLX GlmImageTransformer2DModel with diffusers 0.42.1 (same random weights, CPU, fp32)."""
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, rel_err, to_mx
+
+from diffusers import GlmImageTransformer2DModel as TorchDiT
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.transformers import transformer_glm_image as ref
+
+from mlx_glm_image import GlmImageKVCache, GlmImageTransformer2DModel
+from mlx_glm_image.transformer import rope_2d, timestep_embedding
+
+TOL = 1e-4
+
+CONFIGS = {
+    "2x16": dict(num_attention_heads=2, attention_head_dim=16),
+    "4x8": dict(num_attention_heads=4, attention_head_dim=8),
+    "3x32": dict(num_attention_heads=3, attention_head_dim=32),
+}
+
+
+def tiny_config(heads=2, head_dim=16, layers=2):
+    return dict(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, text_embed_dim=24, time_embed_dim=32, condition_dim=8,
+        prior_vq_quantizer_codebook_size=50,
+    )
+
+
+def make_models(tmp_path, heads=2, head_dim=16, layers=2, shard="30KB", dtype=None):
+    """A random diffusers DiT saved with save_pretrained (sharded) and the MLX model loaded from that folder."""
+    torch_model = TorchDiT(**tiny_config(heads, head_dim, layers)).eval()
+    folder = tmp_path / f"transformer_{heads}x{head_dim}"
+    torch_model.save_pretrained(folder, max_shard_size=shard)
+    return torch_model, GlmImageTransformer2DModel.from_pretrained(folder, dtype=dtype)
+
+
+def inputs(batch, h, w, text_len, cfg, drop="mixed", timesteps=None):
+    grid = (h // 2) * (w // 2)
+    t = torch.tensor(timesteps if timesteps is not None else [999.0, 500.0, 3.0][:batch])
+    if drop == "mixed":
+        drop_mask = torch.rand(batch, grid) > 0.5
+    else:
+        drop_mask = torch.full((batch, grid), drop)
+    return dict(
+        hidden_states=torch.randn(batch, cfg["in_channels"], h, w),
+        encoder_hidden_states=torch.randn(batch, text_len, cfg["text_embed_dim"]),
+        prior_token_id=torch.randint(0, cfg["prior_vq_quantizer_codebook_size"], (batch, grid)),
+        prior_token_drop=drop_mask,
+        timestep=t,
+        target_size=torch.tensor([[h * 8.0, w * 8.0]] * batch),
+        crop_coords=torch.zeros(batch, 2),
+    )
+
+
+def run_torch(model, kw, **extra):
+    with torch.no_grad():
+        return model(**kw, **extra, return_dict=False)[0]
+
+
+def run_mlx(model, kw, **extra):
+    return model(**{k: to_mx(v) for k, v in kw.items()}, **extra)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("dit")
+    return {name: make_models(tmp, **dict(heads=c["num_attention_heads"], head_dim=c["attention_head_dim"])) for name, c in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize(
+    "batch,h,w,text_len",
+    [(1, 8, 8, 5), (2, 6, 10, 7), (3, 10, 4, 3), (2, 8, 6, 0)],
+    ids=["b1-square", "b2-wide", "b3-tall", "b2-empty-text"],
+)
+def test_forward_parity(models, config, batch, h, w, text_len):
+    torch_model, mlx_model = models[config]
+    kw = inputs(batch, h, w, text_len, tiny_config())
+    assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
+
+
+@pytest.mark.parametrize("drop", [False, True, "mixed"])
+def test_prior_drop(models, drop):
+    torch_model, mlx_model = models["2x16"]
+    kw = inputs(2, 8, 8, 4, tiny_config(), drop=drop)
+    assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
+
+
+def test_prior_drop_changes_output(models):
+    """The drop flag must reach the prior embedding (a test of the test: both settings differ)."""
+    _, mlx_model = models["2x16"]
+    kw = inputs(1, 8, 8, 4, tiny_config(), drop=False)
+    kept = run_mlx(mlx_model, kw)
+    kw["prior_token_drop"] = torch.ones_like(kw["prior_token_drop"])
+    assert rel_err(run_mlx(mlx_model, kw), kept) > 1e-2
+
+
+def test_text_mask_with_padding(models):
+    torch_model, mlx_model = models["4x8"]
+    kw = inputs(3, 6, 8, 6, tiny_config())
+    mask = torch.ones(3, 6)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(mask)), run_torch(torch_model, kw, attention_mask=mask), TOL)
+
+
+def test_scalar_like_inputs_as_the_pipeline_passes_them(models):
+    """The pipeline's condition pass: 1-D prior ids and drop, an empty text of batch 1, timestep (1,)."""
+    torch_model, mlx_model = models["2x16"]
+    ids = torch.randint(0, 50, (20,))
+    kw = dict(
+        hidden_states=torch.randn(1, 4, 8, 10),
+        encoder_hidden_states=torch.zeros(1, 0, 24),
+        prior_token_id=ids,
+        prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
+        timestep=torch.zeros(1),
+        target_size=torch.tensor([[64, 80]]),
+        crop_coords=torch.zeros(1, 2),
+    )
+    assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
+
+
+def test_bf16_close_to_fp32_reference(tmp_path):
+    torch.manual_seed(1)
+    torch_model, mlx_model = make_models(tmp_path, layers=3, dtype="bfloat16")
+    assert mlx_model.dtype == mx.bfloat16
+    kw = inputs(2, 8, 8, 5, tiny_config())
+    out = run_mlx(mlx_model, kw)
+    assert out.dtype == mx.bfloat16
+    err = rel_err(out, run_torch(torch_model, kw))
+    # measured ~0.8% at this size; bf16 keeps 8 mantissa bits
+    assert err < 0.03, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache: condition images written once, read by the conditional pass, skipped by the unconditional one.
+
+
+def condition_pass(model, cache, latent, ids, to_input):
+    """One condition image through the DiT in write mode, exactly as diffusers' pipeline calls it."""
+    kw = dict(
+        hidden_states=latent,
+        encoder_hidden_states=torch.zeros(1, 0, 24),
+        prior_token_id=ids,
+        prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
+        timestep=torch.zeros(1),
+        target_size=torch.tensor([[latent.shape[-2] * 8, latent.shape[-1] * 8]]),
+        crop_coords=torch.zeros(1, 2),
+    )
+    if to_input is None:
+        with torch.no_grad():
+            model(**kw, kv_caches=cache)
+    else:
+        model(**{k: to_input(v) for k, v in kw.items()}, kv_caches=cache)
+
+
+@pytest.mark.parametrize(
+    "images_per_sample,cached_samples,batch",
+    [((1,), 1, 1), ((2,), 1, 3), ((1, 1), 2, 2), ((2, 2), 2, 2), ((1, 1), 2, 4), ((1, 1, 1), 3, 6)],
+    ids=["one", "one-expanded", "per-sample", "per-sample-two-images", "repeat-2x", "repeat-3-to-6"],
+)
+def test_kv_cache_parity(models, images_per_sample, cached_samples, batch):
+    torch_model, mlx_model = models["2x16"]
+    n_layers = torch_model.config.num_layers
+    t_cache, m_cache = ref.GlmImageKVCache(n_layers), GlmImageKVCache(n_layers)
+    t_cache.set_mode("write")
+    m_cache.set_mode("write")
+    for sample in range(cached_samples):
+        for _ in range(images_per_sample[sample] if sample < len(images_per_sample) else 1):
+            latent = torch.randn(1, 4, 6, 8)
+            ids = torch.randint(0, 50, (12,))
+            condition_pass(torch_model, t_cache, latent, ids, None)
+            condition_pass(mlx_model, m_cache, latent, ids, to_mx)
+        t_cache.next_sample()
+        m_cache.next_sample()
+
+    kw = inputs(batch, 8, 8, 5, tiny_config(), timesteps=list(np.linspace(900, 10, batch)))
+    for mode in ("read", "skip", None):
+        t_cache.set_mode(mode)
+        m_cache.set_mode(mode)
+        got = run_mlx(mlx_model, kw, kv_caches=m_cache)
+        want = run_torch(torch_model, kw, kv_caches=t_cache)
+        assert_close(got, want, TOL, what=f"mode {mode}")
+    # reading must change the result, or the cache would be untested
+    m_cache.set_mode("read")
+    assert rel_err(run_mlx(mlx_model, kw, kv_caches=m_cache), run_mlx(mlx_model, kw)) > 1e-3
+
+
+def test_kv_cache_batch_mismatch_raises_like_diffusers(models):
+    torch_model, mlx_model = models["2x16"]
+    caches = [ref.GlmImageKVCache(2), GlmImageKVCache(2)]
+    for cache, model, conv in zip(caches, (torch_model, mlx_model), (None, to_mx)):
+        cache.set_mode("write")
+        for _ in range(2):
+            condition_pass(model, cache, torch.randn(1, 4, 6, 8), torch.randint(0, 50, (12,)), conv)
+            cache.next_sample()
+        cache.set_mode("read")
+    kw = inputs(3, 8, 8, 5, tiny_config())
+    message = "Cannot match 2 cached samples to batch size 3"
+    with pytest.raises(ValueError, match=message):
+        run_torch(torch_model, kw, kv_caches=caches[0])
+    with pytest.raises(ValueError, match=message):
+        run_mlx(mlx_model, kw, kv_caches=caches[1])
+
+
+def test_kv_cache_modes_and_clear():
+    cache = GlmImageKVCache(3)
+    with pytest.raises(ValueError, match="Invalid mode"):
+        cache.set_mode("append")
+    cache.set_mode("write")
+    assert all(c.mode == "write" for c in cache.caches)
+    cache[0].store(mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)))
+    cache.next_sample()
+    assert cache[2].current_sample_idx == 1
+    cache.clear()
+    assert cache[0].k_caches == [] and cache[0].mode is None and cache[0].current_sample_idx == 0
+
+
+def _graph_size(*arrays) -> int:
+    """Number of unevaluated primitives behind the arrays (0 once they are evaluated)."""
+    path = "/tmp/_mlx_glm_image_graph.dot"
+    mx.export_to_dot(path, *arrays)
+    return len(re.findall(r"shape=rectangle", open(path).read()))
+
+
+def test_kv_cache_is_lazy_and_computed_once(models):
+    _, mlx_model = models["2x16"]
+    cache = GlmImageKVCache(mlx_model.config.num_layers)
+    cache.set_mode("write")
+    condition_pass(mlx_model, cache, torch.randn(1, 4, 8, 8), torch.randint(0, 50, (16,)), to_mx)
+    cache.next_sample()
+    stored = cache.arrays()
+    assert _graph_size(*stored) > 0, "writing must not force evaluation"
+
+    cache.set_mode("read")
+    kw = {k: to_mx(v) for k, v in inputs(1, 8, 8, 5, tiny_config()).items()}
+    step1 = mlx_model(**kw, kv_caches=cache)
+    step1_graph = _graph_size(step1)
+    mx.eval(step1)
+    assert _graph_size(*cache.arrays()) == 0, "the first reading step computes and keeps the condition K/V"
+    assert all(a is b for a, b in zip(stored, cache.arrays())), "the cache holds the same arrays"
+
+    step2 = mlx_model(**kw, kv_caches=cache)
+    no_cache = mlx_model(**kw)
+    # the second step's graph holds no condition pass: the size of a plain forward plus the concatenations
+    assert _graph_size(step2) < step1_graph
+    assert _graph_size(step2) - _graph_size(no_cache) <= 6 * mlx_model.config.num_layers
+    assert_close(step2, step1, 1e-6, what="same step twice")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pieces that are easy to get subtly wrong.
+
+
+@pytest.mark.parametrize("h,w,head_dim", [(3, 5, 16), (4, 4, 8), (2, 7, 128)])
+def test_rope_tables(h, w, head_dim):
+    rope = ref.GlmImageRotaryPosEmbed(head_dim, patch_size=2)
+    want_cos, want_sin = rope(torch.zeros(1, 4, 2 * h, 2 * w))
+    cos, sin = rope_2d(h, w, head_dim)
+    assert_close(cos, want_cos, 1e-6)
+    assert_close(sin, want_sin, 1e-6)
+
+
+@pytest.mark.parametrize("dim", [8, 33, 256, 512])
+def test_sinusoidal_embedding(dim):
+    t = torch.tensor([0.0, 1.0, 17.0, 500.0, 999.0])
+    want = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert_close(timestep_embedding(to_mx(t), dim), want, 1e-4)
+    # Sizes reach 2048 rad, where one fp32 ulp of a frequency moves sin by ~1e-4: there, be at least as
+    # close to the exact (float64) embedding as diffusers is.
+    sizes = torch.tensor([1024.0, 1536.0, 2048.0])
+    half = dim // 2
+    args = sizes.double()[:, None] * torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    exact = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    exact = torch.nn.functional.pad(exact, (0, dim % 2))
+    theirs = get_timestep_embedding(sizes, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert rel_err(timestep_embedding(to_mx(sizes), dim), exact) <= rel_err(theirs, exact) + 1e-6
+
+
+def test_modulation_chunk_order():
+    """Each of the 12 AdaLN chunks lands where diffusers' GlmImageAdaLayerNormZero puts it."""
+    dim, emb_dim = 8, 6
+    norm = ref.GlmImageAdaLayerNormZero(emb_dim, dim)
+    torch.nn.init.normal_(norm.linear.weight)
+    x, c, temb = torch.randn(2, 5, dim), torch.randn(2, 3, dim), torch.randn(2, emb_dim)
+    with torch.no_grad():
+        (x_mod, gate_msa, shift_mlp, scale_mlp, gate_mlp, c_mod, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = norm(x, c, temb)
+
+    from mlx_glm_image.transformer import GlmImageAdaLayerNormZero, _modulate
+
+    ours = GlmImageAdaLayerNormZero(emb_dim, dim)
+    ours.linear.weight = to_mx(norm.linear.weight)
+    ours.linear.bias = to_mx(norm.linear.bias)
+    chunks = ours(to_mx(temb))
+    (shift_msa, c_shift_msa, scale_msa, c_scale_msa, g_msa, c_g_msa, s_mlp, c_s_mlp, sc_mlp, c_sc_mlp, g_mlp, c_g_mlp) = chunks
+    assert_close(_modulate(to_mx(x), shift_msa, scale_msa), x_mod, 1e-5)
+    assert_close(_modulate(to_mx(c), c_shift_msa, c_scale_msa), c_mod, 1e-5)
+    for got, want in [
+        (g_msa, gate_msa), (s_mlp, shift_mlp), (sc_mlp, scale_mlp), (g_mlp, gate_mlp),
+        (c_g_msa, c_gate_msa), (c_s_mlp, c_shift_mlp), (c_sc_mlp, c_scale_mlp), (c_g_mlp, c_gate_mlp),
+    ]:
+        assert_close(got[:, 0], want, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wrong inputs and loading.
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(hidden_states=torch.randn(1, 4, 7, 8)), r"latent size 7x8 is not divisible by the patch size 2"),
+        (dict(hidden_states=torch.randn(1, 3, 8, 8)), r"3 channels, the model expects 4"),
+        (dict(prior_token_id=torch.randint(0, 50, (1, 15))), r"15 tokens, a 8x8 latent needs 4x4 = 16"),
+        (dict(encoder_hidden_states=torch.randn(1, 5, 23)), r"\(batch, text_len, 24\)"),
+        (dict(hidden_states=torch.randn(4, 8, 8)), r"\(batch, 4, height, width\)"),
+    ],
+)
+def test_wrong_inputs_raise(models, change, message):
+    _, mlx_model = models["2x16"]
+    kw = inputs(1, 8, 8, 5, tiny_config())
+    kw.update(change)
+    with pytest.raises(ValueError, match=message):
+        run_mlx(mlx_model, kw)
+
+
+def test_from_pretrained_reads_shards_and_dtype(tmp_path):
+    torch_model, _ = make_models(tmp_path, shard="20KB")
+    folder = tmp_path / "transformer_2x16"
+    assert len(list(folder.glob("*.safetensors"))) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
+    for dtype, want in [(None, mx.float32), ("float16", mx.float16), ("bfloat16", mx.bfloat16)]:
+        model = GlmImageTransformer2DModel.from_pretrained(folder, dtype=dtype)
+        assert model.dtype == want
+    model = GlmImageTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer_2x16")
+    kw = inputs(1, 4, 4, 2, tiny_config())
+    assert_close(run_mlx(model, kw), run_torch(torch_model, kw), TOL)
+
+
+def test_eval_per_block_gives_the_same_output(models):
+    torch_model, mlx_model = models["2x16"]
+    kw = inputs(2, 8, 8, 5, tiny_config())
+    mlx_model.eval_per_block = True
+    try:
+        assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
+    finally:
+        mlx_model.eval_per_block = False

@@ -1,0 +1,201 @@
+"""One DiT forward: the MLX port against diffusers, each side in its own process, same machine.
+
+    # CPU, reduced width, fp32 (MLX gets OpenBLAS preloaded if it is installed)
+    python benchmarks/bench_transformer.py --device cpu --config reduced --sizes 512
+    # CUDA GPU, released config, bf16 (MLX's CUDA backend; torch eager and torch.compile)
+    python benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --torch-compile
+
+Prints ms per forward (median), peak memory and the MLX/torch ratio per image size. Weights are random:
+speed and memory do not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+CONFIGS = {
+    # REFERENCE.md: the released transformer/config.json
+    "released": dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=30, attention_head_dim=128,
+        num_attention_heads=32, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,
+        prior_vq_quantizer_codebook_size=16384,
+    ),
+    # same shapes per head, 1/4 of the width, 4 layers: runs on a laptop CPU
+    "reduced": dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=128,
+        num_attention_heads=8, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,
+        prior_vq_quantizer_codebook_size=16384,
+    ),
+}
+TEXT_LEN = 64
+
+
+def inputs_np(size: int, cfg: dict, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lat = size // 8
+    tokens = (lat // cfg["patch_size"]) ** 2
+    return dict(
+        hidden_states=rng.standard_normal((1, cfg["in_channels"], lat, lat), dtype=np.float32),
+        encoder_hidden_states=rng.standard_normal((1, TEXT_LEN, cfg["text_embed_dim"]), dtype=np.float32),
+        prior_token_id=rng.integers(0, cfg["prior_vq_quantizer_codebook_size"], (1, tokens)),
+        prior_token_drop=np.zeros((1, tokens), dtype=bool),
+        timestep=np.array([500.0], dtype=np.float32),
+        target_size=np.array([[size, size]], dtype=np.float32),
+        crop_coords=np.zeros((1, 2), dtype=np.float32),
+    )
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def worker_mlx(args):
+    sys.path.insert(0, str(ROOT))
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+
+    from mlx_glm_image import GlmImageTransformer2DModel
+
+    if args.device == "cpu":
+        mx.set_default_device(mx.cpu)
+    dtype = getattr(mx, args.dtype)
+    cfg = CONFIGS[args.config]
+    model = GlmImageTransformer2DModel(cfg)
+    # cast block by block so the fp32 initialisation never exists for the whole model at once
+    for block in model.transformer_blocks:
+        block.update(tree_map(lambda p: p.astype(dtype), block.parameters()))
+        mx.eval(block.parameters())
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    if args.quantize:
+        nn.quantize(model, group_size=64, bits=args.quantize,
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear) and p.startswith("transformer_blocks"))
+    mx.eval(model.parameters())
+    weights_gb = mx.get_active_memory() / 1e9
+
+    for size in args.sizes:
+        kw = {k: mx.array(v) for k, v in inputs_np(size, cfg).items()}
+        for variant in args.mlx_variants:
+            model.eval_per_block = variant == "eval-per-block"
+            mx.synchronize()
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            ms = timed(lambda: mx.eval(model(**kw)), args.warmup, args.iters)
+            print(json.dumps(dict(side="mlx", variant=variant + (f"-q{args.quantize}" if args.quantize else ""),
+                                  size=size, ms=ms, peak_gb=mx.get_peak_memory() / 1e9, weights_gb=weights_gb)), flush=True)
+
+
+def worker_torch(args):
+    import torch
+    from diffusers import GlmImageTransformer2DModel as TorchDiT
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    dtype = getattr(torch, args.dtype)
+    torch.set_grad_enabled(False)
+    cfg = CONFIGS[args.config]
+    with torch.device(device):
+        model = TorchDiT(**cfg).to(dtype).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    weights_gb = torch.cuda.memory_allocated() / 1e9 if device == "cuda" else float("nan")
+    variants = ["eager"] + (["compile"] if args.torch_compile else [])
+    for size in args.sizes:
+        kw = {k: torch.from_numpy(v).to(device) for k, v in inputs_np(size, cfg).items()}
+        kw["hidden_states"] = kw["hidden_states"].to(dtype)
+        kw["encoder_hidden_states"] = kw["encoder_hidden_states"].to(dtype)
+        for variant in variants:
+            fwd = torch.compile(model) if variant == "compile" else model
+
+            def run():
+                fwd(**kw, return_dict=False)
+                sync()
+
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            ms = timed(run, args.warmup + (2 if variant == "compile" else 0), args.iters)
+            if device == "cuda":
+                peak = torch.cuda.max_memory_allocated() / 1e9
+            else:
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # process high-water mark
+            print(json.dumps(dict(side="torch", variant=variant, size=size, ms=ms, peak_gb=peak, weights_gb=weights_gb)), flush=True)
+
+
+def run_side(side: str, argv: list[str]) -> list[dict]:
+    env = dict(os.environ)
+    if side == "mlx" and Path(OPENBLAS).exists() and "--device" in argv and argv[argv.index("--device") + 1] == "cpu":
+        env["LD_PRELOAD"] = OPENBLAS  # mlx-cpu's own BLAS is a slow reference implementation
+    cmd = [sys.executable, __file__, "--worker", side, *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode:
+        print(f"{side} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--config", choices=list(CONFIGS), default="reduced")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes in pixels (square)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: float32 on the CPU, bfloat16 on a GPU")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--mlx-variants", nargs="+", default=["lazy", "eval-per-block"], choices=["lazy", "eval-per-block"])
+    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="MLX side: quantize the blocks' linears")
+    parser.add_argument("--sides", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+
+    if args.worker:
+        (worker_mlx if args.worker == "mlx" else worker_torch)(args)
+        return
+
+    argv = [a for a in sys.argv[1:] if a not in ("--sides",) and a not in args.sides]
+    argv = ["--device", args.device, "--config", args.config, "--dtype", args.dtype, "--sizes", *map(str, args.sizes),
+            "--warmup", str(args.warmup), "--iters", str(args.iters), "--mlx-variants", *args.mlx_variants]
+    if args.torch_compile:
+        argv.append("--torch-compile")
+    if args.quantize:
+        argv += ["--quantize", str(args.quantize)]
+    rows = []
+    for side in args.sides:
+        rows += run_side(side, argv)
+
+    print(f"\nDiT forward, config={args.config}, dtype={args.dtype}, device={args.device}, text tokens={TEXT_LEN}")
+    print(f"{'size':>6} {'side':>6} {'variant':>16} {'ms':>10} {'peak GB':>9} {'vs torch eager':>15}")
+    for size in args.sizes:
+        base = next((r["ms"] for r in rows if r["size"] == size and r["side"] == "torch" and r["variant"] == "eager"), None)
+        for r in (r for r in rows if r["size"] == size):
+            ratio = f"{r['ms'] / base:.2f}x" if base else "-"
+            print(f"{size:>6} {r['side']:>6} {r['variant']:>16} {r['ms']:>10.1f} {r['peak_gb']:>9.2f} {ratio:>15}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

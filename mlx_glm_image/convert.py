@@ -1,0 +1,490 @@
+"""Convert a diffusers GLM-Image checkpoint into an MLX model folder, optionally quantized.
+
+    python convert.py --hf-path zai-org/GLM-Image --mlx-path glm-image-4bit -q --q-bits 4
+
+The output mirrors the diffusers layout (one subfolder per component, same config files) so that one loader
+reads both; weight files are MLX safetensors shards with an index, and each quantized component's
+config.json gains a ``quantization`` block. Tensors stream shard by shard: peak memory stays near one
+source shard plus one output shard, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import weights as W
+
+# Component folders that are copied as they are (no weights to convert).
+COPIED = ("scheduler", "tokenizer", "processor")
+DEFAULT_SHARD_BYTES = 4 << 30
+
+# Quantization modes and their (bits, group sizes) as MLX documents them; the installed MLX is asked too.
+MODES = {
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
+    "mxfp4": ((4,), (32,)),
+    "nvfp4": ((4,), (16,)),
+    "mxfp8": ((8,), (32,)),
+}
+
+
+class ConvertError(Exception):
+    """A conversion that cannot go on; its message is the one line the user sees."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each component is: how to build its (lazy, never evaluated) MLX model, and which layers may be
+# quantized. Full precision stays for norms, convolutions and biases (not matmuls), the token/position
+# embeddings that a gather reads once per token, the small conditioning and input/output layers whose
+# error reaches every token, and (by default) whole components that are small or precision-sensitive.
+
+
+@dataclass
+class Component:
+    name: str
+    build: Callable[[dict], nn.Module]  # config.json -> MLX model (parameters stay lazy)
+    quantize_by_default: bool
+    keep: tuple[str, ...] = ()  # module path prefixes kept in full precision
+    why: str = ""
+
+    def sanitize(self, model: nn.Module, weights: dict) -> dict:
+        fn = getattr(model, "sanitize", None)
+        return fn(weights) if fn is not None else weights
+
+
+def _transformer(config):
+    from .transformer import GlmImageTransformer2DModel
+
+    return GlmImageTransformer2DModel(config)
+
+
+def _vae(config):
+    from .vae import AutoencoderKL, AutoencoderKLConfig
+
+    return AutoencoderKL(AutoencoderKLConfig.from_dict(config))
+
+
+def _text_encoder(config):
+    from .text_encoder import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config.from_dict(config))
+
+
+def _prior(config):
+    from .prior import GlmImageForConditionalGeneration
+
+    return GlmImageForConditionalGeneration.from_config(config)
+
+
+COMPONENTS = {
+    "transformer": Component(
+        "transformer", _transformer, True,
+        keep=("time_condition_embed", "image_projector", "norm_out", "proj_out", "prior_token_embedding"),
+        why="timestep/size conditioning, patch in/out projections and the prior-token table stay full precision",
+    ),
+    "vision_language_encoder": Component(
+        "vision_language_encoder", _prior, True,
+        keep=("model.vqmodel", "model.visual.patch_embed", "model.visual.embeddings"),
+        why="the VQ codebook and the vision patch/position embeddings stay full precision",
+    ),
+    "text_encoder": Component("text_encoder", _text_encoder, False, why="ByT5 is small (0.9 GB) and sets the glyphs"),
+    "vae": Component("vae", _vae, False, why="convolutions; 0.8 GB"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantSpec:
+    bits: int
+    group_size: int
+    mode: str
+
+    def as_config(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
+
+
+def available_modes() -> list[str]:
+    modes = []
+    for mode, (bits, groups) in MODES.items():
+        try:
+            mx.eval(mx.quantize(mx.zeros((8, 256)), group_size=groups[0], bits=bits[0], mode=mode))
+            modes.append(mode)
+        except Exception:
+            pass
+    return modes
+
+
+def quant_spec(bits: int | None, group_size: int | None, mode: str) -> QuantSpec:
+    if mode not in MODES:
+        raise ConvertError(f"unknown quantization mode {mode!r}; this MLX offers {', '.join(available_modes())}")
+    allowed_bits, allowed_groups = MODES[mode]
+    bits = bits or (4 if 4 in allowed_bits else allowed_bits[0])
+    group_size = group_size or (64 if 64 in allowed_groups else allowed_groups[0])
+    if bits not in allowed_bits or group_size not in allowed_groups:
+        raise ConvertError(
+            f"mode {mode} takes bits {list(allowed_bits)} and group sizes {list(allowed_groups)}, got bits {bits}, group size {group_size}"
+        )
+    return QuantSpec(bits, group_size, mode)
+
+
+def quantizable_layers(model: nn.Module, component: Component, group_size: int) -> tuple[set[str], dict[str, str]]:
+    """(layers to quantize, {layer: why not} for the matmul layers left in full precision)."""
+    chosen, kept = set(), {}
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        if any(path == k or path.startswith(k + ".") for k in component.keep):
+            kept[path] = "kept by policy"
+        elif isinstance(module, nn.Embedding):
+            # the token table of the AR model is a large matrix read one row per token: quantize it
+            if path.endswith("embed_tokens"):
+                chosen.add(path)
+            else:
+                kept[path] = "embedding"
+        elif module.weight.shape[-1] % group_size:
+            kept[path] = f"input width {module.weight.shape[-1]} not a multiple of {group_size}"
+        else:
+            chosen.add(path)
+    return chosen, kept
+
+
+def _nbytes(shape, dtype_size: float) -> int:
+    return int(math.prod(shape) * dtype_size)
+
+
+def quantized_nbytes(shape, spec: QuantSpec, scale_size: int) -> int:
+    numel = math.prod(shape)
+    groups = numel // spec.group_size
+    scale_bytes = 1 if spec.mode != "affine" else scale_size  # fp4/fp8 modes store e8m0/e4m3 scales
+    extra = groups * scale_bytes * (2 if spec.mode == "affine" else 1)
+    return numel * spec.bits // 8 + extra
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Source access: local folder or a Hugging Face repo id (only the needed files are fetched).
+
+
+def source_root(src: str, components: list[str], headers_only: bool = False) -> Path:
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConvertError(f"{src} is not a folder")
+        return path
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise ConvertError(f"{src} does not exist (expected a diffusers folder or a Hugging Face repo id like zai-org/GLM-Image)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", *(f"{c}/*.json" for c in components)]
+    if not headers_only:
+        patterns += [f"{c}/*" for c in components] + [f"{c}/*" for c in COPIED]
+    try:
+        return Path(snapshot_download(src, allow_patterns=patterns))
+    except Exception as e:
+        raise ConvertError(f"could not fetch {src} from the Hugging Face Hub: {type(e).__name__}: {e}") from None
+
+
+def present_components(root: Path, wanted: list[str] | None) -> list[str]:
+    index = root / "model_index.json"
+    if wanted:
+        missing = [c for c in wanted if not (root / c).is_dir()]
+        if missing:
+            raise ConvertError(f"{root} has no component folder {', '.join(missing)}")
+        return wanted
+    if not index.exists() and (root / "config.json").exists():
+        raise ConvertError(f"{root} looks like a single component; pass the pipeline folder (with model_index.json)")
+    found = [c for c in COMPONENTS if (root / c).is_dir()]
+    if not found:
+        raise ConvertError(f"{root} has none of the component folders {', '.join(COMPONENTS)}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """One component's conversion, known from the headers and the model's structure alone."""
+
+    component: Component
+    folder: Path
+    config: dict
+    model: nn.Module
+    quantize: set[str]
+    kept: dict[str, str]
+    spec: QuantSpec | None
+    dtype: mx.Dtype | None
+    expected: dict[str, tuple]
+
+    @classmethod
+    def make(cls, component, folder, spec, dtype):
+        config = W.read_config(folder)
+        if "quantization" in config:
+            raise ConvertError(f"{folder} is already an MLX conversion (its config has a quantization block)")
+        try:
+            model = component.build(config)
+        except Exception as e:
+            raise ConvertError(f"{folder}/config.json does not describe a {component.name}: {type(e).__name__}: {e}") from None
+        if spec is not None:
+            chosen, kept = quantizable_layers(model, component, spec.group_size)
+        else:
+            chosen, kept = set(), {}
+        expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+        return cls(component, folder, config, model, chosen, kept, spec, dtype, expected)
+
+    def is_quantized(self, key: str) -> bool:
+        layer, _, leaf = key.rpartition(".")
+        return leaf == "weight" and layer in self.quantize
+
+    def out_config(self) -> dict:
+        config = dict(self.config)
+        if self.spec is not None and self.quantize:
+            q = self.spec.as_config()
+            q.update({layer: False for layer in sorted(self.kept)})
+            config["quantization"] = q
+        return config
+
+
+def scan(plan: Plan) -> tuple[int, int]:
+    """Check every shard's header, key and shape against the model before anything is written or read,
+    and return (bytes now, bytes after) as planned from the headers alone."""
+    before = after = 0
+    seen: set[str] = set()
+    for f in W.safetensors_files(plan.folder):
+        for key, info in W.read_safetensors_header(f).items():
+            size = W.SAFETENSORS_ITEMSIZE.get(info["dtype"], 4)
+            shape = tuple(info["shape"])
+            before += _nbytes(shape, size)
+            out_size = size if plan.dtype is None or info["dtype"] not in ("F32", "F16", "BF16") else plan.dtype.size
+            # sanitize may rename or re-lay a tensor; lazy zeros of the right shape are never allocated
+            for name, value in plan.component.sanitize(plan.model, {key: mx.zeros(shape)}).items():
+                if name not in plan.expected:
+                    raise ConvertError(f"{plan.folder}: unexpected weight {name} in {f.name}")
+                if tuple(value.shape) != plan.expected[name]:
+                    raise ConvertError(
+                        f"{plan.folder}: weight {name} has shape {tuple(value.shape)}, the model expects {plan.expected[name]}"
+                    )
+                if name in seen:
+                    raise ConvertError(f"{plan.folder}: weight {name} appears twice")
+                seen.add(name)
+                after += quantized_nbytes(shape, plan.spec, out_size) if plan.is_quantized(name) else _nbytes(shape, out_size)
+    missing = sorted(set(plan.expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConvertError(f"{plan.folder}: missing weights {', '.join(missing[:3])}{more}")
+    return before, after
+
+
+def convert_component(plan: Plan, dst: Path, shard_bytes: int, progress) -> tuple[int, int]:
+    """Stream one (scanned) component into ``dst``; returns (bytes read, bytes written)."""
+    dst.mkdir(parents=True)
+    buffer: dict[str, mx.array] = {}
+    buffered = read = written = 0
+    weight_map: dict[str, str] = {}
+
+    def flush():
+        nonlocal buffer, buffered, written
+        if not buffer:
+            return
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        mx.eval(buffer)
+        mx.save_safetensors(str(dst / name), buffer, metadata={"format": "mlx"})
+        written += (dst / name).stat().st_size
+        for k in buffer:
+            weight_map[k] = name
+        buffer, buffered = {}, 0
+
+    for f in W.safetensors_files(plan.folder):
+        try:
+            tensors = mx.load(str(f))
+        except Exception as e:
+            raise ConvertError(f"cannot read {f}: {e}") from None
+        read += f.stat().st_size
+        for key, value in plan.component.sanitize(plan.model, tensors).items():
+            if plan.dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(plan.dtype)
+            if plan.is_quantized(key):
+                layer = key[: -len(".weight")]
+                q = mx.quantize(value, group_size=plan.spec.group_size, bits=plan.spec.bits, mode=plan.spec.mode)
+                out = dict(zip(("weight", "scales", "biases"), q))
+            else:
+                layer, out = key.rpartition(".")[0], {key.rpartition(".")[2]: value}
+            for leaf, array in out.items():
+                full = f"{layer}.{leaf}" if layer else leaf
+                buffer[full] = array
+                buffered += array.nbytes
+            mx.eval(list(out.values()))
+            progress.update(value.nbytes)
+            if buffered >= shard_bytes:
+                flush()
+        del tensors
+        mx.clear_cache()
+    flush()
+
+    # name the shards as the count is now known
+    total = len(set(weight_map.values()))
+    renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+    for old, new in renames.items():
+        (dst / old).rename(dst / new)
+    index = {"metadata": {"total_size": written, "format": "mlx"}, "weight_map": {k: renames[v] for k, v in sorted(weight_map.items())}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (dst / "config.json").write_text(json.dumps(plan.out_config(), indent=2))
+    for extra in plan.folder.iterdir():  # other small files of the component (generation_config.json, ...)
+        if extra.suffix == ".json" and extra.name != "config.json" and not extra.name.endswith(".index.json"):
+            shutil.copy2(extra, dst / extra.name)
+    return read, written
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str | os.PathLike,
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    dtype: str | None = None,
+    components: list[str] | None = None,
+    quantize_components: list[str] | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    verbose: bool = True,
+) -> list[tuple[str, int, int]]:
+    """Convert; returns [(component, bytes before, bytes after)]. Raises ConvertError with a one-line message."""
+    dst = Path(mlx_path).expanduser()
+    if not dry_run and dst.exists() and not force:
+        raise ConvertError(f"{dst} already exists; pass --force to replace it")
+    spec = quant_spec(q_bits, q_group_size, q_mode) if quantize else None
+    out_dtype = W.to_dtype(dtype) if dtype else None
+    for c in components or []:
+        if c not in COMPONENTS:
+            raise ConvertError(f"unknown component {c!r}; expected some of {', '.join(COMPONENTS)}")
+    for c in quantize_components or []:
+        if c not in COMPONENTS:
+            raise ConvertError(f"unknown component {c!r} for --quantize-components; expected some of {', '.join(COMPONENTS)}")
+    if quantize_components and not quantize:
+        raise ConvertError("--quantize-components needs -q/--quantize")
+
+    root = source_root(hf_path, components or list(COMPONENTS), headers_only=dry_run)
+    names = present_components(root, components)
+    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
+    plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
+
+    from tqdm import tqdm
+
+    planned = [(plan.component.name, *scan(plan)) for plan in plans]
+    summary = []
+    if dry_run:
+        summary = planned
+        if verbose:
+            print_summary(summary, spec, q_set, planned=True)
+        return summary
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        total = sum(f.stat().st_size for p in plans for f in W.safetensors_files(p.folder))
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
+            for plan in plans:
+                bar.set_postfix_str(plan.component.name)
+                summary.append((plan.component.name, *convert_component(plan, tmp / plan.component.name, shard_bytes, bar)))
+        for name in COPIED:
+            if (root / name).is_dir():
+                shutil.copytree(root / name, tmp / name)
+        if (root / "model_index.json").exists():
+            index = json.loads((root / "model_index.json").read_text())
+            index["_mlx_glm_image"] = {"converted_components": names, "quantization": spec.as_config() if spec else None}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if dst.exists():  # --force: the old folder goes only once the new one is complete
+            old = dst.with_name(f".{dst.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print_summary(summary, spec, q_set)
+    return summary
+
+
+def print_summary(summary, spec, q_set, planned=False):
+    what = f"{spec.bits}-bit {spec.mode}, group {spec.group_size}" if spec else "no quantization"
+    print(f"\n{'planned' if planned else 'converted'} ({what})")
+    print(f"{'component':<26}{'before':>12}{'after':>12}{'ratio':>8}")
+    for name, before, after in summary:
+        note = "" if name in q_set or spec is None else f"   (full precision: {COMPONENTS[name].why})"
+        print(f"{name:<26}{human(before):>12}{human(after):>12}{after / max(before, 1):>8.2f}{note}")
+    b, a = sum(s[1] for s in summary), sum(s[2] for s in summary)
+    print(f"{'total':<26}{human(b):>12}{human(a):>12}{a / max(b, 1):>8.2f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python convert.py",
+        description="Convert a diffusers GLM-Image checkpoint (folder or Hugging Face repo id) to MLX, optionally quantized.",
+        epilog="Example: python convert.py --hf-path zai-org/GLM-Image --mlx-path glm-image-4bit -q --q-bits 4",
+    )
+    p.add_argument("--hf-path", required=True, help="diffusers pipeline folder or Hugging Face repo id")
+    p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the matmul weights of the quantized components")
+    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default 4; mxfp8: 8)")
+    p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], help="weights sharing one scale (default 64 affine, 32 mxfp, 16 nvfp4)")
+    p.add_argument("--q-mode", default="affine", choices=list(MODES), help="quantization mode (default affine)")
+    p.add_argument("--dtype", choices=list(W.DTYPES), help="cast floating weights (default: keep the checkpoint's)")
+    p.add_argument("--components", nargs="+", metavar="NAME", help=f"convert only these ({', '.join(COMPONENTS)})")
+    p.add_argument(
+        "--quantize-components", nargs="*", metavar="NAME",
+        help="components to quantize with -q (default: transformer vision_language_encoder; text_encoder and vae stay full precision)",
+    )
+    p.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30, help="output shard size (default 4)")
+    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path (only once the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help="print planned sizes from the safetensors headers; read no weights")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert(
+            args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
+            q_mode=args.q_mode, dtype=args.dtype, components=args.components,
+            quantize_components=args.quantize_components, force=args.force, dry_run=args.dry_run,
+            shard_bytes=int(args.shard_size_gb * 2**30),
+        )
+    except (ConvertError, W.WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

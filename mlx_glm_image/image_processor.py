@@ -1,0 +1,193 @@
+"""diffusers' VaeImageProcessor for the VAE's edges: PIL / numpy images <-> NCHW MLX arrays in [-1, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import mlx.core as mx
+from PIL import Image
+
+# Pillow modes that convert to RGB meaningfully (16-bit / float single-channel modes do not).
+_CONVERTIBLE_MODES = {
+    "1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I",
+}
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class VaeImageProcessor:
+    """The subset of diffusers' VaeImageProcessor the GLM-Image pipeline uses (plus RGB conversion).
+
+    preprocess: PIL images are resized with Lanczos to (height, width) snapped down to multiples of
+    ``vae_scale_factor``, then converted to RGB; numpy images (HWC / NHWC floats in [0, 1], or uint8) are resized with
+    torch's 'nearest' rule as diffusers does; the result is NCHW float32 in [-1, 1].
+    postprocess: NCHW in [-1, 1] -> [0, 1] -> PIL images (uint8, rounded) or NHWC numpy.
+    """
+
+    def __init__(self, vae_scale_factor: int = 8, resample: str = "lanczos", do_resize: bool = True,
+                 do_normalize: bool = True, do_convert_rgb: bool = True):
+        if resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {', '.join(_RESAMPLE)}, got {resample!r}")
+        if vae_scale_factor < 1:
+            raise ValueError(f"vae_scale_factor must be >= 1, got {vae_scale_factor}")
+        self.vae_scale_factor = vae_scale_factor
+        self.resample = resample
+        self.do_resize = do_resize
+        self.do_normalize = do_normalize
+        self.do_convert_rgb = do_convert_rgb
+
+    # -- sizes ------------------------------------------------------------------------------------------
+
+    def get_default_height_width(self, image, height: int | None = None, width: int | None = None):
+        """(height, width) of the image unless given, snapped down to multiples of vae_scale_factor."""
+        if height is None:
+            height = image.height if isinstance(image, Image.Image) else image.shape[1]
+        if width is None:
+            width = image.width if isinstance(image, Image.Image) else image.shape[2]
+        f = self.vae_scale_factor
+        height, width = int(height) - int(height) % f, int(width) - int(width) % f
+        if height < f or width < f:
+            raise ValueError(
+                f"image size {height}x{width} after snapping to multiples of {f} is empty; "
+                f"the image (or the asked size) must be at least {f}x{f} pixels"
+            )
+        return height, width
+
+    # -- preprocess ---------------------------------------------------------------------------------------
+
+    def _pil_to_rgb(self, image: Image.Image) -> Image.Image:
+        if image.mode == "RGB" or not self.do_convert_rgb:
+            return image
+        if image.mode not in _CONVERTIBLE_MODES:
+            raise ValueError(f"unsupported image mode {image.mode!r}; convert it to RGB first")
+        return image.convert("RGB")
+
+    @staticmethod
+    def _numpy_batch(images: list[np.ndarray]) -> np.ndarray:
+        arrays = []
+        for a in images:
+            a = np.asarray(a)
+            if a.dtype == np.uint8:
+                a = a.astype(np.float32) / 255.0
+            elif not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"numpy images must be float in [0, 1] or uint8, got dtype {a.dtype}")
+            if a.ndim == 2:
+                a = a[None, :, :, None]
+            elif a.ndim == 3:
+                a = a[None]
+            elif a.ndim != 4:
+                raise ValueError(f"numpy images must be HW, HWC or NHWC, got shape {a.shape}")
+            arrays.append(a.astype(np.float32))
+        shapes = {a.shape[1:] for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"numpy images in one batch must share a shape, got {sorted(shapes)}")
+        batch = np.concatenate(arrays, axis=0)
+        if batch.shape[-1] == 1:
+            batch = np.repeat(batch, 3, axis=-1)  # grayscale -> RGB
+        if batch.shape[-1] != 3:
+            raise ValueError(f"numpy images must have 1 or 3 channels (HWC / NHWC), got shape {batch.shape}")
+        return batch
+
+    @staticmethod
+    def _resize_nearest(batch: np.ndarray, height: int, width: int) -> np.ndarray:
+        # torch.nn.functional.interpolate(mode="nearest") with size=: src = floor(dst * (in / out)) in float32
+        n, h, w, c = batch.shape
+        if (h, w) == (height, width):
+            return batch
+        ys = np.minimum(np.floor(np.arange(height, dtype=np.float32) * np.float32(h / height)).astype(np.int64), h - 1)
+        xs = np.minimum(np.floor(np.arange(width, dtype=np.float32) * np.float32(w / width)).astype(np.int64), w - 1)
+        return batch[:, ys][:, :, xs]
+
+    def preprocess(self, image, height: int | None = None, width: int | None = None) -> mx.array:
+        """PIL image / numpy array / list of either -> (B, 3, H, W) float32 MLX array in [-1, 1]."""
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if len(images) == 0:
+            raise ValueError("no image given")
+        if all(isinstance(i, Image.Image) for i in images):
+            for i in images:
+                if self.do_convert_rgb and i.mode not in _CONVERTIBLE_MODES:
+                    raise ValueError(f"unsupported image mode {i.mode!r}; convert it to RGB first")
+            # diffusers' order: resize, then convert (a palette image resizes by nearest in its own mode)
+            if self.do_resize:
+                height, width = self.get_default_height_width(images[0], height, width)
+                images = [
+                    i.resize((width, height), resample=_RESAMPLE[self.resample]) if i.size != (width, height) else i
+                    for i in images
+                ]
+            images = [self._pil_to_rgb(i) for i in images]
+            sizes = {i.size for i in images}
+            if len(sizes) > 1:
+                raise ValueError(f"images in one batch must share a size, got {sorted(sizes)}")
+            batch = np.stack([np.asarray(i).astype(np.float32) / 255.0 for i in images], axis=0)
+            if batch.ndim == 3:  # single-channel image kept as is (do_convert_rgb=False)
+                batch = batch[..., None]
+        elif all(isinstance(i, np.ndarray) for i in images):
+            batch = self._numpy_batch(list(images))
+            if self.do_resize:
+                height, width = self.get_default_height_width(batch, height, width)
+                batch = self._resize_nearest(batch, height, width)
+        else:
+            kinds = sorted({type(i).__name__ for i in images})
+            raise ValueError(f"images must be PIL images or numpy arrays (not mixed), got {', '.join(kinds)}")
+        if batch.shape[-1] != 3:
+            raise ValueError(f"expected 3 colour channels, got {batch.shape[-1]} (mode not converted to RGB)")
+        if not self.do_resize:
+            f = self.vae_scale_factor
+            if batch.shape[1] % f or batch.shape[2] % f:
+                raise ValueError(f"image size {batch.shape[1]}x{batch.shape[2]} is not a multiple of {f}")
+        x = batch.transpose(0, 3, 1, 2)
+        # diffusers skips the normalisation (with a warning) when the input is already in [-1, 1]
+        if self.do_normalize and x.min() >= 0:
+            x = 2.0 * x - 1.0
+        return mx.array(np.ascontiguousarray(x, dtype=np.float32))
+
+    # -- postprocess --------------------------------------------------------------------------------------
+
+    def postprocess(self, image: mx.array, output_type: str = "pil"):
+        """(B, 3, H, W) in [-1, 1] -> list of PIL images ("pil"), NHWC float numpy in [0, 1] ("np") or the
+        denormalised NCHW MLX array ("mlx")."""
+        if output_type not in ("pil", "np", "mlx"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'mlx', got {output_type!r}")
+        if not isinstance(image, (mx.array, np.ndarray)):
+            raise ValueError(f"postprocess takes an NCHW mlx (or numpy) array, got {type(image).__name__}")
+        if image.ndim != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"postprocess takes (batch, 3, height, width) images, got shape {tuple(image.shape)}")
+        x = mx.array(image) if isinstance(image, np.ndarray) else image
+        x = x.astype(mx.float32)
+        if self.do_normalize:
+            x = mx.clip(x * 0.5 + 0.5, 0.0, 1.0)
+        if output_type == "mlx":
+            return x
+        arr = np.array(x.transpose(0, 2, 3, 1))
+        if output_type == "np":
+            return arr
+        return numpy_to_pil(arr)
+
+
+def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
+    """NHWC / HWC floats in [0, 1] -> PIL images (diffusers' rounding)."""
+    if images.ndim == 3:
+        images = images[None]
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [Image.fromarray(i.squeeze(), mode="L") for i in images]
+    return [Image.fromarray(i) for i in images]
+
+
+_default = VaeImageProcessor()
+
+
+def preprocess(image, height: int | None = None, width: int | None = None, vae_scale_factor: int = 8) -> mx.array:
+    """Module-level VaeImageProcessor(vae_scale_factor).preprocess."""
+    proc = _default if vae_scale_factor == 8 else VaeImageProcessor(vae_scale_factor)
+    return proc.preprocess(image, height=height, width=width)
+
+
+def postprocess(image: mx.array, output_type: str = "pil"):
+    """Module-level VaeImageProcessor().postprocess."""
+    return _default.postprocess(image, output_type=output_type)

@@ -1,0 +1,211 @@
+"""GLM-Image's flow-matching schedule (diffusers 0.42.1 GlmImagePipeline + FlowMatchEulerDiscreteScheduler).
+
+The schedule is numpy (it is a handful of floats, computed exactly as the reference does, float32 included);
+the Euler step and classifier-free guidance are MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    base_shift: float = 0.25,
+    max_shift: float = 0.75,
+) -> float:
+    """mu for the resolution-dependent time shift (GLM-Image's form: sqrt, not the linear fit of Flux)."""
+    m = (image_seq_len / base_seq_len) ** 0.5
+    return m * max_shift + base_shift
+
+
+@dataclass
+class SchedulerConfig:
+    # Defaults are the released checkpoint's scheduler_config.json (not the diffusers class defaults).
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = True
+    base_shift: float = 0.25
+    max_shift: float = 0.75
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    invert_sigmas: bool = False
+    shift_terminal: float | None = None
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    time_shift_type: str = "linear"
+    stochastic_sampling: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+        if self.use_karras_sigmas + self.use_exponential_sigmas + self.use_beta_sigmas > 1:
+            raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set")
+        if self.use_beta_sigmas:
+            raise NotImplementedError("use_beta_sigmas (needs scipy) is not supported")
+        if self.stochastic_sampling:
+            raise NotImplementedError("stochastic_sampling is not supported (GLM-Image does not use it)")
+
+
+class FlowMatchEulerDiscreteScheduler:
+    """Euler sampler over GLM-Image's shifted sigmas.
+
+    ``set_timesteps`` builds the schedule the way GlmImagePipeline.__call__ does (not the way the bare
+    diffusers scheduler would on its own): timesteps ``linspace(1000, 1, N + 1)[:-1]`` truncated to integers,
+    sigmas ``timesteps / 1000`` shifted with ``mu = calculate_shift(image_seq_len)``, a final 0 appended.
+    ``timesteps`` stay unshifted (the DiT receives ``t - 1``).
+    """
+
+    order = 1
+
+    def __init__(self, config: SchedulerConfig | dict | None = None, **kwargs):
+        if config is None:
+            config = SchedulerConfig(**kwargs)
+        elif isinstance(config, dict):
+            config = SchedulerConfig.from_dict({**config, **kwargs})
+        self.config = config
+        n = config.num_train_timesteps
+        # The construction-time schedule (diffusers __init__): used for sigma_min / sigma_max only.
+        timesteps = np.linspace(1, n, n, dtype=np.float32)[::-1].copy()
+        sigmas = timesteps / n
+        if not config.use_dynamic_shifting:
+            sigmas = config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
+        self.sigma_min = float(sigmas[-1])
+        self.sigma_max = float(sigmas[0])
+        self.timesteps = (sigmas * n).astype(np.float32)
+        self.sigmas = sigmas.astype(np.float32)
+        self.num_inference_steps = None
+
+    @classmethod
+    def from_pretrained(cls, folder_or_path: str | os.PathLike, subfolder: str | None = None):
+        """From a scheduler folder (or its scheduler_config.json, or a model root holding scheduler/)."""
+        path = Path(folder_or_path)
+        if path.is_file():
+            return cls(json.loads(path.read_text()))
+        from .weights import read_config, resolve
+
+        if path.is_dir() and subfolder is None and not (path / "scheduler_config.json").is_file():
+            if (path / "scheduler" / "scheduler_config.json").is_file():
+                subfolder = "scheduler"
+        folder = resolve(folder_or_path, subfolder)
+        return cls(read_config(folder, "scheduler_config.json"))
+
+    def to_dict(self) -> dict:
+        return asdict(self.config)
+
+    # -- schedule -------------------------------------------------------------------------------------
+
+    def _time_shift(self, mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
+        if self.config.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+        return mu / (mu + (1 / t - 1) ** sigma)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = 50,
+        image_seq_len: int | None = None,
+        timesteps: list[float] | np.ndarray | None = None,
+        sigmas: list[float] | np.ndarray | None = None,
+        mu: float | None = None,
+    ):
+        """GlmImagePipeline's schedule for ``image_seq_len`` DiT tokens ((H/8/2) * (W/8/2)).
+
+        Custom ``timesteps`` are truncated to integers as the pipeline does; custom ``sigmas`` are used as given
+        (then shifted); either one must have ``num_inference_steps`` entries when both a count and a list
+        decide the length. ``mu`` overrides the value computed from ``image_seq_len``.
+        """
+        cfg = self.config
+        if timesteps is None:
+            if num_inference_steps is None:
+                raise ValueError("pass num_inference_steps, timesteps or sigmas")
+            if num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            timesteps = np.linspace(cfg.num_train_timesteps, 1.0, num_inference_steps + 1)[:-1]
+        else:
+            timesteps = np.asarray(timesteps)
+        timesteps = timesteps.astype(np.int64).astype(np.float32)
+        sigmas = timesteps / cfg.num_train_timesteps if sigmas is None else sigmas
+        if mu is None:
+            if image_seq_len is None:
+                if cfg.use_dynamic_shifting:
+                    raise ValueError("image_seq_len (or mu) is required: the schedule depends on the resolution")
+            else:
+                mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.base_shift, cfg.max_shift)
+        # From here on: diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(timesteps=, sigmas=, mu=),
+        # which is what retrieve_timesteps calls (both lists are always given by the pipeline).
+        self._set_timesteps(timesteps=timesteps, sigmas=sigmas, mu=mu)
+        return self
+
+    def _set_timesteps(self, timesteps, sigmas, mu):
+        cfg = self.config
+        if len(sigmas) != len(timesteps):
+            raise ValueError(f"sigmas ({len(sigmas)}) and timesteps ({len(timesteps)}) should have the same length")
+        if len(sigmas) == 0:
+            raise ValueError("the schedule is empty")
+        timesteps = np.asarray(timesteps).astype(np.float32)
+        sigmas = np.asarray(sigmas).astype(np.float32)
+        n = len(sigmas)
+        if cfg.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("mu must be given when use_dynamic_shifting is set")
+            sigmas = self._time_shift(mu, 1.0, sigmas)
+        else:
+            sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
+        if cfg.shift_terminal:
+            one_minus_z = 1 - sigmas
+            scale_factor = one_minus_z[-1] / (1 - cfg.shift_terminal)
+            sigmas = 1 - (one_minus_z / scale_factor)
+        if cfg.use_karras_sigmas:
+            lo, hi = float(sigmas[-1]), float(sigmas[0])
+            ramp = np.linspace(0, 1, n)
+            rho = 7.0
+            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        elif cfg.use_exponential_sigmas:
+            lo, hi = float(sigmas[-1]), float(sigmas[0])
+            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+        sigmas = np.asarray(sigmas).astype(np.float32)
+        if cfg.invert_sigmas:
+            sigmas = (1.0 - sigmas).astype(np.float32)
+            timesteps = (sigmas * cfg.num_train_timesteps).astype(np.float32)
+            sigmas = np.concatenate([sigmas, np.ones(1, np.float32)])
+        else:
+            sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+        self.timesteps = timesteps
+        self.sigmas = sigmas
+        self.num_inference_steps = n
+
+    # -- sampling -------------------------------------------------------------------------------------
+
+    def model_timestep(self, step_index: int) -> float:
+        """What the DiT receives at this step: the unshifted timestep minus one."""
+        return float(self.timesteps[step_index]) - 1.0
+
+    def step(self, model_output: mx.array, step_index: int, sample: mx.array) -> mx.array:
+        """One Euler step ``x + (sigma_next - sigma) * v``, in float32 like diffusers, cast to the velocity's dtype."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        if not 0 <= step_index < self.num_inference_steps:
+            raise ValueError(f"step_index {step_index} is outside the schedule of {self.num_inference_steps} steps")
+        # dt computed from the float32 sigmas exactly as torch does (sigma_next - sigma in float32)
+        dt = float(np.float32(self.sigmas[step_index + 1]) - np.float32(self.sigmas[step_index]))
+        prev = sample.astype(mx.float32) + mx.array(dt, dtype=mx.float32) * model_output
+        return prev.astype(model_output.dtype)
+
+
+def classifier_free_guidance(v_cond: mx.array, v_uncond: mx.array, guidance_scale: float) -> mx.array:
+    """``v_uncond + g * (v_cond - v_uncond)`` (the pipeline's order of operations)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -1,0 +1,477 @@
+"""diffusers' AutoencoderKL (encoder, decoder, tiling) in MLX.
+
+NHWC inside (MLX's convolution layout); the public methods take and return NCHW like diffusers.
+Parameter names are diffusers' so a ``vae/`` folder loads after ``sanitize`` transposes the conv kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .weights import load_into, read_config, resolve, to_dtype
+
+
+@dataclass
+class AutoencoderKLConfig:
+    # Defaults: the released GLM-Image vae/config.json as described in REFERENCE.md.
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
+    block_out_channels: tuple = (128, 512, 1024, 1024)
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    latent_channels: int = 16
+    norm_num_groups: int = 32
+    sample_size: int | list = 1024
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: list | None = None
+    latents_std: list | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    quantization: dict | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
+        for t in self.down_block_types:
+            if t != "DownEncoderBlock2D":
+                raise ValueError(f"unsupported down block {t!r} (only DownEncoderBlock2D)")
+        for t in self.up_block_types:
+            if t != "UpDecoderBlock2D":
+                raise ValueError(f"unsupported up block {t!r} (only UpDecoderBlock2D)")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels")
+        if self.act_fn not in _ACTIVATIONS:
+            raise ValueError(f"unsupported act_fn {self.act_fn!r}")
+        for name in ("latents_mean", "latents_std"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.latent_channels:
+                raise ValueError(f"{name} has {len(v)} values, latent_channels is {self.latent_channels}")
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "mish": nn.mish}
+
+
+class GroupNorm(nn.GroupNorm):
+    """torch-compatible GroupNorm whose statistics and affine run in float32 (cast back after)."""
+
+    def __init__(self, num_groups: int, dims: int, eps: float = 1e-6):
+        super().__init__(num_groups, dims, eps=eps, affine=True, pytorch_compatible=True)
+
+    def __call__(self, x):
+        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+
+
+def _conv(cin, cout, k=3, stride=1, padding=1):
+    return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=padding)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int, act):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, cin)
+        self.conv1 = _conv(cin, cout)
+        self.norm2 = GroupNorm(groups, cout)
+        self.conv2 = _conv(cout, cout)
+        self.act = act
+        if cin != cout:
+            self.conv_shortcut = _conv(cin, cout, k=1, padding=0)
+
+    def __call__(self, x):
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """diffusers' single-head spatial self-attention of the mid block (group norm, residual)."""
+
+    def __init__(self, dims: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, dims)
+        self.to_q = nn.Linear(dims, dims)
+        self.to_k = nn.Linear(dims, dims)
+        self.to_v = nn.Linear(dims, dims)
+        self.to_out = [nn.Linear(dims, dims)]
+
+    # Largest score matrix (queries x keys, float32) one attention call may build: 2048x2048 pixels is
+    # 65536 tokens, whose full matrix would be 17 GB; rows are independent so chunking the queries is exact.
+    max_scores_bytes = 1 << 30
+    min_chunk = 256
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        N = H * W
+        h = self.group_norm(x).reshape(B, 1, N, C)
+        # diffusers upcasts the softmax; do the whole (one-head) attention in float32
+        q, k, v = (p(h).astype(mx.float32) for p in (self.to_q, self.to_k, self.to_v))
+        chunk = max(self.min_chunk, self.max_scores_bytes // (4 * N * B))
+        if chunk >= N:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+        else:
+            parts = []
+            for s in range(0, N, chunk):
+                part = mx.fast.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v, scale=C**-0.5)
+                mx.eval(part)  # one chunk's scores alive at a time
+                parts.append(part)
+            out = mx.concatenate(parts, axis=2)
+        return x + self.to_out[0](out.astype(x.dtype)).reshape(B, H, W, C)
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.conv = _conv(dims, dims, stride=2, padding=0)
+
+    def __call__(self, x):
+        # diffusers pads right/bottom by one (padding=0 + F.pad (0, 1, 0, 1)) before the stride-2 conv
+        x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.conv = _conv(dims, dims)
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        # nearest x2
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, H * 2, W * 2, C)
+        return self.conv(x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, cin, cout, num_layers, groups, act, add_downsample):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(cin if i == 0 else cout, cout, groups, act) for i in range(num_layers)]
+        if add_downsample:
+            self.downsamplers = [Downsample2D(cout)]
+
+    def __call__(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, cin, cout, num_layers, groups, act, add_upsample):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(cin if i == 0 else cout, cout, groups, act) for i in range(num_layers)]
+        if add_upsample:
+            self.upsamplers = [Upsample2D(cout)]
+
+    def __call__(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    def __init__(self, dims, groups, act, add_attention):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(dims, dims, groups, act) for _ in range(2)]
+        self.attentions = [Attention(dims, groups)] if add_attention else []
+
+    def __call__(self, x):
+        x = self.resnets[0](x)
+        if self.attentions:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderKLConfig):
+        super().__init__()
+        ch, groups, act = cfg.block_out_channels, cfg.norm_num_groups, _ACTIVATIONS[cfg.act_fn]
+        self.conv_in = _conv(cfg.in_channels, ch[0])
+        self.down_blocks = [
+            DownEncoderBlock2D(
+                ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, act, add_downsample=i < len(ch) - 1
+            )
+            for i in range(len(ch))
+        ]
+        self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, ch[-1])
+        self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels)  # double_z: mean and log-variance
+        self.act = act
+
+    def __call__(self, x):
+        x = self.conv_in(x)
+        for b in self.down_blocks:
+            x = b(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.act(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoencoderKLConfig):
+        super().__init__()
+        ch, groups, act = cfg.block_out_channels, cfg.norm_num_groups, _ACTIVATIONS[cfg.act_fn]
+        rev = list(reversed(ch))
+        self.conv_in = _conv(cfg.latent_channels, ch[-1])
+        self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg.mid_block_add_attention)
+        self.up_blocks = [
+            UpDecoderBlock2D(
+                rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, act, add_upsample=i < len(ch) - 1
+            )
+            for i in range(len(ch))
+        ]
+        self.conv_norm_out = GroupNorm(groups, ch[0])
+        self.conv_out = _conv(ch[0], cfg.out_channels)
+        self.act = act
+
+    def __call__(self, z, eval_each_block: bool = False):
+        x = self.mid_block(self.conv_in(z))
+        for b in self.up_blocks:
+            x = b(x)
+            if eval_each_block:
+                # bounds the live graph to one block's activations (the high-resolution blocks dominate)
+                mx.eval(x)
+        return self.conv_out(self.act(self.conv_norm_out(x)))
+
+
+def _blend_v(a: mx.array, b: mx.array, extent: int) -> mx.array:
+    """diffusers' blend_v in NHWC: the first rows of b fade in from the last rows of a."""
+    extent = min(a.shape[1], b.shape[1], extent)
+    if extent <= 0:
+        return b
+    w = (mx.arange(extent, dtype=mx.float32) / extent).reshape(1, extent, 1, 1)
+    top = a[:, -extent:].astype(mx.float32) * (1 - w) + b[:, :extent].astype(mx.float32) * w
+    return mx.concatenate([top.astype(b.dtype), b[:, extent:]], axis=1)
+
+
+def _blend_h(a: mx.array, b: mx.array, extent: int) -> mx.array:
+    extent = min(a.shape[2], b.shape[2], extent)
+    if extent <= 0:
+        return b
+    w = (mx.arange(extent, dtype=mx.float32) / extent).reshape(1, 1, extent, 1)
+    left = a[:, :, -extent:].astype(mx.float32) * (1 - w) + b[:, :, :extent].astype(mx.float32) * w
+    return mx.concatenate([left.astype(b.dtype), b[:, :, extent:]], axis=2)
+
+
+def _tiled(x: mx.array, fn, tile_in: int, tile_out: int, overlap_factor: float) -> mx.array:
+    """diffusers' tiled_decode / _tiled_encode in NHWC, one tile evaluated at a time.
+
+    ``fn`` maps a (B, tile_in, tile_in, C) tile to (B, tile_out, tile_out, C'); tiles start every
+    ``tile_in * (1 - overlap)`` input pixels, overlaps are blended linearly over ``tile_out * overlap`` output
+    pixels, and each tile keeps its first ``tile_out - blend`` rows/columns. Blending uses the already-blended
+    neighbours (diffusers blends in place), so only the previous row of tiles is kept.
+    """
+    stride = int(tile_in * (1 - overlap_factor))
+    blend = int(tile_out * overlap_factor)
+    limit = tile_out - blend
+    if stride < 1 or limit < 1:
+        raise ValueError(f"tile size {tile_in} with overlap {overlap_factor} leaves no stride")
+    H, W = x.shape[1], x.shape[2]
+    prev_row: list[mx.array] = []
+    out_rows = []
+    for i in range(0, H, stride):
+        row: list[mx.array] = []
+        cropped = []
+        for jj, j in enumerate(range(0, W, stride)):
+            tile = fn(x[:, i : i + tile_in, j : j + tile_in])
+            if prev_row:
+                tile = _blend_v(prev_row[jj], tile, blend)
+            if row:
+                tile = _blend_h(row[-1], tile, blend)
+            mx.eval(tile)
+            row.append(tile)
+            cropped.append(tile[:, :limit, :limit])
+        out_rows.append(mx.concatenate(cropped, axis=2))
+        mx.eval(out_rows[-1])
+        prev_row = row
+    return mx.concatenate(out_rows, axis=1)
+
+
+class AutoencoderKL(nn.Module):
+    """``encode`` gives the latent mode (the posterior mean) and ``decode`` the image, both NCHW.
+
+    Tiling (diffusers' tiled_decode / tiled encode) is used when asked (``tiled=True``) or, by default, when
+    the image is larger than ``tile_auto_pixels``; tiles are ``tile_sample_size`` pixels, overlapping by
+    ``tile_overlap_factor``.
+    """
+
+    def __init__(self, config: AutoencoderKLConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        if config.use_quant_conv:
+            self.quant_conv = _conv(2 * config.latent_channels, 2 * config.latent_channels, k=1, padding=0)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = _conv(config.latent_channels, config.latent_channels, k=1, padding=0)
+        # Tiling defaults: 512-pixel tiles (64 latents), 25% overlap; automatic above 1024x1024 pixels,
+        # so the pipeline's usual sizes decode untiled (= diffusers, which does not enable tiling).
+        self.tile_sample_size = 512
+        self.tile_overlap_factor = 0.25
+        self.tile_auto_pixels = 1024 * 1024
+
+    @property
+    def scale_factor(self) -> int:
+        return self.config.scale_factor
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    # -- checks -----------------------------------------------------------------------------------------
+
+    def _check(self, x: mx.array, channels: int, what: str, multiple: int = 1):
+        if not isinstance(x, mx.array):
+            raise ValueError(f"{what} must be an mlx array, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{what} must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"{what} must have {channels} channels (NCHW), got shape {tuple(x.shape)}")
+        if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(
+                f"{what} height and width must be positive multiples of {multiple}, got {x.shape[2]}x{x.shape[3]}"
+            )
+
+    def _use_tiles(self, tiled: bool | None, height_px: int, width_px: int) -> bool:
+        if tiled is None:
+            return height_px * width_px > self.tile_auto_pixels and max(height_px, width_px) > self.tile_sample_size
+        return bool(tiled)
+
+    # -- encode -----------------------------------------------------------------------------------------
+
+    def _encode_nhwc(self, x):
+        h = self.encoder(x)
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        return h
+
+    def encode(self, x: mx.array, tiled: bool | None = None) -> mx.array:
+        """(B, 3, H, W) image in [-1, 1] -> (B, latent_channels, H/8, W/8) posterior mean (diffusers' 'argmax')."""
+        self._check(x, self.config.in_channels, "image", multiple=self.scale_factor)
+        x = x.transpose(0, 2, 3, 1).astype(self.dtype)
+        if self._use_tiles(tiled, x.shape[1], x.shape[2]):
+            size = self.tile_sample_size
+            moments = _tiled(x, self._encode_nhwc, size, size // self.scale_factor, self.tile_overlap_factor)
+        else:
+            moments = self._encode_nhwc(x)
+        mean = moments[..., : self.config.latent_channels]
+        return mean.transpose(0, 3, 1, 2)
+
+    # -- decode -----------------------------------------------------------------------------------------
+
+    def _decode_nhwc(self, z, eval_each_block=False):
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z, eval_each_block=eval_each_block)
+
+    def decode(self, z: mx.array, tiled: bool | None = None) -> mx.array:
+        """(B, latent_channels, h, w) latents (denormalized) -> (B, 3, 8h, 8w) image in about [-1, 1]."""
+        self._check(z, self.config.latent_channels, "latents")
+        z = z.transpose(0, 2, 3, 1).astype(self.dtype)
+        f = self.scale_factor
+        if self._use_tiles(tiled, z.shape[1] * f, z.shape[2] * f):
+            size = self.tile_sample_size
+            out = _tiled(z, self._decode_nhwc, size // f, size, self.tile_overlap_factor)
+        else:
+            out = self._decode_nhwc(z, eval_each_block=True)
+        return out.transpose(0, 3, 1, 2)
+
+    # -- latent normalization (the pipeline's, with latents_mean / latents_std) -------------------------
+
+    def _stats(self, z):
+        cfg = self.config
+        if cfg.latents_mean is None or cfg.latents_std is None:
+            raise ValueError("this VAE config has no latents_mean / latents_std")
+        if z.ndim != 4 or z.shape[1] != cfg.latent_channels:
+            raise ValueError(f"latents must be (B, {cfg.latent_channels}, h, w), got shape {tuple(z.shape)}")
+        mean = mx.array(cfg.latents_mean, dtype=z.dtype).reshape(1, -1, 1, 1)
+        std = mx.array(cfg.latents_std, dtype=z.dtype).reshape(1, -1, 1, 1)
+        return mean, std
+
+    def normalize_latents(self, z: mx.array) -> mx.array:
+        """After encoding: (z - mean) / std."""
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def denormalize_latents(self, z: mx.array) -> mx.array:
+        """Before decoding: z * std + mean."""
+        mean, std = self._stats(z)
+        return z * std + mean
+
+    # -- loading ----------------------------------------------------------------------------------------
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """torch OIHW conv kernels -> MLX OHWI; old attention names (query/key/value/proj_attn) -> to_q/...
+
+        Whether a folder holds torch or MLX kernels is decided once for the whole folder from the kernels whose
+        layout is unambiguous (a 3x3 kernel with 3 input channels looks the same both ways), so an
+        already-converted MLX folder loads unchanged.
+        """
+        from mlx.utils import tree_flatten
+
+        expected = dict(tree_flatten(self.parameters()))
+        renamed = {}
+        for k, v in weights.items():
+            for old, new in ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+                             (".proj_attn.", ".to_out.0.")):
+                k = k.replace(old, new)
+            # deprecated attention blocks stored their projections as 1x1 convs
+            if ".attentions." in k and k.endswith("weight") and v.ndim == 4 and k in expected and expected[k].ndim == 2:
+                v = v.reshape(v.shape[0], v.shape[1])
+            renamed[k] = v
+        torch_votes = mlx_votes = 0
+        for k, v in renamed.items():
+            if v.ndim != 4 or k not in expected:
+                continue
+            as_mlx = tuple(v.shape) == tuple(expected[k].shape)
+            as_torch = tuple(v.transpose(0, 2, 3, 1).shape) == tuple(expected[k].shape)
+            if as_torch and not as_mlx:
+                torch_votes += 1
+            elif as_mlx and not as_torch:
+                mlx_votes += 1
+        if torch_votes and mlx_votes:
+            raise ValueError("the VAE weights mix torch (OIHW) and MLX (OHWI) convolution layouts")
+        if mlx_votes:
+            return renamed
+        return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in renamed.items()}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, subfolder: str | None = None) -> "AutoencoderKL":
+        folder = resolve(path, subfolder)
+        if subfolder is None and not (folder / "config.json").is_file() and (folder / "vae").is_dir():
+            folder = folder / "vae"
+        config = read_config(folder)
+        cfg = AutoencoderKLConfig.from_dict(config)
+        dtype = to_dtype(dtype)
+        if dtype is not None and dtype == mx.float16 and cfg.force_upcast:
+            # force_upcast: this VAE overflows in float16; diffusers pipelines that honour the flag run it in
+            # float32 (bfloat16 has float32's range and is kept as asked)
+            dtype = mx.float32
+        model = cls(cfg)
+        load_into(model, folder, config, dtype=dtype, sanitize=model.sanitize)
+        mx.eval(model.parameters())
+        return model

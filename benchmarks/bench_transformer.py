@@ -94,6 +94,8 @@ def worker_mlx(args):
 
     for size in args.sizes:
         kw = {k: mx.array(v) for k, v in inputs_np(size, cfg).items()}
+        if args.ops:
+            profile_ops(mx, size, cfg, dtype, args)
         for variant in args.mlx_variants:
             model.eval_per_block = variant == "eval-per-block"
             mx.synchronize()
@@ -102,6 +104,26 @@ def worker_mlx(args):
             ms = timed(lambda: mx.eval(model(**kw)), args.warmup, args.iters)
             print(json.dumps(dict(side="mlx", variant=variant + (f"-q{args.quantize}" if args.quantize else ""),
                                   size=size, ms=ms, peak_gb=mx.get_peak_memory() / 1e9, weights_gb=weights_gb)), flush=True)
+
+
+def profile_ops(mx, size, cfg, dtype, args):
+    """Where a block's time goes: its GEMMs and its attention alone, as achieved TFLOP/s."""
+    tokens = (size // 8 // cfg["patch_size"]) ** 2 + TEXT_LEN
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    dim = heads * head_dim
+    x = mx.random.normal((1, tokens, dim)).astype(dtype)
+    w_qkv = mx.random.normal((3 * dim, dim)).astype(dtype) * 0.01
+    w_ff = mx.random.normal((4 * dim, dim)).astype(dtype) * 0.01
+    q = mx.random.normal((1, heads, tokens, head_dim)).astype(dtype)
+    mx.eval(x, w_qkv, w_ff, q)
+    ops = {
+        "gemm qkv": (lambda: mx.eval(x @ w_qkv.T), 2 * tokens * dim * 3 * dim),
+        "gemm ff-up": (lambda: mx.eval(x @ w_ff.T), 2 * tokens * dim * 4 * dim),
+        "sdpa": (lambda: mx.eval(mx.fast.scaled_dot_product_attention(q, q, q, scale=head_dim**-0.5)), 4 * tokens * tokens * dim),
+    }
+    for name, (fn, flops) in ops.items():
+        ms = timed(fn, 3, 10)
+        print(json.dumps(dict(side="mlx-op", variant=name, size=size, ms=ms, peak_gb=flops / ms / 1e9, weights_gb=0)), flush=True)
 
 
 def worker_torch(args):
@@ -166,6 +188,7 @@ def main():
     parser.add_argument("--mlx-variants", nargs="+", default=["lazy", "eval-per-block"], choices=["lazy", "eval-per-block"])
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="MLX side: quantize the blocks' linears")
     parser.add_argument("--sides", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
+    parser.add_argument("--ops", action="store_true", help="MLX side: also time one block's GEMMs and attention alone")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,6 +205,8 @@ def main():
         argv.append("--torch-compile")
     if args.quantize:
         argv += ["--quantize", str(args.quantize)]
+    if args.ops:
+        argv.append("--ops")
     rows = []
     for side in args.sides:
         rows += run_side(side, argv)
@@ -191,6 +216,9 @@ def main():
     for size in args.sizes:
         base = next((r["ms"] for r in rows if r["size"] == size and r["side"] == "torch" and r["variant"] == "eager"), None)
         for r in (r for r in rows if r["size"] == size):
+            if r["side"] == "mlx-op":  # peak_gb holds TFLOP/s for these rows
+                print(f"{size:>6} {'op':>6} {r['variant']:>16} {r['ms']:>10.2f} {r['peak_gb']:>7.1f} TFLOP/s")
+                continue
             ratio = f"{r['ms'] / base:.2f}x" if base else "-"
             print(f"{size:>6} {r['side']:>6} {r['variant']:>16} {r['ms']:>10.1f} {r['peak_gb']:>9.2f} {ratio:>15}")
     if args.json:

@@ -45,19 +45,18 @@ class ConvertError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What each component is: how to build its (lazy, never evaluated) MLX model, and which layers may be
-# quantized. Full precision stays for norms, convolutions and biases (not matmuls), the token/position
-# embeddings that a gather reads once per token, the small conditioning and input/output layers whose
-# error reaches every token, and (by default) whole components that are small or precision-sensitive.
+# What each component is: how to build its (lazy, never evaluated) MLX model. Which of its layers may be
+# quantized is weights.QUANT_POLICY's business, shared with on-the-fly quantization at load time.
 
 
 @dataclass
 class Component:
     name: str
     build: Callable[[dict], nn.Module]  # config.json -> MLX model (parameters stay lazy)
-    quantize_by_default: bool
-    keep: tuple[str, ...] = ()  # module path prefixes kept in full precision
-    why: str = ""
+
+    @property
+    def policy(self) -> W.QuantPolicy:
+        return W.QUANT_POLICY[self.name]
 
     def sanitize(self, model: nn.Module, weights: dict) -> dict:
         fn = getattr(model, "sanitize", None)
@@ -89,18 +88,10 @@ def _prior(config):
 
 
 COMPONENTS = {
-    "transformer": Component(
-        "transformer", _transformer, True,
-        keep=("time_condition_embed", "image_projector", "norm_out", "proj_out", "prior_token_embedding"),
-        why="timestep/size conditioning, patch in/out projections and the prior-token table stay full precision",
-    ),
-    "vision_language_encoder": Component(
-        "vision_language_encoder", _prior, True,
-        keep=("model.vqmodel", "model.visual.patch_embed", "model.visual.embeddings"),
-        why="the VQ codebook and the vision patch/position embeddings stay full precision",
-    ),
-    "text_encoder": Component("text_encoder", _text_encoder, False, why="ByT5 is small (0.9 GB) and sets the glyphs"),
-    "vae": Component("vae", _vae, False, why="convolutions; 0.8 GB"),
+    "transformer": Component("transformer", _transformer),
+    "vision_language_encoder": Component("vision_language_encoder", _prior),
+    "text_encoder": Component("text_encoder", _text_encoder),
+    "vae": Component("vae", _vae),
 }
 
 
@@ -139,27 +130,6 @@ def quant_spec(bits: int | None, group_size: int | None, mode: str) -> QuantSpec
             f"mode {mode} takes bits {list(allowed_bits)} and group sizes {list(allowed_groups)}, got bits {bits}, group size {group_size}"
         )
     return QuantSpec(bits, group_size, mode)
-
-
-def quantizable_layers(model: nn.Module, component: Component, group_size: int) -> tuple[set[str], dict[str, str]]:
-    """(layers to quantize, {layer: why not} for the matmul layers left in full precision)."""
-    chosen, kept = set(), {}
-    for path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            continue
-        if any(path == k or path.startswith(k + ".") for k in component.keep):
-            kept[path] = "kept by policy"
-        elif isinstance(module, nn.Embedding):
-            # the token table of the AR model is a large matrix read one row per token: quantize it
-            if path.endswith("embed_tokens"):
-                chosen.add(path)
-            else:
-                kept[path] = "embedding"
-        elif module.weight.shape[-1] % group_size:
-            kept[path] = f"input width {module.weight.shape[-1]} not a multiple of {group_size}"
-        else:
-            chosen.add(path)
-    return chosen, kept
 
 
 def _nbytes(shape, dtype_size: float) -> int:
@@ -239,7 +209,7 @@ class Plan:
         except Exception as e:
             raise ConvertError(f"{folder}/config.json does not describe a {component.name}: {type(e).__name__}: {e}") from None
         if spec is not None:
-            chosen, kept = quantizable_layers(model, component, spec.group_size)
+            chosen, kept = W.quantizable_layers(model, component.policy, spec.group_size)
         else:
             chosen, kept = set(), {}
         expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
@@ -388,7 +358,7 @@ def convert(
 
     root = source_root(hf_path, components or list(COMPONENTS), headers_only=dry_run)
     names = present_components(root, components)
-    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
+    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].policy.by_default}
     plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
 
     from tqdm import tqdm
@@ -438,7 +408,7 @@ def print_summary(summary, spec, q_set, planned=False):
     print(f"\n{'planned' if planned else 'converted'} ({what})")
     print(f"{'component':<26}{'before':>12}{'after':>12}{'ratio':>8}")
     for name, before, after in summary:
-        note = "" if name in q_set or spec is None else f"   (full precision: {COMPONENTS[name].why})"
+        note = "" if name in q_set or spec is None else f"   (full precision: {COMPONENTS[name].policy.why})"
         print(f"{name:<26}{human(before):>12}{human(after):>12}{after / max(before, 1):>8.2f}{note}")
     b, a = sum(s[1] for s in summary), sum(s[2] for s in summary)
     print(f"{'total':<26}{human(b):>12}{human(a):>12}{a / max(b, 1):>8.2f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -189,3 +190,57 @@ def check_keys(model: nn.Module, weights: dict[str, mx.array], where) -> None:
             raise WeightsError(
                 f"{where}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
             )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization policy, one place for the converter and for quantizing at load time. Full precision stays
+# for norms, convolutions and biases (not matmuls), the small embedding tables, the conditioning and
+# input/output layers whose error reaches every token, and (by default) the small or precision-sensitive
+# components. Layers whose input width is not a multiple of the group size cannot be quantized.
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    by_default: bool  # quantized by -q unless the user names the components
+    keep: tuple[str, ...] = ()  # module path prefixes kept in full precision
+    why: str = ""
+
+
+QUANT_POLICY = {
+    "transformer": QuantPolicy(
+        True,
+        keep=("time_condition_embed", "image_projector", "norm_out", "proj_out", "prior_token_embedding"),
+        why="timestep/size conditioning, the patch in/out projections and the prior-token table stay full precision",
+    ),
+    "vision_language_encoder": QuantPolicy(
+        True,
+        keep=("model.vqmodel", "model.visual.patch_embed", "model.visual.embeddings"),
+        why="the VQ codebook and the vision patch/position embeddings stay full precision",
+    ),
+    "text_encoder": QuantPolicy(False, why="ByT5 is small (0.9 GB) and decides the rendered glyphs"),
+    "vae": QuantPolicy(False, why="convolutions only (0.8 GB)"),
+}
+
+
+def quantizable_layers(model: nn.Module, policy: QuantPolicy, group_size: int) -> tuple[set[str], dict[str, str]]:
+    """(layers to quantize, {layer: why not} for the matmul/embedding layers left in full precision)."""
+    chosen, kept = set(), {}
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        if any(path == k or path.startswith(k + ".") for k in policy.keep):
+            kept[path] = "kept by policy"
+        elif isinstance(module, nn.Embedding) and not path.endswith("embed_tokens"):
+            kept[path] = "embedding"  # the AR token table (1.4 GB, read a row per token) is the exception
+        elif module.weight.shape[-1] % group_size:
+            kept[path] = f"input width {module.weight.shape[-1]} not a multiple of {group_size}"
+        else:
+            chosen.add(path)
+    return chosen, kept
+
+
+def quantize_in_memory(model: nn.Module, component: str, bits: int, group_size: int = 64, mode: str = "affine") -> dict:
+    """Quantize a loaded full-precision model by the policy (what convert does, without writing files)."""
+    chosen, kept = quantizable_layers(model, QUANT_POLICY[component], group_size)
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=lambda p, m: p in chosen)
+    return {"bits": bits, "group_size": group_size, "mode": mode, **{k: False for k in sorted(kept)}}

@@ -1,0 +1,262 @@
+"""Decode speed and peak memory of the AR prior model: MLX (mlx_glm_image.prior) against transformers.
+
+Each side runs in its own subprocess (random weights, the same prompt layout: a short text prompt followed by the
+1024x1024 grid suffix, so positions follow the real preview + target grids), sampling with temperature 0.9 and
+top_p 0.75 as the reference README. Decode rate = (N - 1) / (t(N tokens) - t(1 token)), prefill excluded.
+
+    python benchmarks/bench_prior.py --config reduced --device cpu --tokens 32 --dtype float32
+    python benchmarks/bench_prior.py --config released --device gpu --tokens 256 --dtype bfloat16   # CUDA machine
+
+On the CPU the MLX side preloads a system OpenBLAS when present (the mlx wheel's reference BLAS is ~100x slower);
+the torch side never gets it. Also printed: the memory-bandwidth bound of a 1024x1024 prompt (1281 tokens) on
+Apple GPUs, from the released text model's weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+RELEASED = {
+    "text_config": dict(vocab_size=168064, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                        num_attention_heads=32, num_key_value_heads=2, vision_vocab_size=16512, attention_bias=True,
+                        rms_norm_eps=1e-5, pad_token_id=167841, eos_token_id=16385,
+                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                             mrope_section=[8, 12, 12])),
+    "vision_config": dict(depth=40, hidden_size=1536, num_heads=16, intermediate_size=6144, image_size=2048,
+                          patch_size=16),
+    "vq_config": dict(embed_dim=2048, num_embeddings=16384, latent_channels=1536),
+    "image_token_id": 167855, "image_start_token_id": 16384, "image_end_token_id": 16385,
+}
+# same vocabularies and head geometry, fewer and narrower layers: runs on a laptop CPU
+REDUCED = json.loads(json.dumps(RELEASED))
+REDUCED["text_config"].update(hidden_size=1024, intermediate_size=3424, num_hidden_layers=8, num_attention_heads=8,
+                              num_key_value_heads=2)
+REDUCED["vision_config"].update(depth=2, hidden_size=256, num_heads=4, intermediate_size=1024)
+REDUCED["vq_config"].update(latent_channels=256, embed_dim=256)
+
+GRIDS = [[1, 32, 32], [1, 16, 16]]  # 1024x1024: target 32x32, preview 16x16 -> 1281 new tokens
+SAMPLING = dict(temperature=0.9, top_p=0.75, top_k=50)
+MAC_BANDWIDTH = {"M4 (120 GB/s)": 120, "M4 Pro (273 GB/s)": 273, "M1-M3 Max (400 GB/s)": 400,
+                 "M4 Max (546 GB/s)": 546, "M2/M3 Ultra (800 GB/s)": 800}
+
+
+def prompt_ids(cfg: dict, n_text: int = 24):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    text = rng.integers(20000, 160000, n_text).tolist()
+    grid_bos, grid_eos = 167845, 167846
+    digits = rng.integers(20000, 160000, 4).tolist()  # stand-ins for "32 32" / "16 16" (positions ignore them)
+    ids = text + [grid_bos, digits[0], digits[1], grid_eos, grid_bos, digits[2], digits[3], grid_eos,
+                  cfg["image_start_token_id"]]
+    return np.array([ids], dtype=np.int64)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---- MLX side ------------------------------------------------------------------------------------------------
+def run_mlx(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_map_with_path
+
+    from mlx_glm_image.prior import GlmImageConfig, GlmImageForConditionalGeneration, generate
+
+    if args.device == "cpu":
+        mx.set_default_device(mx.cpu)
+    cfg = RELEASED if args.config == "released" else REDUCED
+    dtype = getattr(mx, args.dtype)
+    t0 = time.perf_counter()
+    model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(cfg))
+
+    # replace the (lazy, never evaluated) default init by random weights made directly in the target dtype
+    def init(path, p):
+        if path.endswith("norm.weight") or "layernorm" in path or path.endswith(("norm1.weight", "norm2.weight")):
+            return mx.ones(p.shape, dtype)
+        if path.endswith("bias"):
+            return mx.zeros(p.shape, dtype)
+        return mx.random.normal(p.shape, dtype=dtype, scale=0.02)
+
+    model.update(tree_map_with_path(init, model.parameters()))
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)  # one tensor at a time keeps the peak at the weights
+    if args.bits:
+        nn.quantize(model.model.language_model, group_size=64, bits=args.bits)
+        nn.quantize(model, group_size=64, bits=args.bits, class_predicate=lambda p, m: p == "lm_head")
+        mx.eval(model.parameters())
+    build_s = time.perf_counter() - t0
+    weight_gb = sum(p.nbytes for _, p in tree_flatten(model.parameters())) / 1e9
+
+    ids = prompt_ids(cfg)
+    grids = np.array(GRIDS)
+    kw = dict(image_grid_thw=grids, images_per_sample=np.array([2]), do_sample=True, seed=0, eos_token_id=None,
+              **SAMPLING)
+    generate(model, ids, max_new_tokens=2, **kw)  # warm-up
+    mx.reset_peak_memory()
+    t = time.perf_counter()
+    generate(model, ids, max_new_tokens=1, **kw)
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    out = generate(model, ids, max_new_tokens=args.tokens, **kw)
+    tn = time.perf_counter() - t
+    n = out.shape[1] - ids.shape[1]
+    return dict(side="mlx", device=str(mx.default_device()), build_s=build_s, weights_gb=weight_gb, prefill_s=t1,
+                tokens=n, decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn,
+                peak_gb=mx.get_peak_memory() / 1e9, max_rss_gb=peak_rss_gb(),
+                note=f"{args.bits}-bit" if args.bits else "")
+
+
+# ---- transformers side ---------------------------------------------------------------------------------------
+def run_torch(args) -> dict:
+    import torch
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x
+        from transformers.modeling_utils import no_init_weights
+
+    dev = torch.device("cuda" if args.device == "gpu" else "cpu")
+    dtype = getattr(torch, args.dtype)
+    cfg = RELEASED if args.config == "released" else REDUCED
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    config = GlmImageConfig(**cfg)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with no_init_weights(), dev:
+        model = GlmImageForConditionalGeneration(config)
+    torch.set_default_dtype(prev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0, 0.02)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    build_s = time.perf_counter() - t0
+    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+
+    ids = torch.tensor(prompt_ids(cfg), device=dev)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=torch.tensor(GRIDS, device=dev),
+                  images_per_sample=torch.tensor([2], device=dev))
+
+    def gen(n):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=True, **SAMPLING)
+        sync()
+        return out
+
+    gen(2)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    gen(1)
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    out = gen(args.tokens)
+    tn = time.perf_counter() - t
+    n = out.shape[1] - ids.shape[1]
+    peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
+    return dict(side="transformers", device=str(dev), build_s=build_s, weights_gb=weight_gb, prefill_s=t1, tokens=n,
+                decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn, peak_gb=peak, max_rss_gb=peak_rss_gb(),
+                note=f"torch {torch.__version__}")
+
+
+# ---- driver --------------------------------------------------------------------------------------------------
+def bandwidth_table():
+    """Weight bytes read per decoded token of the released text model (all layers + lm_head) / bandwidth."""
+    sys.path.insert(0, str(ROOT))
+    from mlx_glm_image.prior.config import TextConfig
+
+    c = TextConfig(**RELEASED["text_config"])
+    d, kv, f = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    per_layer = d * d + 2 * d * kv + (d + 2 * kv) + d * d + d * 2 * f + f * d + 4 * d
+    params = c.num_hidden_layers * per_layer + d * c.vision_vocab_size  # embedding rows read: negligible
+    n_tok = 1281
+    rows = []
+    for name, bits in (("bf16", 16), ("8-bit (g64)", 8 + 32 / 64), ("4-bit (g64)", 4 + 32 / 64)):
+        gb = params * bits / 8 / 1e9
+        rows.append((name, gb, {k: bw / gb for k, bw in MAC_BANDWIDTH.items()}))
+    print(f"\nBandwidth bound, released text model ({params / 1e9:.2f} B params read per token), "
+          f"1024x1024 prompt = {n_tok} tokens:")
+    print(f"| weights | GB/token | " + " | ".join(MAC_BANDWIDTH) + " |")
+    print("|---|---|" + "---|" * len(MAC_BANDWIDTH))
+    for name, gb, r in rows:
+        cells = " | ".join(f"{v:.0f} tok/s, {n_tok / v:.0f} s" for v in r.values())
+        print(f"| {name} | {gb:.2f} | {cells} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["reduced", "released"], default="reduced")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default: float32 on cpu, bfloat16 on gpu")
+    ap.add_argument("--bits", type=int, default=0, help="also quantize the MLX text model (4 or 8)")
+    ap.add_argument("--sides", default="mlx,transformers")
+    ap.add_argument("--no-openblas", action="store_true")
+    ap.add_argument("--timeout", type=int, default=3000)
+    ap.add_argument("--worker", choices=["mlx", "transformers"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+
+    if args.worker:
+        res = (run_mlx if args.worker == "mlx" else run_torch)(args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    results = []
+    for side in args.sides.split(","):
+        cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--device", args.device,
+               "--tokens", str(args.tokens), "--dtype", args.dtype, "--bits", str(args.bits)]
+        env = dict(os.environ)
+        env.pop("LD_PRELOAD", None)
+        if side == "mlx" and args.device == "cpu" and not args.no_openblas and os.path.exists(OPENBLAS):
+            env["LD_PRELOAD"] = OPENBLAS
+        print(f"running {side} ...", file=sys.stderr, flush=True)
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{side}: timed out after {args.timeout} s", file=sys.stderr)
+            continue
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            print(f"{side} failed (rc {p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(lines[-1][7:]))
+
+    print(f"\nAR prior decode, {args.config} config, {args.dtype}, prompt + {args.tokens} new tokens "
+          f"(1024x1024 grid layout, temperature 0.9, top_p 0.75):")
+    print("| side | device | weights GB | build s | prefill s | decode tok/s | peak alloc GB | max RSS GB | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['side']} | {r['device']} | {r['weights_gb']:.2f} | {r['build_s']:.1f} | {r['prefill_s']:.3f} | "
+              f"{r['decode_tok_s']:.2f} | {r['peak_gb']:.2f} | {r['max_rss_gb']:.2f} | {r['note']} |")
+    if len(results) == 2:
+        print(f"\nMLX / transformers decode speed: {results[0]['decode_tok_s'] / results[1]['decode_tok_s']:.2f}x")
+    bandwidth_table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Benchmarks at the released configs on a CUDA machine that has torch but neither MLX nor diffusers and no
+# network, with wheels brought along in .gpu/ (see the developers' guide): phase "torch" installs diffusers
+# and times the references, phase "mlx" unpacks MLX's CUDA backend and times the port. Each phase writes
+# its tables under $OUT (or ./gpu-results).
+#   bash benchmarks/gpu_session.sh torch    # .gpu/a: first half of mlx-cuda + diffusers wheels
+#   bash benchmarks/gpu_session.sh mlx      # .gpu/b: second half of mlx-cuda + the mlx wheel
+set -uo pipefail
+phase=${1:?torch or mlx}
+out=${OUT:-gpu-results}
+mkdir -p "$out" /tmp/site /tmp/keep
+export PYTHONUNBUFFERED=1
+py=python3
+log() { echo "=== $*" | tee -a "$out/$phase.log"; }
+run() { log "$*"; timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$out/$phase.log"; }
+
+if [ "$phase" = torch ]; then
+  cp .gpu/a/part_aa /tmp/keep/
+  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides torch --json "$out/dit_torch.json"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --torch-compile --json "$out/dit_torch_compile.json"
+  run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides torch --json "$out/vae_torch.json"
+else
+  cat /tmp/keep/part_aa .gpu/b/part_ab | xz -d | tar x -C /tmp/site
+  $py -m pip install -q --no-index --no-deps --target /tmp/mlxpy .gpu/b/mlx-*.whl
+  cp -r /tmp/mlxpy/mlx/. /tmp/site/mlx/
+  nv=$($py -c "import torch, os; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia'))")
+  ln -sfn "$nv" /tmp/site/nvidia
+  export LD_LIBRARY_PATH=$(ls -d /tmp/site/nvidia/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  export PYTHONPATH=/tmp/site:$PWD
+  run $py -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx --ops --json "$out/dit_mlx.json"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides mlx --quantize 4 --mlx-variants eval-per-block --json "$out/dit_mlx_q4.json"
+  run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides mlx --json "$out/vae_mlx.json"
+fi
+log done

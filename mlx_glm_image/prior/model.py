@@ -1,0 +1,154 @@
+"""``GlmImageForConditionalGeneration``: the AR prior model (text decoder + vision encoder + VQ) in MLX.
+
+Parameter names equal transformers' (``model.language_model.*``, ``model.visual.*``, ``model.vqmodel.*``,
+``lm_head.weight``) so a ``vision_language_encoder/`` folder loads after a small ``sanitize`` (conv layouts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import weights as W
+from .config import GlmImageConfig
+from .positions import get_rope_index, split_grids
+from .text_model import GlmImageTextModel, KVCache
+from .vision import GlmImageVisionModel, GlmImageVQVAE
+
+
+class GlmImageModel(nn.Module):
+    def __init__(self, config: GlmImageConfig):
+        super().__init__()
+        self.visual = GlmImageVisionModel(config.vision_config)
+        self.language_model = GlmImageTextModel(config.text_config)
+        self.vqmodel = GlmImageVQVAE(config.vq_config)
+
+
+class GlmImageForConditionalGeneration(nn.Module):
+    def __init__(self, config: GlmImageConfig):
+        super().__init__()
+        self.config = config
+        self.model = GlmImageModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vision_vocab_size, bias=False)
+        self.generation_config: dict = {}
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """transformers -> MLX layout: conv weights (O, I, kh, kw) -> (O, kh, kw, I); drop non-parameters."""
+        out = {}
+        for k, v in weights.items():
+            if "rotary_emb" in k or k.endswith("inv_freq"):
+                continue
+            if k.endswith(("patch_embed.proj.weight", "quant_conv.weight")) and v.ndim == 4:
+                # torch layout has kh == kw in the last two axes; an MLX-layout tensor has them in axes 1, 2
+                if not (v.shape[1] == v.shape[2] and v.shape[3] != v.shape[2]):
+                    v = v.transpose(0, 2, 3, 1)
+            out[k] = v
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, dtype=None, subfolder: str | None = None):
+        """Load a ``vision_language_encoder/`` folder (or a pipeline root containing one)."""
+        if subfolder is None and not Path(path_or_repo).expanduser().exists():
+            subfolder = "vision_language_encoder"  # a Hub id: fetch only this component
+        root = W.resolve(path_or_repo, subfolder)
+        folder = root / "vision_language_encoder" if (root / "vision_language_encoder").is_dir() else root
+        raw = W.read_config(folder)
+        config = GlmImageConfig.from_dict(raw)
+        model = cls(config)
+        W.load_into(model, folder, raw, dtype=dtype, sanitize=cls.sanitize)
+        gen = Path(folder) / "generation_config.json"
+        if gen.is_file():
+            model.generation_config = json.loads(gen.read_text())
+        model.eval()
+        return model
+
+    # ---- pieces mirroring transformers ---------------------------------------------------------------------
+    def make_cache(self, max_size: int | None = None) -> list[KVCache]:
+        return [KVCache(max_size) for _ in self.model.language_model.layers]
+
+    def get_rope_index(self, input_ids, image_grid_thw=None, images_per_sample=None, attention_mask=None):
+        """(position_ids (3, B, L), decode_position_ids (B, 3, T) or None), numpy, as transformers computes them."""
+        return get_rope_index(
+            np.asarray(input_ids),
+            image_grid_thw,
+            images_per_sample,
+            None if attention_mask is None else np.asarray(attention_mask),
+            self.config.image_start_token_id,
+            self.config.image_end_token_id,
+        )
+
+    def get_image_features(self, pixel_values: mx.array, image_grid_thw) -> list[mx.array]:
+        """ViT features per source image, each (t*h*w, hidden) in row-major grid order."""
+        grid = np.asarray(image_grid_thw).reshape(-1, 3)
+        h = self.model.visual(mx.array(pixel_values), grid)
+        sizes = [int(t * hh * ww) for t, hh, ww in grid]
+        bounds = np.cumsum([0] + sizes)
+        return [h[int(bounds[i]) : int(bounds[i + 1])] for i in range(len(sizes))]
+
+    def get_image_tokens(self, features: list[mx.array]) -> mx.array:
+        """VQ code ids of each image's features, concatenated: (sum of t*h*w,)."""
+        return mx.concatenate([self.model.vqmodel.encode(f) for f in features])
+
+    @staticmethod
+    def source_grids(image_grid_thw, images_per_sample) -> np.ndarray:
+        """The grids of the source images: every sample's grids but its last (the target), as transformers."""
+        grids = np.asarray(image_grid_thw).reshape(-1, 3)
+        if images_per_sample is None:
+            return grids[:-1]
+        per = split_grids(grids, images_per_sample, len(np.asarray(images_per_sample).reshape(-1)))
+        return np.concatenate([g[:-1] for g in per], axis=0)
+
+    def embed_prompt(self, input_ids, pixel_values=None, image_grid_thw=None, images_per_sample=None,
+                     image_token_ids=None) -> np.ndarray:
+        """Input ids with image placeholders replaced by the source images' VQ tokens (host numpy, (B, L))."""
+        ids = np.array(input_ids, dtype=np.int64)
+        if image_token_ids is None and pixel_values is not None:
+            grids = self.source_grids(image_grid_thw, images_per_sample)
+            image_token_ids = self.get_image_tokens(self.get_image_features(pixel_values, grids))
+        if image_token_ids is not None:
+            tok = np.array(image_token_ids).reshape(-1)
+            slots = ids == self.config.image_token_id
+            if int(slots.sum()) != tok.size:
+                raise ValueError(
+                    f"Number of image placeholder tokens ({int(slots.sum())}) does not match "
+                    f"number of image tokens from VQVAE ({tok.size})"
+                )
+            ids[slots] = tok  # row-major, as torch's masked_scatter
+        return ids
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache: list[KVCache] | None = None,
+        pixel_values=None,
+        image_grid_thw=None,
+        images_per_sample=None,
+        logits_to_keep: int = 0,
+    ) -> mx.array:
+        """Logits (B, L, vision_vocab_size); the first call of a generation (prefill) as transformers' forward.
+
+        ``position_ids`` (3, B, L) default to ``get_rope_index`` when grids are given, else to plain positions.
+        ``attention_mask`` (B, cached + L) marks left padding with 0.
+        """
+        if pixel_values is not None:
+            input_ids = self.embed_prompt(input_ids, pixel_values, image_grid_thw, images_per_sample)
+        if position_ids is None and image_grid_thw is not None:
+            position_ids, _ = self.get_rope_index(input_ids, image_grid_thw, images_per_sample, attention_mask)
+        input_ids = mx.array(np.asarray(input_ids)) if not isinstance(input_ids, mx.array) else input_ids
+        if position_ids is not None and not isinstance(position_ids, mx.array):
+            position_ids = mx.array(np.asarray(position_ids))
+        if attention_mask is not None and not isinstance(attention_mask, mx.array):
+            attention_mask = mx.array(np.asarray(attention_mask))
+        h = self.model.language_model(input_ids, position_ids, attention_mask, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h)

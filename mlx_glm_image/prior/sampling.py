@@ -1,0 +1,202 @@
+"""Sampling prior tokens from the AR model: logits warpers as transformers applies them, a cached decode loop,
+and ``generate_prior_tokens`` with the return value of diffusers' ``GlmImagePipeline.generate_prior_tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from .positions import decode_positions
+
+# transformers' GenerationConfig defaults for keys a generation_config.json leaves out
+DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = mx.sort(logits, axis=-1)[..., -k][..., None]
+    return mx.where(logits < kth, -mx.inf, logits)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """transformers' TopPLogitsWarper: drop the smallest tokens whose cumulative probability is <= 1 - p."""
+    if p >= 1.0:
+        return logits
+    order = mx.argsort(logits, axis=-1)  # ascending
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    cum = mx.cumsum(mx.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = cum <= (1 - p)
+    remove[..., -1] = False  # keep at least one token
+    remove = mx.put_along_axis(mx.zeros_like(remove), order, remove, axis=-1)
+    return mx.where(remove, -mx.inf, logits)
+
+
+def sample(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           key: mx.array | None = None, do_sample: bool = True) -> mx.array:
+    """(B, V) logits -> (B,) token ids. Greedy when ``do_sample`` is False or temperature is 0."""
+    logits = logits.astype(mx.float32)
+    if not do_sample or temperature == 0:
+        return mx.argmax(logits, axis=-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = apply_top_k(logits, int(top_k or 0))
+    logits = apply_top_p(logits, float(top_p if top_p is not None else 1.0))
+    return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_per_sample=None,
+             max_new_tokens: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None, image_token_ids=None, pixel_values=None, callback=None) -> np.ndarray:
+    """Autoregressive generation with a KV cache; returns (B, L + n) numpy ids like transformers' ``generate``.
+
+    A finished sample (eos emitted) continues with ``pad_token_id`` until every sample has finished.
+    """
+    input_ids = model.embed_prompt(input_ids, pixel_values, image_grid_thw, images_per_sample, image_token_ids)
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = np.ones((B, L), dtype=np.int64)
+    attention_mask = np.asarray(attention_mask)
+    padded = bool((attention_mask == 0).any())
+    position_ids, table = model.get_rope_index(input_ids, image_grid_thw, images_per_sample, attention_mask)
+    if image_grid_thw is None:
+        # plain causal LM positions; left padding shifts nothing here (as transformers without grids)
+        position_ids = np.broadcast_to(np.arange(L), (3, B, L))
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    pad = pad_token_id if pad_token_id is not None else (next(iter(eos)) if eos else 0)
+
+    cache = model.make_cache(L + max_new_tokens)
+    key = mx.random.key(seed if seed is not None else int(time.time_ns() % (2**31)))
+    mask_full = mx.array(np.concatenate([attention_mask, np.ones((B, max_new_tokens), attention_mask.dtype)], 1))
+
+    def step(tokens, pos, n_done):
+        nonlocal key
+        am = mask_full[:, : L + n_done] if padded else None
+        logits = model(tokens, attention_mask=am, position_ids=pos, cache=cache, logits_to_keep=1)[:, -1]
+        key, sub = mx.random.split(key)
+        return sample(logits, temperature, top_k, top_p, sub, do_sample)
+
+    tok = step(mx.array(input_ids), mx.array(position_ids), 0)
+    out = []
+    finished = np.zeros(B, dtype=bool)
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:
+            # queue the next step before reading this token back, so host and device overlap
+            pos = mx.array(decode_positions(table, i, 1, B, L))
+            nxt = step(tok[:, None], pos, i + 1)
+            mx.async_eval(nxt)
+        t = np.array(tok).astype(np.int64)
+        t = np.where(finished, pad, t)
+        out.append(t)
+        if callback is not None:
+            callback(i, t)
+        finished |= np.isin(t, list(eos))
+        if finished.all() or i + 1 == max_new_tokens:
+            break
+        tok = nxt
+    # tokens after a sample finished were fed as sampled; they never reach the output, which is padded
+    return np.concatenate([input_ids, np.stack(out, axis=1)], axis=1)
+
+
+# ---- diffusers' post-processing (static helpers of GlmImagePipeline) -----------------------------------------
+def compute_generation_params(image_grid_thw, is_text_to_image: bool) -> tuple[int, int, int, int]:
+    """(max_new_tokens, large_image_start_offset, target_grid_h, target_grid_w) of one sample's grids."""
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    sizes = [int(h * w) for _, h, w in grids]
+    if not is_text_to_image:
+        return sizes[-1] + 1, 0, int(grids[-1][1]), int(grids[-1][2])
+    return sum(sizes) + 1, sum(sizes[1:]), int(grids[0][1]), int(grids[0][2])
+
+
+def extract_large_image_tokens(generated: np.ndarray, input_length: int, offset: int, n: int) -> np.ndarray:
+    return np.asarray(generated)[input_length:][offset : offset + n]
+
+
+def upsample_token_ids(token_ids, h: int, w: int) -> np.ndarray:
+    """(h*w,) ids -> (4*h*w,) ids of the 2x nearest-upsampled grid."""
+    g = np.asarray(token_ids).reshape(h, w)
+    return np.repeat(np.repeat(g, 2, axis=0), 2, axis=1).reshape(-1)
+
+
+def _normalize_images(images, batch_size: int):
+    if images is None or len(images) == 0:
+        return None
+    if not isinstance(images[0], (list, tuple)):
+        if batch_size != 1:
+            raise ValueError("for a batch of prompts, images must be one list of images per prompt")
+        return [list(images)]
+    if len(images) != batch_size:
+        raise ValueError(f"Number of image lists ({len(images)}) must match batch size ({batch_size}).")
+    if len({len(x) for x in images}) != 1:
+        raise ValueError("All prompts must have the same number of condition images.")
+    return [list(x) for x in images]
+
+
+def generate_prior_tokens(model, processor, prompts, height: int, width: int, images=None, seed: int | None = None,
+                          do_sample: bool = True, temperature: float | None = None, top_p: float | None = None,
+                          top_k: int | None = None, max_new_tokens: int | None = None, callback=None,
+                          return_sequences: bool = False):
+    """Prompt(s) -> prior tokens, as diffusers' ``GlmImagePipeline.generate_prior_tokens``.
+
+    Returns ``(prior_token_ids, prior_token_image_ids, source_image_grid_thw)``:
+    - prior_token_ids: (B, (H/16)*(W/16)) int32, the generated H/32 x W/32 grid upsampled 2x (nearest);
+    - prior_token_image_ids: per sample, the source images' VQ ids upsampled 2x and concatenated (None for t2i);
+    - source_image_grid_thw: per sample, (n_images, 3) source grids with h, w doubled (None for t2i).
+    Sampling settings default to the checkpoint's generation_config.json, then to transformers' defaults.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    B = len(prompts)
+    images = _normalize_images(images, B)
+    t2i = images is None
+    conversations = []
+    for i, p in enumerate(prompts):
+        content = [] if t2i else [{"type": "image", "image": im} for im in images[i]]
+        content.append({"type": "text", "text": p})
+        conversations.append([{"role": "user", "content": content}])
+    inputs = processor.apply_chat_template(conversations, target_h=height, target_w=width, padding=B > 1)
+    grids = inputs["image_grid_thw"]
+    per_sample = int(inputs["images_per_sample"][0])
+    n_new, offset, th, tw = compute_generation_params(grids[:per_sample], t2i)
+    if max_new_tokens is not None:
+        n_new = max_new_tokens
+
+    image_ids = None
+    image_ids_per_sample = grids_per_sample = None
+    if not t2i:
+        n_src = len(images[0])
+        src = model.source_grids(grids, inputs["images_per_sample"])
+        image_ids = np.array(model.get_image_tokens(model.get_image_features(mx.array(inputs["pixel_values"]), src)))
+        sizes = [int(np.prod(g)) for g in src]
+        bounds = np.cumsum([0] + sizes)
+        up = [upsample_token_ids(image_ids[bounds[i]:bounds[i + 1]], int(g[1]), int(g[2])) for i, g in enumerate(src)]
+        up_grids = src.copy()
+        up_grids[:, 1:] *= 2
+        image_ids_per_sample = [mx.array(np.concatenate(up[i * n_src:(i + 1) * n_src]).astype(np.int32))
+                                for i in range(B)]
+        grids_per_sample = [mx.array(up_grids[i * n_src:(i + 1) * n_src].astype(np.int32)) for i in range(B)]
+
+    gen = dict(DEFAULTS)
+    gen.update({k: v for k, v in (getattr(model, "generation_config", None) or {}).items() if k in DEFAULTS and v is not None})
+    for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+        if v is not None:
+            gen[k] = v
+    tc = model.config.text_config
+    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id", tc.eos_token_id)
+    seqs = generate(model, inputs["input_ids"], inputs["attention_mask"], grids, inputs["images_per_sample"],
+                    max_new_tokens=n_new, do_sample=do_sample, seed=seed, eos_token_id=eos,
+                    pad_token_id=tc.pad_token_id, image_token_ids=image_ids, callback=callback, **gen)
+    L = inputs["input_ids"].shape[1]
+    prior = []
+    for i in range(B):
+        ids = extract_large_image_tokens(seqs[i], L, offset, th * tw)
+        if ids.size != th * tw:
+            raise RuntimeError(f"sample {i} stopped after {seqs.shape[1] - L} tokens, before its {th}x{tw} grid ended")
+        prior.append(upsample_token_ids(ids, th, tw))
+    prior_ids = mx.array(np.stack(prior).astype(np.int32))
+    if return_sequences:
+        return prior_ids, image_ids_per_sample, grids_per_sample, seqs
+    return prior_ids, image_ids_per_sample, grids_per_sample

@@ -1,0 +1,206 @@
+"""The GLM-4-style text decoder of the AR prior model (transformers' ``GlmImageTextModel``) and its KV cache.
+
+Per layer: four RMSNorms (input, post-self-attention, post-attention, post-MLP), GQA attention with QKV bias,
+a fused gate/up SwiGLU, and M-RoPE: the first ``rotary_dim`` channels of each head are rotated rotate-half style,
+with each frequency reading the temporal, height or width position as ``mrope_section`` assigns.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextConfig
+
+
+class KVCache:
+    """Keys/values of one layer, grown in ``step``-token chunks (never one concat per token).
+
+    ``max_size`` preallocates the whole generation at once when the final length is known.
+    """
+
+    step = 256
+
+    def __init__(self, max_size: int | None = None):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.max_size = max_size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        prev = self.offset
+        B, H, L, D = keys.shape
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            if self.keys is None and self.max_size is not None and self.max_size >= L:
+                n = self.max_size
+            else:
+                n = ((L + self.step - 1) // self.step) * self.step
+            k_new = mx.zeros((B, H, n, D), keys.dtype)
+            v_new = mx.zeros((B, H, n, values.shape[-1]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = k_new, v_new
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], k_new], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], v_new], axis=2)
+        self.offset += L
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # mx.fast.rms_norm accumulates in fp32 like the reference's upcast
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class MRoPE:
+    """cos/sin tables for M-RoPE, computed once per forward and shared by all layers."""
+
+    def __init__(self, config: TextConfig):
+        dim = config.rotary_dim
+        base = config.rope_theta_value
+        self.inv_freq = 1.0 / (base ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))  # (dim/2,)
+        section = config.mrope_section
+        if sum(section) != dim // 2:
+            raise ValueError(f"mrope_section {section} must sum to rotary_dim/2 = {dim // 2}")
+        # which of (t, h, w) each frequency reads: [0]*s0 + [1]*s1 + [2]*s2 (i % 3 for longer sections)
+        axis = []
+        for i, s in enumerate(section):
+            axis += [i % 3] * s
+        self.axis = mx.array(axis, dtype=mx.int32)
+
+    def __call__(self, position_ids: mx.array) -> tuple[mx.array, mx.array]:
+        # position_ids: (3, B, L) -> cos, sin: (B, 1, L, rotary_dim) in fp32
+        pos = position_ids.astype(mx.float32).transpose(1, 2, 0)  # (B, L, 3)
+        pos = mx.take(pos, self.axis, axis=-1)  # (B, L, dim/2)
+        freqs = pos * self.inv_freq
+        freqs = mx.concatenate([freqs, freqs], axis=-1)[:, None]
+        return mx.cos(freqs), mx.sin(freqs)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    rot = cos.shape[-1]
+    x_rot = x[..., :rot].astype(mx.float32)
+    x_rot = (x_rot * cos + _rotate_half(x_rot) * sin).astype(x.dtype)
+    if rot == x.shape[-1]:
+        return x_rot
+    return mx.concatenate([x_rot, x[..., rot:]], axis=-1)
+
+
+class GlmImageTextAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def __call__(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class GlmImageTextMLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def __call__(self, x):
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+class GlmImageTextDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = GlmImageTextAttention(config)
+        self.mlp = GlmImageTextMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def __call__(self, x, cos, sin, mask=None, cache=None):
+        h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
+
+
+def attention_mask_for(attention_mask: mx.array | None, L: int, offset: int):
+    """The SDPA mask for L new queries after ``offset`` cached tokens.
+
+    ``attention_mask`` (B, offset + L) is 1 for real tokens and 0 for left padding, as in transformers. Padded
+    queries keep their own key so that no row is fully masked (an all -inf row would turn into NaNs that then
+    leak through 0 * NaN into later layers); real queries never see padded keys, so their outputs are unaffected.
+    """
+    if attention_mask is None:
+        return "causal" if L > 1 else None
+    S = offset + L
+    valid = attention_mask[:, None, None, :S].astype(mx.bool_)  # (B, 1, 1, S)
+    q_pos = mx.arange(offset, S)[:, None]
+    k_pos = mx.arange(S)[None, :]
+    allowed = (k_pos <= q_pos) & valid
+    allowed = allowed | (k_pos == q_pos)
+    return allowed  # (B, 1, L, S)
+
+
+class GlmImageTextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [GlmImageTextDecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = MRoPE(config)
+
+    def __call__(
+        self,
+        input_ids: mx.array | None = None,
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+        cache: list[KVCache] | None = None,
+        inputs_embeds: mx.array | None = None,
+    ) -> mx.array:
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, L, _ = h.shape
+        offset = cache[0].offset if cache is not None else 0
+        if position_ids is None:
+            position_ids = mx.broadcast_to(mx.arange(offset, offset + L)[None, None], (3, B, L))
+        elif position_ids.ndim == 2:
+            position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
+        cos, sin = self.rotary_emb(position_ids)
+        mask = attention_mask_for(attention_mask, L, offset)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, cos, sin, mask, c)
+        return self.norm(h)

@@ -1,0 +1,425 @@
+"""Parity of the MLX AR prior model (mlx_glm_image.prior) with transformers' GlmImageForConditionalGeneration.
+
+A tiny random model is written with transformers' ``save_pretrained`` (sharded) next to a tiny processor folder
+(WordLevel tokenizer + chat template + GlmImageImageProcessorPil settings); the MLX side loads both from disk.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from conftest import assert_close, rel_err, to_mx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mlx_glm_image.prior import GlmImageForConditionalGeneration, GlmImageProcessor, generate  # noqa: E402
+from mlx_glm_image.prior import generate_prior_tokens  # noqa: E402
+from mlx_glm_image.prior.positions import decode_positions  # noqa: E402
+from mlx_glm_image.prior.sampling import apply_top_k, apply_top_p, sample  # noqa: E402
+from mlx_glm_image.prior.text_model import KVCache  # noqa: E402
+
+N_VISION = 80  # vision vocab: 64 VQ codes, image start 64, image end 65, spare up to 79
+IMAGE_START, IMAGE_END = 64, 65
+TEMPLATE = (
+    "[gMASK]{% for message in messages %}<|{{ message.role }}|>{% if message.content is string %}"
+    "{{ message.content }}{% else %}{% for item in message.content %}{% if item.type == 'image' %}"
+    "<|dit_token_64|><|image|><|dit_token_65|>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _tiny_tokenizer():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<|dit_token_{i}|>": i for i in range(N_VISION)}
+    for w in ["<unk>", "a", "cat", "dog", "red", "on", "the", "mat", "big", "blue", "sky"] + [str(i) for i in range(100)]:
+        vocab[w] = len(vocab)
+    specials = ["<|image|>", "<sop>", "<eop>", "<|user|>", "<|assistant|>", "[gMASK]", "<pad>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials]
+                           + [AddedToken(f"<|dit_token_{i}|>", special=True, normalized=False) for i in (64, 65)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<|dit_token_64|>",
+        eos_token="<|dit_token_65|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
+    )
+    return fast, vocab
+
+
+def _tiny_config(vocab):
+    from transformers import GlmImageConfig
+
+    return GlmImageConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, vision_vocab_size=N_VISION, pad_token_id=vocab["<pad>"],
+            eos_token_id=IMAGE_END,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                 mrope_section=[2, 3, 3]),
+        ),
+        vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, image_size=64, patch_size=8),
+        vq_config=dict(embed_dim=16, num_embeddings=64, latent_channels=32),
+        image_token_id=vocab["<|image|>"], image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
+    )
+
+
+def _randomize(model):
+    # weights of O(1) effect (norm gains, biases, well-scaled linears) so that a wrong op shows in the logits
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2 and "embed" not in name and "embedding" not in name:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import GlmImageForConditionalGeneration as TorchModel
+    from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
+    from transformers.models.glm_image.processing_glm_image import GlmImageProcessor as TorchProcessor
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("glm_image")
+    fast, vocab = _tiny_tokenizer()
+    ip = GlmImageImageProcessorPil(patch_size=8, temporal_patch_size=1, merge_size=1,
+                                   size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})
+    tproc = TorchProcessor(image_processor=ip, tokenizer=fast, chat_template=TEMPLATE)
+    tproc.save_pretrained(root / "processor")
+
+    config = _tiny_config(vocab)
+    tmodel = TorchModel(config).eval()
+    _randomize(tmodel)
+    tmodel.generation_config.eos_token_id = IMAGE_END
+    tmodel.generation_config.pad_token_id = vocab["<pad>"]
+    tmodel.save_pretrained(root / "vision_language_encoder", max_shard_size="200KB")
+
+    model = GlmImageForConditionalGeneration.from_pretrained(root)
+    proc = GlmImageProcessor.from_pretrained(root)
+    return dict(root=root, tmodel=tmodel, tproc=tproc, model=model, proc=proc, vocab=vocab)
+
+
+def _messages(prompts, images=None):
+    out = []
+    for i, p in enumerate(prompts):
+        content = [] if images is None else [{"type": "image", "image": im} for im in images[i]]
+        content.append({"type": "text", "text": p})
+        out.append([{"role": "user", "content": content}])
+    return out
+
+
+def _image(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _torch_inputs(tiny, prompts, h, w, images=None):
+    return tiny["tproc"].apply_chat_template(
+        _messages(prompts, images), tokenize=True, padding=len(prompts) > 1, target_h=h, target_w=w,
+        return_dict=True, return_tensors="pt",
+    )
+
+
+def _ours(tiny, prompts, h, w, images=None):
+    return tiny["proc"].apply_chat_template(_messages(prompts, images), target_h=h, target_w=w, padding=len(prompts) > 1)
+
+
+PROMPTS2 = ["a red cat on the mat", "blue sky"]
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def test_load_sharded_checkpoint(tiny):
+    folder = tiny["root"] / "vision_language_encoder"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1, "the tiny checkpoint should be sharded"
+    from mlx.utils import tree_flatten
+
+    ours = dict(tree_flatten(tiny["model"].parameters()))
+    for name, p in tiny["tmodel"].named_parameters():
+        v = np.array(ours[name])
+        if p.ndim == 4:  # conv weights are stored channels-last in MLX
+            v = v.transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(v, p.detach().numpy(), err_msg=name)
+    assert set(ours) == {n for n, _ in tiny["tmodel"].named_parameters()}
+
+
+def test_load_bf16_and_quantize(tiny):
+    model = GlmImageForConditionalGeneration.from_pretrained(tiny["root"], dtype="bfloat16")
+    assert model.lm_head.weight.dtype == mx.bfloat16
+    inputs = _ours(tiny, ["a cat"], 64, 64)
+    ref = tiny["model"](inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
+                        images_per_sample=inputs["images_per_sample"])
+    out = model(inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
+                images_per_sample=inputs["images_per_sample"])
+    assert rel_err(out, ref) < 5e-2
+    # the text model quantizes with the stock MLX helper (plain Linear / Embedding modules)
+    nn.quantize(model.model.language_model, group_size=32, bits=8)
+    assert isinstance(model.model.language_model.layers[0].mlp.gate_up_proj, nn.QuantizedLinear)
+    out_q = model(inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
+                  images_per_sample=inputs["images_per_sample"])
+    assert rel_err(out_q, ref) < 1e-1
+
+
+# ---- processor --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompts,h,w", [(["a red cat on the mat"], 1024, 1024), (["a cat"], 64, 96),
+                                         (PROMPTS2, 768, 1152)])
+def test_processor_prompt_ids_text_to_image(tiny, prompts, h, w):
+    ref = _torch_inputs(tiny, prompts, h, w)
+    ours = _ours(tiny, prompts, h, w)
+    for k in ("input_ids", "attention_mask", "image_grid_thw", "images_per_sample"):
+        np.testing.assert_array_equal(ours[k], ref[k].numpy(), err_msg=k)
+    assert (ours["input_ids"] != tiny["vocab"]["<unk>"]).all()
+
+
+def test_processor_editing(tiny):
+    images = [[_image(80, 112, 0)], [_image(100, 72, 1)]]
+    ref = _torch_inputs(tiny, PROMPTS2, 96, 64, images)
+    ours = _ours(tiny, PROMPTS2, 96, 64, images)
+    for k in ("input_ids", "attention_mask", "image_grid_thw", "images_per_sample"):
+        np.testing.assert_array_equal(ours[k], ref[k].numpy(), err_msg=k)
+    assert_close(ours["pixel_values"], ref["pixel_values"], 1e-6, "pixel_values")
+
+
+# ---- positions --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,edit", [(64, 64, False), (64, 96, False), (1024, 512, False), (96, 64, True)])
+def test_rope_index(tiny, h, w, edit):
+    images = [[_image(80, 112, 0)], [_image(100, 72, 1)]] if edit else None
+    inputs = _torch_inputs(tiny, PROMPTS2, h, w, images)
+    tm = tiny["tmodel"].model
+    pos, _ = tm.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["images_per_sample"],
+                               inputs["attention_mask"])
+    ref_decode = tm._cached_decode_position_ids.numpy()
+    ours, decode = tiny["model"].get_rope_index(inputs["input_ids"].numpy(), inputs["image_grid_thw"].numpy(),
+                                                inputs["images_per_sample"].numpy(), inputs["attention_mask"].numpy())
+    np.testing.assert_array_equal(ours, pos.numpy())
+    np.testing.assert_array_equal(decode, ref_decode)
+    # decoding reads the table step by step, as transformers' compute_3d_position_ids
+    L = inputs["input_ids"].shape[1]
+    for step in (0, 5, ref_decode.shape[2] - 1):
+        np.testing.assert_array_equal(decode_positions(decode, step, 1, 2, L),
+                                      ref_decode[:, :, step:step + 1].transpose(1, 0, 2))
+
+
+def test_preview_grid_larger_than_target(tiny):
+    ours = _ours(tiny, ["a cat"], 64, 96)
+    np.testing.assert_array_equal(ours["image_grid_thw"], [[1, 2, 3], [1, 13, 19]])
+
+
+# ---- logits -----------------------------------------------------------------------------------------------
+def _torch_logits(tiny, inputs, **kw):
+    with torch.no_grad():
+        return tiny["tmodel"](**{k: v for k, v in inputs.items()}, **kw).logits
+
+
+@pytest.mark.parametrize("prompts,h,w", [(["a red cat on the mat"], 64, 96), (PROMPTS2, 128, 128)])
+def test_logits_text_to_image(tiny, prompts, h, w):
+    inputs = _torch_inputs(tiny, prompts, h, w)
+    ref = _torch_logits(tiny, inputs)
+    out = tiny["model"](inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
+                        image_grid_thw=inputs["image_grid_thw"].numpy(),
+                        images_per_sample=inputs["images_per_sample"].numpy())
+    valid = inputs["attention_mask"].numpy().astype(bool)
+    assert_close(np.array(out)[valid], ref.numpy()[valid], what="prefill logits")
+
+
+def test_logits_with_source_image(tiny):
+    images = [[_image(80, 112, 0)], [_image(100, 72, 1)]]
+    inputs = _torch_inputs(tiny, PROMPTS2, 96, 64, images)
+    ref = _torch_logits(tiny, inputs)
+    out = tiny["model"](inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
+                        pixel_values=to_mx(inputs["pixel_values"]), image_grid_thw=inputs["image_grid_thw"].numpy(),
+                        images_per_sample=inputs["images_per_sample"].numpy())
+    valid = inputs["attention_mask"].numpy().astype(bool)
+    assert_close(np.array(out)[valid], ref.numpy()[valid], what="editing logits")
+
+
+def test_image_tokens(tiny):
+    images = [[_image(80, 112, 0), _image(64, 64, 2)]]
+    inputs = _torch_inputs(tiny, ["a cat"], 64, 64, images)
+    tm = tiny["tmodel"]
+    grids = inputs["image_grid_thw"][:-1]
+    with torch.no_grad():
+        feats = tm.get_image_features(inputs["pixel_values"], grids).pooler_output
+        ref_ids = tm.get_image_tokens(feats).numpy()
+        ref_hidden = tm.model.visual(inputs["pixel_values"], grid_thw=grids).last_hidden_state
+    model = tiny["model"]
+    ours_feats = model.get_image_features(to_mx(inputs["pixel_values"]), grids.numpy())
+    assert_close(mx.concatenate(ours_feats), ref_hidden, what="vision features")
+    ours_ids = np.array(model.get_image_tokens(ours_feats))
+    np.testing.assert_array_equal(ours_ids, ref_ids)
+    assert len(np.unique(ours_ids)) > 3
+
+
+def test_cached_decode_matches_full_recompute(tiny):
+    inputs = _torch_inputs(tiny, PROMPTS2, 64, 96)
+    ids = inputs["input_ids"].numpy()
+    B, L = ids.shape
+    model = tiny["model"]
+    pos, table = model.get_rope_index(ids, inputs["image_grid_thw"].numpy(), inputs["images_per_sample"].numpy(),
+                                      inputs["attention_mask"].numpy())
+    rng = np.random.default_rng(0)
+    n = 20
+    new = rng.integers(0, 64, (B, n))
+    KVCache.step = 8  # force several chunk growths
+    try:
+        cache = model.make_cache()
+        am = inputs["attention_mask"].numpy()
+        outs = [np.array(model(ids, am, mx.array(pos), cache=cache))[:, -1]]
+        for i in range(n - 1):
+            am = np.concatenate([am, np.ones((B, 1), am.dtype)], 1)
+            p = decode_positions(table, i, 1, B, L)
+            outs.append(np.array(model(new[:, i:i + 1], am, mx.array(p), cache=cache))[:, -1])
+    finally:
+        KVCache.step = 256
+    full_ids = torch.tensor(np.concatenate([ids, new[:, : n - 1]], 1))
+    full_pos = np.concatenate([pos, decode_positions(table, 0, n - 1, B, L)], axis=2)
+    full_am = torch.tensor(np.concatenate([inputs["attention_mask"].numpy(), np.ones((B, n - 1), np.int64)], 1))
+    with torch.no_grad():
+        ref = tiny["tmodel"](input_ids=full_ids, attention_mask=full_am, position_ids=torch.tensor(full_pos)).logits
+    ref = ref[:, L - 1:].numpy()
+    assert_close(np.stack(outs, 1), ref, what="cached decode logits")
+
+
+# ---- generation -------------------------------------------------------------------------------------------
+def _diffusers_post(seqs, grids, input_length, t2i=True):
+    from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline as P
+
+    n_new, offset, th, tw = P._compute_generation_params(torch.as_tensor(grids), t2i)
+    rows = []
+    for i in range(seqs.shape[0]):
+        ids = P._extract_large_image_tokens(torch.as_tensor(seqs[i:i + 1]), input_length, offset, th * tw)
+        rows.append(P._upsample_token_ids(ids, th, tw))
+    return n_new, torch.cat(rows).numpy()
+
+
+@pytest.fixture
+def no_eos(tiny):
+    """Zero the eos row of lm_head (logit 0 for eos, below the best of 79 random logits) on both sides."""
+    t_w = tiny["tmodel"].lm_head.weight
+    saved_t, saved_m = t_w.data.clone(), tiny["model"].lm_head.weight
+    with torch.no_grad():
+        t_w[IMAGE_END] = 0
+    w = np.array(saved_m)
+    w[IMAGE_END] = 0
+    tiny["model"].lm_head.weight = mx.array(w)
+    yield tiny
+    with torch.no_grad():
+        t_w.copy_(saved_t)
+    tiny["model"].lm_head.weight = saved_m
+
+
+@pytest.mark.parametrize("prompts,h,w", [(["a red cat on the mat"], 64, 96), (PROMPTS2, 64, 64)])
+def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w):
+    tiny = no_eos
+    inputs = _torch_inputs(tiny, prompts, h, w)
+    grids = inputs["image_grid_thw"][: int(inputs["images_per_sample"][0])]
+    from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline as P
+
+    n_new = P._compute_generation_params(grids, True)[0]
+    with torch.no_grad():
+        ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
+    L = inputs["input_ids"].shape[1]
+    assert ref.shape[1] == L + n_new, "the tiny model should not stop early"
+    ours = generate(tiny["model"], inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
+                    inputs["image_grid_thw"].numpy(), inputs["images_per_sample"].numpy(), max_new_tokens=n_new)
+    np.testing.assert_array_equal(ours, ref)
+    assert len(np.unique(ref[:, L:])) > 5
+    # the pipeline-level helper: same prompts -> same sequence -> same 2x upsampled prior ids as diffusers
+    prior, img_ids, src_grids, seqs = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w,
+                                                            do_sample=False, return_sequences=True)
+    np.testing.assert_array_equal(seqs, ref)
+    _, ref_prior = _diffusers_post(ref, grids, L)
+    np.testing.assert_array_equal(np.array(prior), ref_prior)
+    assert prior.shape == (len(prompts), (h // 16) * (w // 16))
+    assert img_ids is None and src_grids is None
+
+
+def test_greedy_stops_at_eos_like_transformers(tiny):
+    # the unmodified tiny model emits eos early; finished rows continue with pad until all rows finish
+    inputs = _torch_inputs(tiny, PROMPTS2, 64, 64)
+    with torch.no_grad():
+        ref = tiny["tmodel"].generate(**inputs, max_new_tokens=50, do_sample=False).numpy()
+    L = inputs["input_ids"].shape[1]
+    assert ref.shape[1] < L + 50 and (ref[:, L:] == IMAGE_END).any()
+    ours = generate(tiny["model"], inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
+                    inputs["image_grid_thw"].numpy(), inputs["images_per_sample"].numpy(), max_new_tokens=50,
+                    eos_token_id=IMAGE_END, pad_token_id=tiny["vocab"]["<pad>"])
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_greedy_editing(no_eos):
+    tiny = no_eos
+    images = [[_image(80, 112, 0)]]
+    inputs = _torch_inputs(tiny, ["a red cat"], 64, 96, images)
+    n_new = 2 * 3 + 1
+    with torch.no_grad():
+        ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
+    prior, img_ids, src_grids, seqs = generate_prior_tokens(tiny["model"], tiny["proc"], ["a red cat"], 64, 96,
+                                                            images=images, do_sample=False, return_sequences=True)
+    L = inputs["input_ids"].shape[1]
+    # the sequence carries the VQ ids in place of the placeholders (transformers keeps the placeholders)
+    np.testing.assert_array_equal(seqs[:, L:], ref[:, L:])
+    grids = inputs["image_grid_thw"]
+    _, ref_prior = _diffusers_post(ref, grids, L, t2i=False)
+    np.testing.assert_array_equal(np.array(prior), ref_prior)
+    # condition image ids: VQ tokens upsampled 2x, grid doubled (diffusers' generate_prior_tokens semantics)
+    tm = tiny["tmodel"]
+    with torch.no_grad():
+        feats = tm.get_image_features(inputs["pixel_values"], grids[:1]).pooler_output
+        d32 = tm.get_image_tokens(feats)
+    from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline as P
+
+    ref_up = P._upsample_token_ids(d32, int(grids[0, 1]), int(grids[0, 2])).squeeze(0).numpy()
+    np.testing.assert_array_equal(np.array(img_ids[0]), ref_up)
+    np.testing.assert_array_equal(np.array(src_grids[0]), [[1, 2 * int(grids[0, 1]), 2 * int(grids[0, 2])]])
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+def test_top_k_top_p_match_transformers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 200) * 3
+    for k in (1, 5, 50):
+        ref = TopKLogitsWarper(k)(None, logits.clone())
+        np.testing.assert_array_equal(np.isinf(np.array(apply_top_k(to_mx(logits), k))), torch.isinf(ref).numpy())
+    for p in (0.1, 0.75, 0.95):
+        ref = TopPLogitsWarper(p)(None, logits.clone())
+        np.testing.assert_array_equal(np.isinf(np.array(apply_top_p(to_mx(logits), p))), torch.isinf(ref).numpy())
+
+
+def test_sampling_seeded():
+    logits = mx.random.normal((2, 100)) * 2
+    a = [int(x) for x in np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(3)))]
+    b = [int(x) for x in np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(3)))]
+    assert a == b
+    # sampled tokens stay inside the top-p nucleus
+    kept = ~np.isinf(np.array(apply_top_p(apply_top_k(logits / 0.9, 50), 0.75)))
+    for _ in range(5):
+        t = np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(_)))
+        assert kept[np.arange(2), t].all()
+
+
+def test_sampled_generation_reproducible(no_eos):
+    tiny = no_eos
+    kw = dict(model=tiny["model"], processor=tiny["proc"], prompts=["a cat"], height=64, width=64)
+    a = generate_prior_tokens(**kw, seed=7, temperature=0.9, top_p=0.75)[0]
+    b = generate_prior_tokens(**kw, seed=7, temperature=0.9, top_p=0.75)[0]
+    c = generate_prior_tokens(**kw, seed=8, temperature=0.9, top_p=0.75)[0]
+    np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert not np.array_equal(np.array(a), np.array(c))

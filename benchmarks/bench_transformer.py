@@ -38,6 +38,9 @@ CONFIGS = {
     ),
 }
 TEXT_LEN = 64
+# how the MLX forward is executed: one lazy graph, or evaluated block by block (sync or async), with the
+# blocks compiled and/or the feed-forward run in 4096-token chunks
+VARIANTS = ["lazy", "eval-per-block", "async-per-block", "async-compiled", "async-compiled-ff-chunk", "async-ff-chunk"]
 
 
 def inputs_np(size: int, cfg: dict, seed: int = 0):
@@ -97,7 +100,9 @@ def worker_mlx(args):
         if args.ops:
             profile_ops(mx, size, cfg, dtype, args)
         for variant in args.mlx_variants:
-            model.eval_per_block = variant == "eval-per-block"
+            model.eval_per_block = {"lazy": False, "eval-per-block": "sync"}.get(variant, True)
+            model.compile_blocks = "compiled" in variant
+            model.set_ff_chunk_size(4096 if "ff-chunk" in variant else None)
             mx.synchronize()
             mx.clear_cache()
             mx.reset_peak_memory()
@@ -185,7 +190,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model)")
-    parser.add_argument("--mlx-variants", nargs="+", default=["lazy", "eval-per-block"], choices=["lazy", "eval-per-block"])
+    parser.add_argument("--mlx-variants", nargs="+", default=["lazy", "eval-per-block"], choices=VARIANTS)
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="MLX side: quantize the blocks' linears")
     parser.add_argument("--sides", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
     parser.add_argument("--ops", action="store_true", help="MLX side: also time one block's GEMMs and attention alone")

@@ -5,6 +5,7 @@
 # its tables under $OUT (or ./gpu-results).
 #   bash benchmarks/gpu_session.sh torch    # .gpu/a: first half of mlx-cuda + diffusers wheels
 #   bash benchmarks/gpu_session.sh mlx      # .gpu/b: second half of mlx-cuda + the mlx wheel
+#   bash benchmarks/gpu_session.sh stash    # .gpu/a only (then "dit" with .gpu/b): the MLX DiT variants alone
 set -uo pipefail
 phase=${1:?torch or mlx}
 out=${OUT:-gpu-results}
@@ -14,15 +15,7 @@ py=python3
 log() { echo "=== $*" | tee -a "$out/$phase.log"; }
 run() { log "$*"; timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$out/$phase.log"; }
 
-if [ "$phase" = torch ]; then
-  cp .gpu/a/part_aa /tmp/keep/
-  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-  nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
-  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides torch --json "$out/dit_torch.json"
-  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --torch-compile --json "$out/dit_torch_compile.json"
-  run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides torch --json "$out/vae_torch.json"
-else
+setup_mlx() {
   cat /tmp/keep/part_aa .gpu/b/part_ab | xz -d | tar x -C /tmp/site
   $py -m pip install -q --no-index --no-deps --target /tmp/mlxpy .gpu/b/mlx-*.whl
   cp -r /tmp/mlxpy/mlx/. /tmp/site/mlx/
@@ -31,6 +24,26 @@ else
   export LD_LIBRARY_PATH=$(ls -d /tmp/site/nvidia/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
   export PYTHONPATH=/tmp/site:$PWD
   run $py -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
+}
+
+if [ "$phase" = stash ]; then
+  cp .gpu/a/part_aa /tmp/keep/
+  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+  PYTHONPATH=/tmp/site:$PWD run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --json "$out/dit_torch_baseline.json"
+elif [ "$phase" = dit ]; then
+  setup_mlx
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx \
+    --mlx-variants lazy eval-per-block async-per-block async-compiled async-compiled-ff-chunk --json "$out/dit_mlx_variants.json"
+elif [ "$phase" = torch ]; then
+  cp .gpu/a/part_aa /tmp/keep/
+  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides torch --json "$out/dit_torch.json"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --torch-compile --json "$out/dit_torch_compile.json"
+  run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides torch --json "$out/vae_torch.json"
+else
+  setup_mlx
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx --ops --json "$out/dit_mlx.json"
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides mlx --quantize 4 --mlx-variants eval-per-block --json "$out/dit_mlx_q4.json"
   run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides mlx --json "$out/vae_mlx.json"

@@ -29,7 +29,8 @@ setup_mlx() {
 if [ "$phase" = stash ]; then
   cp .gpu/a/part_aa /tmp/keep/
   $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
-  PYTHONPATH=/tmp/site:$PWD run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --json "$out/dit_torch_baseline.json"
+  export PYTHONPATH=/tmp/site:$PWD
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --json "$out/dit_torch_baseline.json"
 elif [ "$phase" = dit ]; then
   setup_mlx
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx \

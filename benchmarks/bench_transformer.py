@@ -38,9 +38,8 @@ CONFIGS = {
     ),
 }
 TEXT_LEN = 64
-# how the MLX forward is executed: one lazy graph, or evaluated block by block (sync or async), with the
-# blocks compiled and/or the feed-forward run in 4096-token chunks
-VARIANTS = ["lazy", "eval-per-block", "async-per-block", "async-compiled", "async-compiled-ff-chunk", "async-ff-chunk"]
+# how the MLX forward is executed: one lazy graph, or evaluated block by block
+VARIANTS = ["lazy", "eval-per-block"]
 
 
 def inputs_np(size: int, cfg: dict, seed: int = 0):
@@ -100,9 +99,7 @@ def worker_mlx(args):
         if args.ops:
             profile_ops(mx, size, cfg, dtype, args)
         for variant in args.mlx_variants:
-            model.eval_per_block = {"lazy": False, "eval-per-block": "sync"}.get(variant, True)
-            model.compile_blocks = "compiled" in variant
-            model.set_ff_chunk_size(4096 if "ff-chunk" in variant else None)
+            model.eval_per_block = variant == "eval-per-block"
             mx.synchronize()
             mx.clear_cache()
             mx.reset_peak_memory()

@@ -34,7 +34,7 @@ if [ "$phase" = stash ]; then
 elif [ "$phase" = dit ]; then
   setup_mlx
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx \
-    --mlx-variants lazy eval-per-block async-per-block async-compiled async-compiled-ff-chunk --json "$out/dit_mlx_variants.json"
+    --mlx-variants lazy eval-per-block --json "$out/dit_mlx_variants.json"
 elif [ "$phase" = torch ]; then
   cp .gpu/a/part_aa /tmp/keep/
   $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl

@@ -230,14 +230,6 @@ class GlmImageTransformerBlock(nn.Module):
         self.norm1 = GlmImageAdaLayerNormZero(time_embed_dim, dim)
         self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
         self.ff = FeedForward(dim, dim, activation_fn="gelu-approximate")
-        self.ff_chunk_size: int | None = None
-
-    def _feed_forward(self, x):
-        # In token chunks, so that the 4x-wide hidden activation exists for one chunk at a time.
-        chunk = self.ff_chunk_size
-        if not chunk or x.shape[1] <= chunk:
-            return self.ff(x)
-        return mx.concatenate([self.ff(x[:, i : i + chunk]) for i in range(0, x.shape[1], chunk)], axis=1)
 
     @staticmethod
     def _joint(text, text_shift, text_scale, image, shift, scale):
@@ -262,7 +254,7 @@ class GlmImageTransformerBlock(nn.Module):
             encoder_hidden_states = _gated_add(encoder_hidden_states, attn[:, :text_len], c_gate_msa)
 
         x = self._joint(encoder_hidden_states, c_shift_mlp, c_scale_mlp, hidden_states, shift_mlp, scale_mlp)
-        ff = self._feed_forward(x)
+        ff = self.ff(x)
         hidden_states = _gated_add(hidden_states, ff[:, text_len:], gate_mlp)
         if text_len:
             encoder_hidden_states = _gated_add(encoder_hidden_states, ff[:, :text_len], c_gate_mlp)
@@ -396,36 +388,10 @@ class GlmImageTransformer2DModel(nn.Module):
         ]
         self.norm_out = GlmImageAdaLayerNormContinuous(dim, c.time_embed_dim)
         self.proj_out = nn.Linear(dim, c.patch_size**2 * c.out_channels)
-        # Evaluating block by block bounds peak memory to about one block's activations; async keeps the
-        # GPU fed while Python builds the next block (see benchmarks/). False: one lazy graph.
-        self.eval_per_block: bool | str = False  # False | True ("async") | "sync"
-        self.compile_blocks = False
-        self._block_fn = None
-
-    def _compiled_block(self, block, x, text, temb, cos, sin, mask):
-        """One block as a single compiled graph (elementwise work fused between the matmuls).
-
-        Every block has the same structure, so one trace serves all 30: the block's parameters are inputs,
-        not captured constants. Passes that write or read the KV cache run uncompiled (Python side effects).
-        """
-        if self._block_fn is None:
-            template = self.transformer_blocks[0]
-
-            def forward(params, x, text, temb, cos, sin, *mask):
-                saved = template.parameters()
-                template.update(params)
-                try:
-                    return template(x, text, temb, cos, sin, mask[0] if mask else None)
-                finally:
-                    template.update(saved)
-
-            self._block_fn = mx.compile(forward)
-        args = (block.parameters(), x, text, temb, cos, sin) + ((mask,) if mask is not None else ())
-        return self._block_fn(*args)
-
-    def set_ff_chunk_size(self, tokens: int | None):
-        for block in self.transformer_blocks:
-            block.ff_chunk_size = tokens
+        # Evaluating block by block bounds peak memory to about one block's activations, for ~20% more time
+        # on an H200 (benchmarks/README.md); False keeps one lazy graph per forward. Async evaluation per
+        # block was measured too: it does not bound memory (the CPU runs ahead and allocates every block).
+        self.eval_per_block = False
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -535,12 +501,9 @@ class GlmImageTransformer2DModel(nn.Module):
         writing = kv_caches is not None and kv_caches[0].mode == "write"
         for i, block in enumerate(self.transformer_blocks):
             cache = kv_caches[i] if kv_caches is not None else None
-            if self.compile_blocks and (cache is None or cache.mode in (None, "skip")):
-                x, text = self._compiled_block(block, x, text, temb, cos, sin, mask)
-            else:
-                x, text = block(x, text, temb, cos, sin, mask, cache)
+            x, text = block(x, text, temb, cos, sin, mask, cache)
             if self.eval_per_block and not writing:
-                (mx.eval if self.eval_per_block == "sync" else mx.async_eval)(x, text)
+                mx.eval(x, text)
 
         x = self.proj_out(self.norm_out(x, temb))  # (B, N, p*p*C_out)
         p = c.patch_size

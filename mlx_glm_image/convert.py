@@ -82,9 +82,9 @@ def _text_encoder(config):
 
 
 def _prior(config):
-    from .prior import GlmImageForConditionalGeneration
+    from .prior import GlmImageConfig, GlmImageForConditionalGeneration
 
-    return GlmImageForConditionalGeneration.from_config(config)
+    return GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config))
 
 
 COMPONENTS = {

@@ -45,11 +45,13 @@ class GlmImagePipeline:
     DiT and AR model at load time by the converter's policy; a converted folder is loaded as it is.
     """
 
-    def __init__(self, root: Path, dtype=mx.bfloat16, quantize: int | None = None, eval_per_block: bool = True, verbose: bool = False):
+    def __init__(self, root: Path, dtype=mx.bfloat16, quantize: int | None = None, eval_per_block: bool = True,
+                 vae_tiling: bool | None = None, verbose: bool = False):
         self.root = Path(root)
         self.dtype = W.to_dtype(dtype) or mx.bfloat16
         self.quantize = quantize
         self.eval_per_block = eval_per_block
+        self.vae_tiling = vae_tiling  # None: the VAE decides by size
         self.verbose = verbose
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root / "scheduler")
         self.transformer_config = W.read_config(self.root / "transformer")
@@ -280,7 +282,7 @@ class GlmImagePipeline:
                 for i, img in enumerate(sample_images):
                     w0, h0 = img.size if hasattr(img, "size") and not isinstance(img.size, int) else img.shape[1::-1]
                     pixels = preprocess(img, height=(h0 // multiple) * multiple, width=(w0 // multiple) * multiple)
-                    condition = vae.normalize_latents(vae.encode(pixels.astype(vae.dtype)))
+                    condition = vae.normalize_latents(vae.encode(pixels.astype(vae.dtype), tiled=self.vae_tiling))
                     transformer(
                         condition.astype(dtype),
                         mx.zeros((1, 0, prompt_embeds.shape[-1]), dtype),
@@ -337,7 +339,7 @@ class GlmImagePipeline:
         # 6. decode
         t0 = time.perf_counter()
         vae = self.load_vae()
-        decoded = vae.decode(vae.denormalize_latents(latents.astype(vae.dtype)))
+        decoded = vae.decode(vae.denormalize_latents(latents.astype(vae.dtype)), tiled=self.vae_tiling)
         mx.eval(decoded)
         del vae
         _free()

@@ -16,7 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import GlmImageTransformer2DModel as TorchDiT
 
 from mlx_glm_image import GlmImageTransformer2DModel
-from mlx_glm_image.convert import convert, main
+from mlx_glm_image.convert import convert
 from mlx_glm_image.weights import read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_dry_run_plans_the_real_sizes(source, tmp_path):
     planned = convert(str(src), tmp_path / "never", quantize=True, q_bits=4, dry_run=True, verbose=False)
     assert not (tmp_path / "never").exists()
     actual = convert(str(src), tmp_path / "real", quantize=True, q_bits=4, verbose=False)
-    (name, before, after), (_, real_before, real_after) = planned[0], actual[0]
+    (name, _, after), (_, _, real_after) = planned[0], actual[0]
     assert name == "transformer"
     # file sizes add the safetensors headers (a few KB) to the tensor bytes the plan counts
     assert after <= real_after < after * 1.02 + 20_000

@@ -5,7 +5,6 @@ prior ids and grids for editing), which isolates the diffusion side: glyph encod
 scheduler, CFG, VAE encode/decode, image pre/post-processing.
 """
 
-import json
 
 import mlx.core as mx
 import numpy as np
@@ -14,45 +13,9 @@ import torch
 from conftest import assert_close, to_mx
 from PIL import Image
 
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline as TorchPipeline
-from diffusers import GlmImageTransformer2DModel as TorchDiT
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+from tiny_checkpoints import LATENT, write_diffusion_side
 
 from mlx_glm_image.pipeline import GlmImagePipeline
-
-LATENT = 4
-
-
-def write_diffusion_side(folder):
-    """transformer/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json, as save_pretrained writes them."""
-    torch.manual_seed(0)
-    dit = TorchDiT(
-        patch_size=2, in_channels=LATENT, out_channels=LATENT, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=8, prior_vq_quantizer_codebook_size=40,
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=LATENT, norm_num_groups=4,
-        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 1.1, 2.0],
-    ).eval()
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=384, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
-                 relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
-    ).eval()
-    tokenizer = ByT5Tokenizer()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.25, max_shift=0.75,
-        base_image_seq_len=256,
-    )
-    dit.save_pretrained(folder / "transformer", max_shard_size="40KB")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    scheduler.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
-    return TorchPipeline(tokenizer=tokenizer, processor=None, text_encoder=text_encoder, vision_language_encoder=None,
-                         vae=vae, transformer=dit, scheduler=scheduler)
-
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):

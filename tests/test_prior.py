@@ -5,7 +5,6 @@ A tiny random model is written with transformers' ``save_pretrained`` (sharded) 
 """
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -24,92 +23,13 @@ from mlx_glm_image.prior.positions import decode_positions  # noqa: E402
 from mlx_glm_image.prior.sampling import apply_top_k, apply_top_p, sample  # noqa: E402
 from mlx_glm_image.prior.text_model import KVCache  # noqa: E402
 
-N_VISION = 80  # vision vocab: 64 VQ codes, image start 64, image end 65, spare up to 79
-IMAGE_START, IMAGE_END = 64, 65
-TEMPLATE = (
-    "[gMASK]{% for message in messages %}<|{{ message.role }}|>{% if message.content is string %}"
-    "{{ message.content }}{% else %}{% for item in message.content %}{% if item.type == 'image' %}"
-    "<|dit_token_64|><|image|><|dit_token_65|>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def _tiny_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"<|dit_token_{i}|>": i for i in range(N_VISION)}
-    for w in ["<unk>", "a", "cat", "dog", "red", "on", "the", "mat", "big", "blue", "sky"] + [str(i) for i in range(100)]:
-        vocab[w] = len(vocab)
-    specials = ["<|image|>", "<sop>", "<eop>", "<|user|>", "<|assistant|>", "[gMASK]", "<pad>"]
-    for s in specials:
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials]
-                           + [AddedToken(f"<|dit_token_{i}|>", special=True, normalized=False) for i in (64, 65)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<|dit_token_64|>",
-        eos_token="<|dit_token_65|>", padding_side="left",
-        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
-    )
-    return fast, vocab
-
-
-def _tiny_config(vocab):
-    from transformers import GlmImageConfig
-
-    return GlmImageConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, vision_vocab_size=N_VISION, pad_token_id=vocab["<pad>"],
-            eos_token_id=IMAGE_END,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
-                                 mrope_section=[2, 3, 3]),
-        ),
-        vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, image_size=64, patch_size=8),
-        vq_config=dict(embed_dim=16, num_embeddings=64, latent_channels=32),
-        image_token_id=vocab["<|image|>"], image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
-    )
-
-
-def _randomize(model):
-    # weights of O(1) effect (norm gains, biases, well-scaled linears) so that a wrong op shows in the logits
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif p.ndim >= 2 and "embed" not in name and "embedding" not in name:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g))
+from tiny_checkpoints import IMAGE_END, write_prior  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import GlmImageForConditionalGeneration as TorchModel
-    from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
-    from transformers.models.glm_image.processing_glm_image import GlmImageProcessor as TorchProcessor
-
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("glm_image")
-    fast, vocab = _tiny_tokenizer()
-    ip = GlmImageImageProcessorPil(patch_size=8, temporal_patch_size=1, merge_size=1,
-                                   size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})
-    tproc = TorchProcessor(image_processor=ip, tokenizer=fast, chat_template=TEMPLATE)
-    tproc.save_pretrained(root / "processor")
-
-    config = _tiny_config(vocab)
-    tmodel = TorchModel(config).eval()
-    _randomize(tmodel)
-    tmodel.generation_config.eos_token_id = IMAGE_END
-    tmodel.generation_config.pad_token_id = vocab["<pad>"]
-    tmodel.save_pretrained(root / "vision_language_encoder", max_shard_size="200KB")
-
+    tproc, tmodel, vocab = write_prior(root)
     model = GlmImageForConditionalGeneration.from_pretrained(root)
     proc = GlmImageProcessor.from_pretrained(root)
     return dict(root=root, tmodel=tmodel, tproc=tproc, model=model, proc=proc, vocab=vocab)

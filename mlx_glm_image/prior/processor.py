@@ -128,6 +128,7 @@ def render_chat_template(template: str, conversations: list, add_generation_prom
     """Render like transformers' ``render_jinja_template`` (sandboxed, trim/lstrip blocks, loopcontrols)."""
     try:
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover - jinja2 ships with most environments
         raise ImportError("rendering the GLM-Image chat template needs jinja2: pip install jinja2") from e

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import weights as W
+from .prior.sampling import normalize_images
 from .scheduler import FlowMatchEulerDiscreteScheduler, classifier_free_guidance
 from .transformer import GlmImageKVCache, GlmImageTransformer2DModel
 
@@ -32,7 +33,12 @@ class GlmImagePipelineOutput:
     peak_memory: dict = field(default_factory=dict)  # bytes per stage (MLX's allocator high-water mark)
 
 
-def _free(*_models):
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W, C) array."""
+    return image.size if hasattr(image, "width") else (image.shape[1], image.shape[0])
+
+
+def _free():
     gc.collect()
     mx.clear_cache()
 
@@ -127,7 +133,7 @@ class GlmImagePipeline:
         encoder = T5EncoderModel.from_pretrained(self.root / "text_encoder")
         embeds = get_glyph_embeds(encoder, prompt, max_sequence_length, tokenizer=tokenizer)
         negative = get_glyph_embeds(encoder, [""] * len(prompt), max_sequence_length, tokenizer=tokenizer) if do_classifier_free_guidance else None
-        mx.eval(embeds, negative) if negative is not None else mx.eval(embeds)
+        mx.eval([e for e in (embeds, negative) if e is not None])
         del encoder
         _free()
         if num_images_per_prompt > 1:
@@ -141,27 +147,6 @@ class GlmImagePipeline:
         multiple = self.vae_scale_factor * self.patch_size * 2
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-
-    @staticmethod
-    def _normalize_images(image, batch_size: int):
-        """None, or one list of condition images per prompt (diffusers' rules)."""
-        if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
-            return None
-        if not isinstance(image, (list, tuple)):
-            image = [image]
-        if batch_size == 1:
-            if not isinstance(image[0], (list, tuple)):
-                return [list(image)]
-            if len(image) != 1:
-                raise ValueError(f"For batch_size=1 with List[List[PIL.Image]] format, expected 1 image list, got {len(image)}.")
-            return [list(image[0])]
-        if not isinstance(image[0], (list, tuple)):
-            raise ValueError("For batch_size > 1, images must be one list of condition images per prompt.")
-        if len(image) != batch_size:
-            raise ValueError(f"Number of image lists ({len(image)}) must match batch size ({batch_size}).")
-        if len({len(x) for x in image}) != 1:
-            raise ValueError("All prompts must have the same number of condition images.")
-        return [list(x) for x in image]
 
     # -- the call -------------------------------------------------------------------------------------------
 
@@ -222,10 +207,10 @@ class GlmImagePipeline:
             raise ValueError("num_images_per_prompt must be at least 1")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        images = self._normalize_images(image, batch_size)
+        images = normalize_images(image, batch_size)
         multiple = self.vae_scale_factor * self.patch_size
         if images is not None and (height is None or width is None):
-            w0, h0 = images[0][0].size if hasattr(images[0][0], "size") and not isinstance(images[0][0].size, int) else images[0][0].shape[1::-1]
+            w0, h0 = _image_size(images[0][0])
             height = height or (h0 // (2 * multiple)) * 2 * multiple
             width = width or (w0 // (2 * multiple)) * 2 * multiple
         height = height or 1024
@@ -280,7 +265,7 @@ class GlmImagePipeline:
                 sizes = [int(np.prod(g)) for g in grids]
                 starts = np.cumsum([0] + sizes)
                 for i, img in enumerate(sample_images):
-                    w0, h0 = img.size if hasattr(img, "size") and not isinstance(img.size, int) else img.shape[1::-1]
+                    w0, h0 = _image_size(img)
                     pixels = preprocess(img, height=(h0 // multiple) * multiple, width=(w0 // multiple) * multiple)
                     condition = vae.normalize_latents(vae.encode(pixels.astype(vae.dtype), tiled=self.vae_tiling))
                     transformer(

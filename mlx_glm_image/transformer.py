@@ -401,7 +401,7 @@ class GlmImageTransformer2DModel(nn.Module):
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        # diffusers' names are ours; only the (empty) dropout slot of each FeedForward needs nothing.
+        # diffusers' names and layouts are ours (the dropout slot net.1 holds no weights): nothing to map.
         return weights
 
     @classmethod

@@ -122,12 +122,15 @@ def upsample_token_ids(token_ids, h: int, w: int) -> np.ndarray:
     return np.repeat(np.repeat(g, 2, axis=0), 2, axis=1).reshape(-1)
 
 
-def _normalize_images(images, batch_size: int):
-    if images is None or len(images) == 0:
+def normalize_images(images, batch_size: int):
+    """None, or one list of condition images per prompt (diffusers' _validate_and_normalize_images rules)."""
+    if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
         return None
+    if not isinstance(images, (list, tuple)):
+        images = [images]
     if not isinstance(images[0], (list, tuple)):
         if batch_size != 1:
-            raise ValueError("for a batch of prompts, images must be one list of images per prompt")
+            raise ValueError("for a batch of prompts, images must be one list of condition images per prompt")
         return [list(images)]
     if len(images) != batch_size:
         raise ValueError(f"Number of image lists ({len(images)}) must match batch size ({batch_size}).")
@@ -150,7 +153,7 @@ def generate_prior_tokens(model, processor, prompts, height: int, width: int, im
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     B = len(prompts)
-    images = _normalize_images(images, B)
+    images = normalize_images(images, B)
     t2i = images is None
     conversations = []
     for i, p in enumerate(prompts):

@@ -274,3 +274,32 @@ def test_bad_quantization_arguments(source, tmp_path):
     assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "o", "-q", "--q-mode", "nvfp4", "--q-bits", "8"),
                          "mode nvfp4 takes bits [4]", tmp_path)
     assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "o", "--components", "unet"), "unknown component 'unet'", tmp_path)
+
+
+def test_hub_repo_id_fetches_only_the_needed_files(source, tmp_path, monkeypatch):
+    """A repo id goes through huggingface_hub.snapshot_download with patterns for the components asked."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    src, dit = source
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked["repo"], asked["patterns"] = repo_id, allow_patterns
+        cache = tmp_path / "hub-cache"
+        for f in src.rglob("*"):
+            rel = f.relative_to(src).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, cache / rel)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    convert("zai-org/GLM-Image", tmp_path / "out", components=["transformer"], verbose=False)
+    assert asked["repo"] == "zai-org/GLM-Image"
+    assert "transformer/*" in asked["patterns"] and not any(p.startswith("vae") for p in asked["patterns"])
+    model = GlmImageTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer")
+    kw = dit_inputs()
+    assert_close(forward(model, kw), reference(dit, kw), 1e-4)

@@ -54,11 +54,14 @@ def test_editing_and_several_images(model_dir, tmp_path):
 
 
 def test_converted_quantized_model_generates(model_dir, tmp_path):
+    """convert.py -q 4 of every component, then the CLI; and --quantize 8 at load time on the original."""
     dst = tmp_path / "q4"
     convert(str(model_dir), dst, quantize=True, q_bits=4, q_group_size=32, verbose=False)
     proc = cli("--model", dst, *BASE, "--output", tmp_path / "q.png")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "q.png").size == (96, 64)
+    proc = cli("--model", model_dir, *BASE, "--quantize", "8", "--output", tmp_path / "q8.png")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_every_component_converts_exactly(model_dir, tmp_path):

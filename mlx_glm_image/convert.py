@@ -202,8 +202,10 @@ class Plan:
     @classmethod
     def make(cls, component, folder, spec, dtype):
         config = W.read_config(folder)
-        if "quantization" in config:
-            raise ConvertError(f"{folder} is already an MLX conversion (its config has a quantization block)")
+        index = folder / "model.safetensors.index.json"
+        converted = index.exists() and json.loads(index.read_text()).get("metadata", {}).get("format") == "mlx"
+        if "quantization" in config or converted:
+            raise ConvertError(f"{folder} is already an MLX conversion; load it directly or convert the original checkpoint")
         try:
             model = component.build(config)
         except Exception as e:

@@ -303,3 +303,10 @@ def test_hub_repo_id_fetches_only_the_needed_files(source, tmp_path, monkeypatch
     model = GlmImageTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer")
     kw = dit_inputs()
     assert_close(forward(model, kw), reference(dit, kw), 1e-4)
+
+
+def test_an_mlx_folder_is_not_converted_again(source, tmp_path):
+    src, _ = source
+    convert(str(src), tmp_path / "once", verbose=False)
+    proc = run_cli("--hf-path", tmp_path / "once", "--mlx-path", tmp_path / "twice")
+    assert_clean_failure(proc, "already an MLX conversion", tmp_path)

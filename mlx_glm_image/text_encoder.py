@@ -10,13 +10,13 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import load_into, read_config, resolve, to_dtype
+from .weights import config_from_dict, load_into, read_config, resolve, to_dtype
 
 # ---------------------------------------------------------------------------------------------------------
 # Glyph strings
@@ -147,8 +147,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
-        names = {f.name for f in fields(cls)} - {"dense_act_fn", "is_gated_act"}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return config_from_dict(cls, d, exclude=("dense_act_fn", "is_gated_act"))
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")

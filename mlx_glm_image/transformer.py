@@ -8,7 +8,7 @@ latents like diffusers. Text (glyph) tokens come first in the joint sequence and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -36,8 +36,7 @@ class GlmImageTransformerConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "GlmImageTransformerConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return W.config_from_dict(cls, config)
 
     @property
     def inner_dim(self) -> int:

@@ -7,12 +7,12 @@ Parameter names are diffusers' so a ``vae/`` folder loads after ``sanitize`` tra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import load_into, read_config, resolve, to_dtype
+from .weights import config_from_dict, load_into, read_config, resolve, to_dtype
 
 
 @dataclass
@@ -40,8 +40,7 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return config_from_dict(cls, d)
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)

@@ -8,6 +8,7 @@ Nothing here knows about a particular architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -28,6 +29,12 @@ SAFETENSORS_ITEMSIZE = {
 
 class WeightsError(ValueError):
     """A checkpoint folder that cannot be read as asked (missing, corrupt, wrong keys or shapes)."""
+
+
+def config_from_dict(cls, config: dict, exclude: tuple[str, ...] = ()):
+    """A config dataclass from a config.json dict; the reference's other keys (_class_name, ...) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    return cls(**{k: v for k, v in config.items() if k in names})
 
 
 def to_dtype(dtype) -> mx.Dtype | None:

@@ -7,13 +7,9 @@ Unknown keys are ignored so that newer configs still load.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-
-def _from_dict(cls, d: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+from ..weights import config_from_dict
 
 
 @dataclass
@@ -115,14 +111,14 @@ class GlmImageConfig:
         text = d.pop("text_config", None) or {}
         vision = d.pop("vision_config", None) or {}
         vq = d.pop("vq_config", None) or {}
-        cfg = _from_dict(cls, d)
-        cfg.text_config = text if isinstance(text, TextConfig) else _from_dict(TextConfig, text)
-        cfg.vision_config = vision if isinstance(vision, VisionConfig) else _from_dict(VisionConfig, vision)
-        cfg.vq_config = vq if isinstance(vq, VQConfig) else _from_dict(VQConfig, vq)
+        cfg = config_from_dict(cls, d)
+        cfg.text_config = text if isinstance(text, TextConfig) else config_from_dict(TextConfig, text)
+        cfg.vision_config = vision if isinstance(vision, VisionConfig) else config_from_dict(VisionConfig, vision)
+        cfg.vq_config = vq if isinstance(vq, VQConfig) else config_from_dict(VQConfig, vq)
         return cfg
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = asdict(self)
         if d.get("quantization") is None:
             d.pop("quantization")
         return d

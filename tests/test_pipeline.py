@@ -59,24 +59,29 @@ def test_latent_output_and_images_per_prompt(pipelines):
     assert_close(got, want, 1e-4)
 
 
-def test_image_editing_matches_diffusers(pipelines):
-    """Two condition images of different sizes: VAE encode, the KV-cache write pass, then read/skip per step."""
+@pytest.mark.parametrize("batch,per_prompt", [(1, 1), (1, 2), (2, 1)], ids=["one", "two-per-prompt", "two-prompts"])
+def test_image_editing_matches_diffusers(pipelines, batch, per_prompt):
+    """Condition images of different sizes: VAE encode, the KV-cache write pass, then read/skip per step; one
+    cache expanded to several images per prompt, or one cache per prompt."""
     torch_pipe, pipe, _ = pipelines
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 48), (32, 64))]
     g = torch.Generator().manual_seed(7)
+    sizes = [((64, 48), (32, 64))] * batch  # samples' caches are batched: same condition lengths (diffusers too)
+    images = [[Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in pair] for pair in sizes]
     # per condition image: its d32 grid upsampled 2x -> (t, 2h, 2w) on the DiT's token grid
-    grids = torch.tensor([[1, 4, 3], [1, 2, 4]])
-    image_ids = torch.randint(0, 40, (int(grids.prod(-1).sum()),), generator=g)
-    prior = torch.randint(0, 40, (1, 16), generator=g)
-    latents = torch.randn(1, LATENT, 8, 8, generator=g)
-    kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=1.5, output_type="np")
-    want = torch_pipe(prompt=PROMPTS[0], image=images, prior_token_ids=prior, prior_token_image_ids=[image_ids],
-                      source_image_grid_thw=[grids], latents=latents, **kw).images
-    got = pipe(prompt=PROMPTS[0], image=images, prior_token_ids=to_mx(prior), prior_token_image_ids=[to_mx(image_ids)],
-               source_image_grid_thw=[to_mx(grids)], latents=to_mx(latents), **kw).images
+    grids = [torch.tensor([[1, h // 16, w // 16] for h, w in pair]) for pair in sizes]
+    image_ids = [torch.randint(0, 40, (int(gr.prod(-1).sum()),), generator=g) for gr in grids]
+    prior = torch.randint(0, 40, (batch, 16), generator=g)
+    latents = torch.randn(batch * per_prompt, LATENT, 8, 8, generator=g)
+    prompt = PROMPTS[:batch] if batch > 1 else PROMPTS[0]
+    image = images if batch > 1 else images[0]
+    kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=1.5, num_images_per_prompt=per_prompt, output_type="np")
+    want = torch_pipe(prompt=prompt, image=image, prior_token_ids=prior, prior_token_image_ids=image_ids,
+                      source_image_grid_thw=grids, latents=latents, **kw).images
+    got = pipe(prompt=prompt, image=image, prior_token_ids=to_mx(prior), prior_token_image_ids=[to_mx(x) for x in image_ids],
+               source_image_grid_thw=[to_mx(x) for x in grids], latents=to_mx(latents), **kw).images
     assert_close(got, want, 1e-4)
-    plain = pipe(prompt=PROMPTS[0], prior_token_ids=to_mx(prior), latents=to_mx(latents), **kw).images
+    plain = pipe(prompt=prompt, prior_token_ids=to_mx(prior), latents=to_mx(latents), **kw).images
     assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3, "the condition images must matter"
 
 

@@ -82,8 +82,37 @@ class GroupNorm(nn.GroupNorm):
         return super().__call__(x.astype(mx.float32)).astype(x.dtype)
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that convolves a large feature map in horizontal slabs, one after another.
+
+    MLX may unfold a convolution's input (9x its size for a 3x3 kernel): a 1024-channel 512x512 map would
+    need gigabytes at once. Each slab reads its neighbours' rows, so the result is exact; each is evaluated
+    before the next is built, since a lazy graph would schedule every slab's unfolding together.
+    """
+
+    max_unfold_bytes = 1 << 28
+
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        k = self.weight.shape[1]
+        row_bytes = n * w * c * k * self.weight.shape[2] * x.dtype.size
+        if k == 1 or self.stride != (1, 1) or self.dilation != 1 or h * row_bytes <= self.max_unfold_bytes:
+            return super().__call__(x)
+        rows = max(1, self.max_unfold_bytes // row_bytes)
+        p, q = self.padding
+        slabs = []
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            lo, hi = max(0, r0 - p), min(h, r1 + p)
+            slab = mx.pad(x[:, lo:hi], [(0, 0), (p - (r0 - lo), p - (hi - r1)), (q, q), (0, 0)])
+            slabs.append(mx.conv2d(slab, self.weight))
+            mx.eval(slabs[-1])
+        out = mx.concatenate(slabs, axis=1)
+        return out + self.bias if "bias" in self else out
+
+
 def _conv(cin, cout, k=3, stride=1, padding=1):
-    return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=padding)
+    return Conv2d(cin, cout, kernel_size=k, stride=stride, padding=padding)
 
 
 class ResnetBlock2D(nn.Module):

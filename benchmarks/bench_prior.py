@@ -199,7 +199,7 @@ def bandwidth_table():
         rows.append((name, gb, {k: bw / gb for k, bw in MAC_BANDWIDTH.items()}))
     print(f"\nBandwidth bound, released text model ({params / 1e9:.2f} B params read per token), "
           f"1024x1024 prompt = {n_tok} tokens:")
-    print(f"| weights | GB/token | " + " | ".join(MAC_BANDWIDTH) + " |")
+    print("| weights | GB/token | " + " | ".join(MAC_BANDWIDTH) + " |")
     print("|---|---|" + "---|" * len(MAC_BANDWIDTH))
     for name, gb, r in rows:
         cells = " | ".join(f"{v:.0f} tok/s, {n_tok / v:.0f} s" for v in r.values())

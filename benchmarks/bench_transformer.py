@@ -200,7 +200,6 @@ def main():
         (worker_mlx if args.worker == "mlx" else worker_torch)(args)
         return
 
-    argv = [a for a in sys.argv[1:] if a not in ("--sides",) and a not in args.sides]
     argv = ["--device", args.device, "--config", args.config, "--dtype", args.dtype, "--sizes", *map(str, args.sizes),
             "--warmup", str(args.warmup), "--iters", str(args.iters), "--mlx-variants", *args.mlx_variants]
     if args.torch_compile:

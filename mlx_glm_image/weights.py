@@ -118,12 +118,10 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def load_weights(folder: str | os.PathLike, check: bool = False) -> dict[str, mx.array]:
+def load_weights(folder: str | os.PathLike) -> dict[str, mx.array]:
     """All tensors of a component folder as lazy (memory-mapped) MLX arrays."""
     weights: dict[str, mx.array] = {}
     for f in safetensors_files(folder):
-        if check:
-            read_safetensors_header(f)
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:

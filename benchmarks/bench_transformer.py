@@ -38,8 +38,10 @@ CONFIGS = {
     ),
 }
 TEXT_LEN = 64
-# how the MLX forward is executed: one lazy graph, or evaluated block by block
-VARIANTS = ["lazy", "eval-per-block"]
+# how the MLX forward is executed: one lazy graph; evaluated step by step (a block's attention, then its
+# feed-forward) with the next step already queued (the pipeline's default); or step by step, each waited for
+# before the next is encoded
+VARIANTS = ["lazy", "eval-per-block", "eval-per-block-sync"]
 
 
 def inputs_np(size: int, cfg: dict, seed: int = 0):
@@ -99,7 +101,8 @@ def worker_mlx(args):
         if args.ops:
             profile_ops(mx, size, cfg, dtype, args)
         for variant in args.mlx_variants:
-            model.eval_per_block = variant == "eval-per-block"
+            model.eval_per_block = variant != "lazy"
+            model.steps_in_flight = 1 if variant == "eval-per-block-sync" else 2
             mx.synchronize()
             mx.clear_cache()
             mx.reset_peak_memory()

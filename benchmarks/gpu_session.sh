@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh torch    # .gpu/a: first half of mlx-cuda + diffusers wheels
 #   bash benchmarks/gpu_session.sh mlx      # .gpu/b: second half of mlx-cuda + the mlx wheel
 #   bash benchmarks/gpu_session.sh stash    # .gpu/a only (then "dit" with .gpu/b): the MLX DiT variants alone
+#   bash benchmarks/gpu_session.sh keep     # .gpu/a only, no benchmark: for a second "exec" on a warm machine
+#   bash benchmarks/gpu_session.sh exec CMD...  # .gpu/b after stash or keep: set up MLX, then run CMD
 set -uo pipefail
 phase=${1:?torch or mlx}
 out=${OUT:-gpu-results}
@@ -26,15 +28,24 @@ setup_mlx() {
   run $py -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
 }
 
-if [ "$phase" = stash ]; then
+if [ "$phase" = keep ]; then  # only bring the first half over (the references were timed in this session)
+  cp .gpu/a/part_aa /tmp/keep/
+  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+elif [ "$phase" = stash ]; then
   cp .gpu/a/part_aa /tmp/keep/
   $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --json "$out/dit_torch_baseline.json"
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --torch-compile --json "$out/dit_torch_1024.json"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 2048 --sides torch --json "$out/dit_torch_2048.json"
+elif [ "$phase" = exec ]; then
+  setup_mlx
+  shift
+  run "$@"
 elif [ "$phase" = dit ]; then
   setup_mlx
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx \
-    --mlx-variants lazy eval-per-block --json "$out/dit_mlx_variants.json"
+    --mlx-variants lazy eval-per-block eval-per-block-sync --json "$out/dit_mlx_variants.json"
 elif [ "$phase" = torch ]; then
   cp .gpu/a/part_aa /tmp/keep/
   $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl

@@ -17,7 +17,7 @@ parser.add_argument("--size", type=int, default=1024)
 args = parser.parse_args()
 
 dit = GlmImageTransformer2DModel.from_pretrained(args.model, dtype="bfloat16")
-dit.eval_per_block = True  # bounded memory: one block's activations at a time
+dit.eval_per_block = True  # bounded memory: a block's attention or feed-forward step at a time
 latent = args.size // 8
 tokens = (latent // 2) ** 2
 scheduler = FlowMatchEulerDiscreteScheduler().set_timesteps(50, image_seq_len=tokens)

@@ -343,15 +343,20 @@ def test_from_pretrained_reads_shards_and_dtype(tmp_path):
     assert_close(run_mlx(model, kw), run_torch(torch_model, kw), TOL)
 
 
-def test_block_by_block_evaluation_gives_the_same_output(models):
+@pytest.mark.parametrize("steps_in_flight", [1, 2, 3])
+def test_block_by_block_evaluation_gives_the_same_output(models, steps_in_flight):
     torch_model, mlx_model = models["2x16"]
     kw = inputs(2, 8, 8, 5, tiny_config())
     mask = torch.ones(2, 5)
     mask[1, :3] = 0
     mlx_model.eval_per_block = True
+    mlx_model.steps_in_flight = steps_in_flight
     try:
         assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
         assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(mask)), run_torch(torch_model, kw, attention_mask=mask), TOL)
+        # a mask without padding takes the unmasked attention path; diffusers still adds its +1 everywhere
+        full = torch.ones(2, 5)
+        assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(full)), run_torch(torch_model, kw, attention_mask=full), TOL)
         # the KV cache stays lazy and exact too (the write pass is never evaluated block by block)
         t_cache, m_cache = ref.GlmImageKVCache(2), GlmImageKVCache(2)
         for cache, model, conv in ((t_cache, torch_model, None), (m_cache, mlx_model, to_mx)):
@@ -364,6 +369,7 @@ def test_block_by_block_evaluation_gives_the_same_output(models):
             assert_close(run_mlx(mlx_model, kw, kv_caches=m_cache), run_torch(torch_model, kw, kv_caches=t_cache), TOL, what=m)
     finally:
         mlx_model.eval_per_block = False
+        mlx_model.steps_in_flight = 2
 
 
 LATENT_FIXED = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(11))

@@ -17,6 +17,11 @@ py=python3
 log() { echo "=== $*" | tee -a "$out/$phase.log"; }
 run() { log "$*"; timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$out/$phase.log"; }
 
+keep_first_half() {  # .gpu/a: the first half of mlx-cuda stays in /tmp for "exec"/"mlx"; diffusers installed
+  cp .gpu/a/part_aa /tmp/keep/
+  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+}
+
 setup_mlx() {
   cat /tmp/keep/part_aa .gpu/b/part_ab | xz -d | tar x -C /tmp/site
   $py -m pip install -q --no-index --no-deps --target /tmp/mlxpy .gpu/b/mlx-*.whl
@@ -29,11 +34,9 @@ setup_mlx() {
 }
 
 if [ "$phase" = keep ]; then  # only bring the first half over (the references were timed in this session)
-  cp .gpu/a/part_aa /tmp/keep/
-  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+  keep_first_half
 elif [ "$phase" = stash ]; then
-  cp .gpu/a/part_aa /tmp/keep/
-  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+  keep_first_half
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides torch --torch-compile --json "$out/dit_torch_1024.json"
@@ -47,8 +50,7 @@ elif [ "$phase" = dit ]; then
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides mlx \
     --mlx-variants lazy eval-per-block eval-per-block-sync --json "$out/dit_mlx_variants.json"
 elif [ "$phase" = torch ]; then
-  cp .gpu/a/part_aa /tmp/keep/
-  $py -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/*.whl
+  keep_first_half
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 2048 --sides torch --json "$out/dit_torch.json"

@@ -60,9 +60,7 @@ def _modulate(x, shift, scale):
 
 @mx.compile
 def _modulate_joint(x, is_text, shift, c_shift, scale, c_scale):
-    shift = mx.where(is_text, c_shift, shift)
-    scale = mx.where(is_text, c_scale, scale)
-    return mx.fast.layer_norm(x, None, None, 1e-5) * (1 + scale) + shift
+    return _modulate(x, mx.where(is_text, c_shift, shift), mx.where(is_text, c_scale, scale))
 
 
 @mx.compile

@@ -79,6 +79,7 @@ def worker_mlx(args):
     from mlx.utils import tree_map
 
     from mlx_glm_image import GlmImageTransformer2DModel
+    from mlx_glm_image.pipeline.denoise import queued_steps
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
@@ -101,12 +102,16 @@ def worker_mlx(args):
         if args.ops:
             profile_ops(mx, size, cfg, dtype, args)
         for variant in args.mlx_variants:
-            model.eval_per_block = variant != "lazy"
-            model.steps_in_flight = 1 if variant == "eval-per-block-sync" else 2
+            in_flight = {"lazy": None, "eval-per-block": 2, "eval-per-block-sync": 1}[variant]
+
+            def forward():
+                hook = queued_steps(in_flight) if in_flight else None  # the denoising loop's step hook
+                mx.eval(model(**kw, return_dict=False, step_hook=hook)[0])
+
             mx.synchronize()
             mx.clear_cache()
             mx.reset_peak_memory()
-            ms = timed(lambda: mx.eval(model(**kw)), args.warmup, args.iters)
+            ms = timed(forward, args.warmup, args.iters)
             print(json.dumps(dict(side="mlx", variant=variant + (f"-q{args.quantize}" if args.quantize else ""),
                                   size=size, ms=ms, peak_gb=mx.get_peak_memory() / 1e9, weights_gb=weights_gb)), flush=True)
 

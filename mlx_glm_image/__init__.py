@@ -1,7 +1,18 @@
 """GLM-Image in MLX."""
 
-from .transformer import GlmImageKVCache, GlmImageTransformer2DModel
+from . import loading  # installs from_pretrained on the models  # noqa: F401
+from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageKVCache, GlmImageTransformer2DModel
+from .models import T5EncoderModel
+from .pipeline import GlmImagePipeline, GlmImagePipelineOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["GlmImageKVCache", "GlmImageTransformer2DModel"]
+__all__ = [
+    "AutoencoderKL",
+    "GlmImageForConditionalGeneration",
+    "GlmImageKVCache",
+    "GlmImagePipeline",
+    "GlmImagePipelineOutput",
+    "GlmImageTransformer2DModel",
+    "T5EncoderModel",
+]

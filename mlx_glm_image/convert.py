@@ -12,136 +12,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import weights as W
+from . import loading as L
+from . import quantize as Q
+from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 
 # Component folders that are copied as they are (no weights to convert).
 COPIED = ("scheduler", "tokenizer", "processor")
 DEFAULT_SHARD_BYTES = 4 << 30
-
-# Quantization modes and their (bits, group sizes) as MLX documents them; the installed MLX is asked too.
-MODES = {
-    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
-    "mxfp4": ((4,), (32,)),
-    "nvfp4": ((4,), (16,)),
-    "mxfp8": ((8,), (32,)),
-}
+# The models by folder name; each says which of its layers may be quantized and whether -q picks it by default.
+COMPONENTS = {cls.component: cls for cls in (GlmImageTransformer2DModel, GlmImageForConditionalGeneration,
+                                             T5EncoderModel, AutoencoderKL)}
 
 
 class ConvertError(Exception):
     """A conversion that cannot go on; its message is the one line the user sees."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What each component is: how to build its (lazy, never evaluated) MLX model. Which of its layers may be
-# quantized is weights.QUANT_POLICY's business, shared with on-the-fly quantization at load time.
-
-
-@dataclass
-class Component:
-    name: str
-    build: Callable[[dict], nn.Module]  # config.json -> MLX model (parameters stay lazy)
-
-    @property
-    def policy(self) -> W.QuantPolicy:
-        return W.QUANT_POLICY[self.name]
-
-    def sanitize(self, model: nn.Module, weights: dict) -> dict:
-        fn = getattr(model, "sanitize", None)
-        return fn(weights) if fn is not None else weights
-
-
-def _transformer(config):
-    from .transformer import GlmImageTransformer2DModel
-
-    return GlmImageTransformer2DModel(config)
-
-
-def _vae(config):
-    from .vae import AutoencoderKL, AutoencoderKLConfig
-
-    return AutoencoderKL(AutoencoderKLConfig.from_dict(config))
-
-
-def _text_encoder(config):
-    from .text_encoder import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config.from_dict(config))
-
-
-def _prior(config):
-    from .prior import GlmImageConfig, GlmImageForConditionalGeneration
-
-    return GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config))
-
-
-COMPONENTS = {
-    "transformer": Component("transformer", _transformer),
-    "vision_language_encoder": Component("vision_language_encoder", _prior),
-    "text_encoder": Component("text_encoder", _text_encoder),
-    "vae": Component("vae", _vae),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class QuantSpec:
-    bits: int
-    group_size: int
-    mode: str
-
-    def as_config(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
-
-
-def available_modes() -> list[str]:
-    modes = []
-    for mode, (bits, groups) in MODES.items():
-        try:
-            mx.eval(mx.quantize(mx.zeros((8, 256)), group_size=groups[0], bits=bits[0], mode=mode))
-            modes.append(mode)
-        except Exception:
-            pass
-    return modes
-
-
-def quant_spec(bits: int | None, group_size: int | None, mode: str) -> QuantSpec:
-    if mode not in MODES:
-        raise ConvertError(f"unknown quantization mode {mode!r}; this MLX offers {', '.join(available_modes())}")
-    allowed_bits, allowed_groups = MODES[mode]
-    bits = bits or (4 if 4 in allowed_bits else allowed_bits[0])
-    group_size = group_size or (64 if 64 in allowed_groups else allowed_groups[0])
-    if bits not in allowed_bits or group_size not in allowed_groups:
-        raise ConvertError(
-            f"mode {mode} takes bits {list(allowed_bits)} and group sizes {list(allowed_groups)}, got bits {bits}, group size {group_size}"
-        )
-    return QuantSpec(bits, group_size, mode)
-
-
-def _nbytes(shape, dtype_size: float) -> int:
-    return int(math.prod(shape) * dtype_size)
-
-
-def quantized_nbytes(shape, spec: QuantSpec, scale_size: int) -> int:
-    numel = math.prod(shape)
-    groups = numel // spec.group_size
-    scale_bytes = 1 if spec.mode != "affine" else scale_size  # fp4/fp8 modes store e8m0/e4m3 scales
-    extra = groups * scale_bytes * (2 if spec.mode == "affine" else 1)
-    return numel * spec.bits // 8 + extra
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,17 +49,12 @@ def source_root(src: str, components: list[str], headers_only: bool = False) -> 
         if not path.is_dir():
             raise ConvertError(f"{src} is not a folder")
         return path
-    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+    if L.is_local(src):
         raise ConvertError(f"{src} does not exist (expected a diffusers folder or a Hugging Face repo id like zai-org/GLM-Image)")
-    from huggingface_hub import snapshot_download
-
     patterns = ["model_index.json", *(f"{c}/*.json" for c in components)]
     if not headers_only:
         patterns += [f"{c}/*" for c in components] + [f"{c}/*" for c in COPIED]
-    try:
-        return Path(snapshot_download(src, allow_patterns=patterns))
-    except Exception as e:
-        raise ConvertError(f"could not fetch {src} from the Hugging Face Hub: {type(e).__name__}: {e}") from None
+    return L.fetch(src, patterns)
 
 
 def present_components(root: Path, wanted: list[str] | None) -> list[str]:
@@ -189,29 +79,26 @@ def present_components(root: Path, wanted: list[str] | None) -> list[str]:
 class Plan:
     """One component's conversion, known from the headers and the model's structure alone."""
 
-    component: Component
+    component: type
     folder: Path
     config: dict
     model: nn.Module
     quantize: set[str]
     kept: dict[str, str]
-    spec: QuantSpec | None
+    spec: Q.QuantSpec | None
     dtype: mx.Dtype | None
     expected: dict[str, tuple]
 
     @classmethod
     def make(cls, component, folder, spec, dtype):
-        config = W.read_config(folder)
+        config = L.read_config(folder)
         index = folder / "model.safetensors.index.json"
         converted = index.exists() and json.loads(index.read_text()).get("metadata", {}).get("format") == "mlx"
         if "quantization" in config or converted:
             raise ConvertError(f"{folder} is already an MLX conversion; load it directly or convert the original checkpoint")
-        try:
-            model = component.build(config)
-        except Exception as e:
-            raise ConvertError(f"{folder}/config.json does not describe a {component.name}: {type(e).__name__}: {e}") from None
+        model = L.build(component, config, folder)
         if spec is not None:
-            chosen, kept = W.quantizable_layers(model, component.policy, spec.group_size)
+            chosen, kept = Q.quantizable_layers(model, spec.group_size)
         else:
             chosen, kept = set(), {}
         expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
@@ -224,9 +111,7 @@ class Plan:
     def out_config(self) -> dict:
         config = dict(self.config)
         if self.spec is not None and self.quantize:
-            q = self.spec.as_config()
-            q.update({layer: False for layer in sorted(self.kept)})
-            config["quantization"] = q
+            config["quantization"] = Q.config_block(self.spec, self.kept)
         return config
 
 
@@ -235,14 +120,14 @@ def scan(plan: Plan) -> tuple[int, int]:
     and return (bytes now, bytes after) as planned from the headers alone."""
     before = after = 0
     seen: set[str] = set()
-    for f in W.safetensors_files(plan.folder):
-        for key, info in W.read_safetensors_header(f).items():
-            size = W.SAFETENSORS_ITEMSIZE.get(info["dtype"], 4)
+    for f in L.safetensors_files(plan.folder):
+        for key, info in L.read_safetensors_header(f).items():
+            size = L.SAFETENSORS_ITEMSIZE.get(info["dtype"], 4)
             shape = tuple(info["shape"])
-            before += _nbytes(shape, size)
+            before += Q.nbytes(shape, size)
             out_size = size if plan.dtype is None or info["dtype"] not in ("F32", "F16", "BF16") else plan.dtype.size
             # sanitize may rename or re-lay a tensor; lazy zeros of the right shape are never allocated
-            for name, value in plan.component.sanitize(plan.model, {key: mx.zeros(shape)}).items():
+            for name, value in plan.model.sanitize({key: mx.zeros(shape)}).items():
                 if name not in plan.expected:
                     raise ConvertError(f"{plan.folder}: unexpected weight {name} in {f.name}")
                 if tuple(value.shape) != plan.expected[name]:
@@ -252,7 +137,7 @@ def scan(plan: Plan) -> tuple[int, int]:
                 if name in seen:
                     raise ConvertError(f"{plan.folder}: weight {name} appears twice")
                 seen.add(name)
-                after += quantized_nbytes(shape, plan.spec, out_size) if plan.is_quantized(name) else _nbytes(shape, out_size)
+                after += Q.quantized_nbytes(shape, plan.spec, out_size) if plan.is_quantized(name) else Q.nbytes(shape, out_size)
     missing = sorted(set(plan.expected) - seen)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -279,13 +164,13 @@ def convert_component(plan: Plan, dst: Path, shard_bytes: int, progress) -> tupl
             weight_map[k] = name
         buffer, buffered = {}, 0
 
-    for f in W.safetensors_files(plan.folder):
+    for f in L.safetensors_files(plan.folder):
         try:
             tensors = mx.load(str(f))
         except Exception as e:
             raise ConvertError(f"cannot read {f}: {e}") from None
         read += f.stat().st_size
-        for key, value in plan.component.sanitize(plan.model, tensors).items():
+        for key, value in plan.model.sanitize(tensors).items():
             if plan.dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(plan.dtype)
             if plan.is_quantized(key):
@@ -347,8 +232,8 @@ def convert(
     dst = Path(mlx_path).expanduser()
     if not dry_run and dst.exists() and not force:
         raise ConvertError(f"{dst} already exists; pass --force to replace it")
-    spec = quant_spec(q_bits, q_group_size, q_mode) if quantize else None
-    out_dtype = W.to_dtype(dtype) if dtype else None
+    spec = Q.quant_spec(q_bits, q_group_size, q_mode) if quantize else None
+    out_dtype = L.to_dtype(dtype) if dtype else None
     for c in components or []:
         if c not in COMPONENTS:
             raise ConvertError(f"unknown component {c!r}; expected some of {', '.join(COMPONENTS)}")
@@ -360,12 +245,12 @@ def convert(
 
     root = source_root(hf_path, components or list(COMPONENTS), headers_only=dry_run)
     names = present_components(root, components)
-    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].policy.by_default}
+    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
     plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
 
     from tqdm import tqdm
 
-    planned = [(plan.component.name, *scan(plan)) for plan in plans]
+    planned = [(plan.component.component, *scan(plan)) for plan in plans]
     summary = []
     if dry_run:
         summary = planned
@@ -376,11 +261,11 @@ def convert(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
-        total = sum(f.stat().st_size for p in plans for f in W.safetensors_files(p.folder))
+        total = sum(f.stat().st_size for p in plans for f in L.safetensors_files(p.folder))
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
             for plan in plans:
-                bar.set_postfix_str(plan.component.name)
-                summary.append((plan.component.name, *convert_component(plan, tmp / plan.component.name, shard_bytes, bar)))
+                bar.set_postfix_str(plan.component.component)
+                summary.append((plan.component.component, *convert_component(plan, tmp / plan.component.component, shard_bytes, bar)))
         for name in COPIED:
             if (root / name).is_dir():
                 shutil.copytree(root / name, tmp / name)
@@ -410,7 +295,7 @@ def print_summary(summary, spec, q_set, planned=False):
     print(f"\n{'planned' if planned else 'converted'} ({what})")
     print(f"{'component':<26}{'before':>12}{'after':>12}{'ratio':>8}")
     for name, before, after in summary:
-        note = "" if name in q_set or spec is None else f"   (full precision: {COMPONENTS[name].policy.why})"
+        note = "" if name in q_set or spec is None else f"   (full precision: {COMPONENTS[name].full_precision_note})"
         print(f"{name:<26}{human(before):>12}{human(after):>12}{after / max(before, 1):>8.2f}{note}")
     b, a = sum(s[1] for s in summary), sum(s[2] for s in summary)
     print(f"{'total':<26}{human(b):>12}{human(a):>12}{a / max(b, 1):>8.2f}")
@@ -425,10 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-path", required=True, help="diffusers pipeline folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the matmul weights of the quantized components")
-    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="bits per weight (default 4; mxfp8: 8)")
+    p.add_argument("--q-bits", type=int, choices=Q.BITS, help="bits per weight (default 4; mxfp8: 8)")
     p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], help="weights sharing one scale (default 64 affine, 32 mxfp, 16 nvfp4)")
-    p.add_argument("--q-mode", default="affine", choices=list(MODES), help="quantization mode (default affine)")
-    p.add_argument("--dtype", choices=list(W.DTYPES), help="cast floating weights (default: keep the checkpoint's)")
+    p.add_argument("--q-mode", default="affine", choices=list(Q.MODES), help="quantization mode (default affine)")
+    p.add_argument("--dtype", choices=list(L.DTYPES), help="cast floating weights (default: keep the checkpoint's)")
     p.add_argument("--components", nargs="+", metavar="NAME", help=f"convert only these ({', '.join(COMPONENTS)})")
     p.add_argument(
         "--quantize-components", nargs="*", metavar="NAME",
@@ -449,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize_components=args.quantize_components, force=args.force, dry_run=args.dry_run,
             shard_bytes=int(args.shard_size_gb * 2**30),
         )
-    except (ConvertError, W.WeightsError) as e:
+    except (ConvertError, L.WeightsError, Q.QuantizeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

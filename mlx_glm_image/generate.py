@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", type=int, choices=[4, 8],
                    help="quantize the DiT and the AR model at load time (a converted folder is used as it is)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: %(default)s)")
-    p.add_argument("--one-graph", action="store_true",
-                   help="run each DiT forward as one lazy graph instead of step by step: ~2%% faster, "
-                        "~9 GB more memory at 1024x1024 (measured on an H200)")
+    p.add_argument("--memory", choices=["auto", "resident", "staged"], default="auto",
+                   help="staged: load each model for its stage and free it after (peak = the largest stage); "
+                        "resident: keep every model loaded; auto: resident when the weights fit (default: %(default)s)")
     p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
                    help="decode in overlapping tiles to bound memory (auto: above 1024x1024 pixels)")
     p.add_argument("--no-metadata", action="store_true", help="do not write the prompt and settings into the PNG")
@@ -115,8 +115,8 @@ def run(args) -> list[Path]:
     for name, value in (("--steps", args.steps), ("--num-images", args.num_images)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1")
-    pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, verbose=not args.quiet,
-                                            eval_per_block=not args.one_graph,
+    pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory,
+                                            verbose=not args.quiet,
                                             vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling])
     if not args.quiet:
         print(f"seed {seed}", flush=True)
@@ -139,7 +139,7 @@ def run(args) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .weights import WeightsError
+    from .loading import WeightsError
 
     try:
         run(args)

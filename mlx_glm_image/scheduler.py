@@ -1,7 +1,7 @@
 """GLM-Image's flow-matching schedule (diffusers 0.42.1 GlmImagePipeline + FlowMatchEulerDiscreteScheduler).
 
 The schedule is numpy (it is a handful of floats, computed exactly as the reference does, float32 included);
-the Euler step and classifier-free guidance are MLX.
+the Euler step is MLX. Guidance is the pipeline's (``pipeline/denoise.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from . import loading
+from .models.base import config_from_dict
 
 
 def calculate_shift(
@@ -47,8 +50,6 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        from .weights import config_from_dict
-
         return config_from_dict(cls, d)
 
     def __post_init__(self):
@@ -93,17 +94,12 @@ class FlowMatchEulerDiscreteScheduler:
 
     @classmethod
     def from_pretrained(cls, folder_or_path: str | os.PathLike, subfolder: str | None = None):
-        """From a scheduler folder (or its scheduler_config.json, or a model root holding scheduler/)."""
+        """From a scheduler folder (or its scheduler_config.json, a pipeline folder or a Hub repo id)."""
         path = Path(folder_or_path)
         if path.is_file():
             return cls(json.loads(path.read_text()))
-        from .weights import read_config, resolve
-
-        if path.is_dir() and subfolder is None and not (path / "scheduler_config.json").is_file():
-            if (path / "scheduler" / "scheduler_config.json").is_file():
-                subfolder = "scheduler"
-        folder = resolve(folder_or_path, subfolder)
-        return cls(read_config(folder, "scheduler_config.json"))
+        folder = loading.component_folder(folder_or_path, "scheduler", subfolder)
+        return cls(loading.read_config(folder, "scheduler_config.json"))
 
     def to_dict(self) -> dict:
         return asdict(self.config)
@@ -206,7 +202,3 @@ class FlowMatchEulerDiscreteScheduler:
         prev = sample.astype(mx.float32) + mx.array(dt, dtype=mx.float32) * model_output
         return prev.astype(model_output.dtype)
 
-
-def classifier_free_guidance(v_cond: mx.array, v_uncond: mx.array, guidance_scale: float) -> mx.array:
-    """``v_uncond + g * (v_cond - v_uncond)`` (the pipeline's order of operations)."""
-    return v_uncond + guidance_scale * (v_cond - v_uncond)

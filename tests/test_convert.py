@@ -17,7 +17,7 @@ from diffusers import GlmImageTransformer2DModel as TorchDiT
 
 from mlx_glm_image import GlmImageTransformer2DModel
 from mlx_glm_image.convert import convert
-from mlx_glm_image.weights import read_safetensors_header
+from mlx_glm_image.loading import read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def dit_inputs(batch=2, h=8, w=12, text=5):
 
 
 def forward(model, kw):
-    return model(**{k: to_mx(v) for k, v in kw.items()})
+    return model(**{k: to_mx(v) for k, v in kw.items()}, return_dict=False)[0]
 
 
 def reference(dit, kw):

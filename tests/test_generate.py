@@ -13,10 +13,7 @@ from PIL import Image
 from tiny_checkpoints import write_pipeline
 
 from mlx_glm_image.convert import convert
-from mlx_glm_image.prior import GlmImageForConditionalGeneration
-from mlx_glm_image.text_encoder import T5EncoderModel
-from mlx_glm_image.transformer import GlmImageTransformer2DModel
-from mlx_glm_image.vae import AutoencoderKL
+from mlx_glm_image.models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 
 ROOT = Path(__file__).resolve().parents[1]
 # --top-k 1: the random tiny AR model would otherwise sample its end token before the grid is complete
@@ -48,7 +45,7 @@ def test_editing_and_several_images(model_dir, tmp_path):
     source = tmp_path / "source.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(source)
     proc = cli("--model", model_dir, *BASE, "--image", source, "--num-images", "2", "--output", tmp_path / "edit.png",
-               "--one-graph", "--vae-tiling", "on")
+               "--memory", "staged", "--vae-tiling", "on")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "edit_1.png").size == (96, 64) and (tmp_path / "edit_2.png").exists()
 

@@ -7,9 +7,12 @@ import torch
 from conftest import assert_close
 from PIL import Image
 
-from mlx_glm_image.image_processor import VaeImageProcessor, postprocess, preprocess
+from mlx_glm_image.pipeline.image_processor import VaeImageProcessor
 
 from diffusers.image_processor import VaeImageProcessor as RefProcessor  # noqa: E402
+
+PROCESSOR = VaeImageProcessor()  # vae_scale_factor 8, as the pipeline builds it for the released VAE
+preprocess, postprocess = PROCESSOR.preprocess, PROCESSOR.postprocess
 
 
 def random_pil(h, w, mode="RGB", seed=0):
@@ -31,7 +34,7 @@ def test_preprocess_pil_equals_diffusers(mode, size):
 def test_preprocess_pil_list_and_scale_factor():
     imgs = [random_pil(50, 70, seed=s) for s in range(3)]
     ref = RefProcessor(vae_scale_factor=16, do_convert_rgb=True).preprocess(imgs, height=40, width=100)
-    ours = preprocess(imgs, height=40, width=100, vae_scale_factor=16)
+    ours = VaeImageProcessor(vae_scale_factor=16).preprocess(imgs, height=40, width=100)
     assert ours.shape == (3, 3, 32, 96)
     assert_close(ours, ref, tol=1e-6)
 

@@ -6,6 +6,8 @@ scheduler, CFG, VAE encode/decode, image pre/post-processing.
 """
 
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -107,3 +109,129 @@ def test_stages_report_time_and_memory(pipelines):
     assert all(v > 0 for v in out.peak_memory.values() if v is not None)
     again = pipe(prompt="x", prior_token_ids=mx.zeros((1, 16), dtype=mx.int32), height=64, width=64, num_inference_steps=1, seed=1)
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0])), "a seed fixes the noise"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers' call conventions
+
+
+def test_callback_on_step_end_like_diffusers(pipelines):
+    """Called once per step with the asked tensors; a returned `latents` replaces the loop's (same protocol and
+    same result as diffusers')."""
+    torch_pipe, pipe, _ = pipelines
+    g = torch.Generator().manual_seed(9)
+    prior = torch.randint(0, 40, (1, 16), generator=g)
+    latents = torch.randn(1, LATENT, 8, 8, generator=g)
+    seen = {"torch": [], "mlx": []}
+
+    def callback(side):
+        def fn(p, i, t, kwargs):
+            seen[side].append((i, sorted(kwargs)))
+            return {"latents": kwargs["latents"] * 0.5} if i == 1 else {}
+        return fn
+
+    kw = dict(prompt=PROMPTS[0], height=64, width=64, num_inference_steps=3, output_type="latent",
+              callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    want = torch_pipe(prior_token_ids=prior, latents=latents, callback_on_step_end=callback("torch"), **kw).images
+    got = pipe(prior_token_ids=to_mx(prior), latents=to_mx(latents), callback_on_step_end=callback("mlx"), **kw).images
+    assert seen["mlx"] == seen["torch"] == [(i, ["latents", "prompt_embeds"]) for i in range(3)]
+    assert_close(got, want, 1e-4)
+    plain = pipe(prior_token_ids=to_mx(prior), latents=to_mx(latents), **kw).images
+    assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3, "the returned latents must replace the loop's"
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(prior_token_ids=to_mx(prior), **dict(kw, callback_on_step_end_tensor_inputs=["noise"]))
+
+
+def test_generator_return_dict_and_output_types(pipelines):
+    _, pipe, _ = pipelines
+    kw = dict(prompt="x", prior_token_ids=mx.zeros((1, 16), dtype=mx.int32), height=64, width=64, num_inference_steps=1)
+    by_seed = pipe(**kw, seed=4, output_type="np").images
+    (by_key,) = pipe(**kw, generator=mx.random.key(4), output_type="np", return_dict=False)
+    by_int = pipe(**kw, generator=4, output_type="mx").images
+    assert np.array_equal(by_seed, by_key)
+    assert isinstance(by_int, mx.array) and by_int.shape == (1, 3, 64, 64)
+    assert_close(np.asarray(by_int).transpose(0, 2, 3, 1), by_seed, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Components kept or freed by the memory policy
+
+
+@pytest.fixture(scope="module")
+def full_folder(tmp_path_factory):
+    from tiny_checkpoints import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("full") / "tiny-glm-image")
+
+
+def _run(pipe, active, full=False):
+    def record(p, i, t, kwargs):
+        mx.eval(kwargs["latents"])
+        active.append(mx.get_active_memory())
+        return {}
+
+    out = pipe('a red cat "big"', height=64, width=96, num_inference_steps=2, seed=3, top_k=1,
+               callback_on_step_end=record, output_type="np")
+    return out if full else out.images
+
+
+def _weights(folder):
+    from mlx_glm_image.loading import weight_bytes
+
+    return {name: weight_bytes(folder / name) for name in ("vision_language_encoder", "text_encoder", "transformer", "vae")}
+
+
+def test_resident_pipeline_loads_each_model_once(full_folder, monkeypatch):
+    import mlx_glm_image.loading as loading
+
+    reads = []
+    real = loading.load_weights
+    monkeypatch.setattr(loading, "load_weights", lambda folder: reads.append(folder) or real(folder))
+    pipe = GlmImagePipeline.from_pretrained(full_folder, dtype="float32", memory="resident")
+    assert reads == [] and pipe.loads == 0, "nothing heavy is read before the first call"
+    active = []
+    first = _run(pipe, active)
+    assert len(reads) == pipe.loads == 4
+    # while denoising, the AR model, the glyph encoder and the DiT are all still held
+    w = _weights(full_folder)
+    assert min(active) >= 0.9 * (w["vision_language_encoder"] + w["text_encoder"] + w["transformer"])
+    second = _run(pipe, [])
+    assert len(reads) == 4, "a second call reads no weight file"
+    assert np.array_equal(first, second)
+    assert pipe.transformer is pipe.transformer and pipe.vae.config.latent_channels == LATENT
+
+
+def test_staged_pipeline_frees_each_stage(full_folder):
+    """Staged: each model is loaded for its stage and freed after it, so the DiT stage holds the DiT alone (not
+    the AR model) and no model stage peaks at the sum of the components; the image is the
+    resident one's. (The tiny VAE's decode peak is its activations at 64x96, above these tiny weights.)"""
+    resident = _run(GlmImagePipeline.from_pretrained(full_folder, dtype="float32", memory="resident"), [], full=True)
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()  # what other tests' objects hold
+    pipe = GlmImagePipeline.from_pretrained(full_folder, dtype="float32", memory="staged")
+    active = []
+    staged = _run(pipe, active, full=True)
+    w = _weights(full_folder)
+    for stage in ("prior", "glyph encoder", "denoising"):
+        assert staged.peak_memory[stage] - base < sum(w.values()), (stage, base, staged.peak_memory, w)
+    # (file sizes include the safetensors headers, a large share for tiny models: hence 0.9)
+    freed = 0.9 * w["vision_language_encoder"]
+    assert staged.peak_memory["denoising"] < resident.peak_memory["denoising"] - freed, (staged.peak_memory, w)
+    assert not pipe._components.keys() & {"vision_language_encoder", "text_encoder", "transformer", "vae"}
+    assert np.array_equal(resident.images, staged.images)
+    assert pipe.memory == "staged" and pipe.loads == 4
+    _run(pipe, [])
+    assert pipe.loads == 8, "staged loads again on the next call"
+
+
+def test_auto_memory_chooses_by_weight_bytes(full_folder, monkeypatch):
+    from mlx_glm_image.pipeline import pipeline as P
+
+    total = sum(_weights(full_folder).values())
+    monkeypatch.setattr(P, "memory_budget", lambda: int(total / P.RESIDENT_SHARE) + 1)
+    assert GlmImagePipeline.from_pretrained(full_folder).memory == "resident"
+    monkeypatch.setattr(P, "memory_budget", lambda: int(total / P.RESIDENT_SHARE) - 1)
+    assert GlmImagePipeline.from_pretrained(full_folder).memory == "staged"
+    with pytest.raises(ValueError, match="memory must be one of"):
+        GlmImagePipeline.from_pretrained(full_folder, memory="lots")

@@ -17,11 +17,11 @@ import mlx.nn as nn  # noqa: E402
 from conftest import assert_close, rel_err, to_mx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlx_glm_image.prior import GlmImageForConditionalGeneration, GlmImageProcessor, generate  # noqa: E402
-from mlx_glm_image.prior import generate_prior_tokens  # noqa: E402
-from mlx_glm_image.prior.positions import decode_positions  # noqa: E402
-from mlx_glm_image.prior.sampling import apply_top_k, apply_top_p, sample  # noqa: E402
-from mlx_glm_image.prior.text_model import KVCache  # noqa: E402
+from mlx_glm_image.models.ar import GlmImageForConditionalGeneration, KVCache  # noqa: E402
+from mlx_glm_image.models.ar.positions import decode_positions  # noqa: E402
+from mlx_glm_image.pipeline.processor import GlmImageProcessor  # noqa: E402
+from mlx_glm_image.pipeline.prior_tokens import apply_top_k, apply_top_p, generate, generate_prior_tokens  # noqa: E402
+from mlx_glm_image.pipeline.prior_tokens import prior_prompt, prior_token_ids, sample, sample_prior_sequences  # noqa: E402
 
 from tiny_checkpoints import IMAGE_END, write_prior  # noqa: E402
 
@@ -261,9 +261,11 @@ def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w):
     np.testing.assert_array_equal(ours, ref)
     assert len(np.unique(ref[:, L:])) > 5
     # the pipeline-level helper: same prompts -> same sequence -> same 2x upsampled prior ids as diffusers
-    prior, img_ids, src_grids, seqs = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w,
-                                                            do_sample=False, return_sequences=True)
+    prompt = prior_prompt(tiny["model"], tiny["proc"], prompts, h, w)
+    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
     np.testing.assert_array_equal(seqs, ref)
+    prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, do_sample=False)
+    np.testing.assert_array_equal(np.array(prior), np.array(prior_token_ids(seqs, prompt)))
     _, ref_prior = _diffusers_post(ref, grids, L)
     np.testing.assert_array_equal(np.array(prior), ref_prior)
     assert prior.shape == (len(prompts), (h // 16) * (w // 16))
@@ -290,8 +292,11 @@ def test_greedy_editing(no_eos):
     n_new = 2 * 3 + 1
     with torch.no_grad():
         ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
-    prior, img_ids, src_grids, seqs = generate_prior_tokens(tiny["model"], tiny["proc"], ["a red cat"], 64, 96,
-                                                            images=images, do_sample=False, return_sequences=True)
+    prompt = prior_prompt(tiny["model"], tiny["proc"], ["a red cat"], 64, 96, images)
+    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
+    prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], ["a red cat"], 64, 96,
+                                                      images=images, do_sample=False)
+    np.testing.assert_array_equal(np.array(prior), np.array(prior_token_ids(seqs, prompt)))
     L = inputs["input_ids"].shape[1]
     # the sequence carries the VQ ids in place of the placeholders (transformers keeps the placeholders)
     np.testing.assert_array_equal(seqs[:, L:], ref[:, L:])
@@ -338,8 +343,8 @@ def test_sampling_seeded():
 def test_sampled_generation_reproducible(no_eos):
     tiny = no_eos
     kw = dict(model=tiny["model"], processor=tiny["proc"], prompts=["a cat"], height=64, width=64)
-    a = generate_prior_tokens(**kw, seed=7, temperature=0.9, top_p=0.75)[0]
-    b = generate_prior_tokens(**kw, seed=7, temperature=0.9, top_p=0.75)[0]
-    c = generate_prior_tokens(**kw, seed=8, temperature=0.9, top_p=0.75)[0]
+    a = generate_prior_tokens(**kw, key=7, temperature=0.9, top_p=0.75)[0]
+    b = generate_prior_tokens(**kw, key=mx.random.key(7), temperature=0.9, top_p=0.75)[0]
+    c = generate_prior_tokens(**kw, key=8, temperature=0.9, top_p=0.75)[0]
     np.testing.assert_array_equal(np.array(a), np.array(b))
     assert not np.array_equal(np.array(a), np.array(c))

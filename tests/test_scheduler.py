@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import assert_close
 
-from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler, calculate_shift, classifier_free_guidance
+from mlx_glm_image.pipeline.denoise import classifier_free_guidance
+from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler, calculate_shift
 
 from diffusers import FlowMatchEulerDiscreteScheduler as RefScheduler  # noqa: E402
 from diffusers.pipelines.glm_image import pipeline_glm_image as ref_pipe  # noqa: E402

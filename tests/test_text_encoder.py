@@ -8,13 +8,8 @@ import pytest
 import torch
 from conftest import assert_close, rel_err
 
-from mlx_glm_image.text_encoder import (
-    ByT5Tokenizer,
-    T5Config,
-    T5EncoderModel,
-    get_glyph_embeds,
-    get_glyph_texts,
-)
+from mlx_glm_image.models.t5 import T5Config, T5EncoderModel
+from mlx_glm_image.pipeline.glyphs import ByT5Tokenizer, get_glyph_embeds, get_glyph_texts
 
 transformers = pytest.importorskip("transformers")
 from diffusers import GlmImagePipeline  # noqa: E402

@@ -13,7 +13,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.transformers import transformer_glm_image as ref
 
 from mlx_glm_image import GlmImageKVCache, GlmImageTransformer2DModel
-from mlx_glm_image.transformer import rope_2d, timestep_embedding
+from mlx_glm_image.models.dit import rope_2d, timestep_embedding
+from mlx_glm_image.pipeline.denoise import queued_steps
 
 TOL = 1e-4
 
@@ -64,7 +65,7 @@ def run_torch(model, kw, **extra):
 
 
 def run_mlx(model, kw, **extra):
-    return model(**{k: to_mx(v) for k, v in kw.items()}, **extra)
+    return model(**{k: to_mx(v) for k, v in kw.items()}, **extra, return_dict=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def condition_pass(model, cache, latent, ids, to_input):
         with torch.no_grad():
             model(**kw, kv_caches=cache)
     else:
-        model(**{k: to_input(v) for k, v in kw.items()}, kv_caches=cache)
+        model(**{k: to_input(v) for k, v in kw.items()}, kv_caches=cache, return_dict=False)
 
 
 @pytest.mark.parametrize(
@@ -241,14 +242,14 @@ def test_kv_cache_is_lazy_and_computed_once(models):
 
     cache.set_mode("read")
     kw = {k: to_mx(v) for k, v in inputs(1, 8, 8, 5, tiny_config()).items()}
-    step1 = mlx_model(**kw, kv_caches=cache)
+    step1 = mlx_model(**kw, kv_caches=cache).sample
     step1_graph = _graph_size(step1)
     mx.eval(step1)
     assert _graph_size(*cache.arrays()) == 0, "the first reading step computes and keeps the condition K/V"
     assert all(a is b for a, b in zip(stored, cache.arrays())), "the cache holds the same arrays"
 
-    step2 = mlx_model(**kw, kv_caches=cache)
-    no_cache = mlx_model(**kw)
+    step2 = mlx_model(**kw, kv_caches=cache).sample
+    no_cache = mlx_model(**kw).sample
     # the second step's graph holds no condition pass: the size of a plain forward plus the concatenations
     assert _graph_size(step2) < step1_graph
     assert _graph_size(step2) - _graph_size(no_cache) <= 6 * mlx_model.config.num_layers
@@ -293,7 +294,7 @@ def test_modulation_chunk_order():
     with torch.no_grad():
         (x_mod, gate_msa, shift_mlp, scale_mlp, gate_mlp, c_mod, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = norm(x, c, temb)
 
-    from mlx_glm_image.transformer import GlmImageAdaLayerNormZero, _modulate
+    from mlx_glm_image.models.dit import GlmImageAdaLayerNormZero, _modulate
 
     ours = GlmImageAdaLayerNormZero(emb_dim, dim)
     ours.linear.weight = to_mx(norm.linear.weight)
@@ -344,32 +345,73 @@ def test_from_pretrained_reads_shards_and_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("steps_in_flight", [1, 2, 3])
-def test_block_by_block_evaluation_gives_the_same_output(models, steps_in_flight):
+def test_step_by_step_evaluation_gives_the_same_output(models, steps_in_flight):
+    """The denoising loop's step hook (each block step scheduled, the one n-1 back waited for) changes when
+    MLX evaluates, never what it computes."""
     torch_model, mlx_model = models["2x16"]
     kw = inputs(2, 8, 8, 5, tiny_config())
     mask = torch.ones(2, 5)
     mask[1, :3] = 0
-    mlx_model.eval_per_block = True
-    mlx_model.steps_in_flight = steps_in_flight
-    try:
-        assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
-        assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(mask)), run_torch(torch_model, kw, attention_mask=mask), TOL)
-        # a mask without padding takes the unmasked attention path; diffusers still adds its +1 everywhere
-        full = torch.ones(2, 5)
-        assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(full)), run_torch(torch_model, kw, attention_mask=full), TOL)
-        # the KV cache stays lazy and exact too (the write pass is never evaluated block by block)
-        t_cache, m_cache = ref.GlmImageKVCache(2), GlmImageKVCache(2)
-        for cache, model, conv in ((t_cache, torch_model, None), (m_cache, mlx_model, to_mx)):
-            cache.set_mode("write")
-            condition_pass(model, cache, LATENT_FIXED, IDS_FIXED, conv)
-            cache.next_sample()
-        for m in ("read", "skip"):
-            t_cache.set_mode(m)
-            m_cache.set_mode(m)
-            assert_close(run_mlx(mlx_model, kw, kv_caches=m_cache), run_torch(torch_model, kw, kv_caches=t_cache), TOL, what=m)
-    finally:
-        mlx_model.eval_per_block = False
-        mlx_model.steps_in_flight = 2
+    calls = []
+
+    def hook():
+        queued = queued_steps(steps_in_flight)
+        return lambda x: calls.append(1) or queued(x)
+
+    assert_close(run_mlx(mlx_model, kw, step_hook=hook()), run_torch(torch_model, kw), TOL)
+    assert len(calls) == 2 * mlx_model.config.num_layers, "one call per block step"
+    assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(mask), step_hook=hook()),
+                 run_torch(torch_model, kw, attention_mask=mask), TOL)
+    # a mask without padding: diffusers adds its +1 to every score, which softmax ignores
+    full = torch.ones(2, 5)
+    assert_close(run_mlx(mlx_model, kw, attention_mask=to_mx(full), step_hook=hook()),
+                 run_torch(torch_model, kw, attention_mask=full), TOL)
+    # the KV cache stays lazy and exact too (the write pass gets no hook)
+    t_cache, m_cache = ref.GlmImageKVCache(2), GlmImageKVCache(2)
+    for cache, model, conv in ((t_cache, torch_model, None), (m_cache, mlx_model, to_mx)):
+        cache.set_mode("write")
+        condition_pass(model, cache, LATENT_FIXED, IDS_FIXED, conv)
+        cache.next_sample()
+    for m in ("read", "skip"):
+        t_cache.set_mode(m)
+        m_cache.set_mode(m)
+        assert_close(run_mlx(mlx_model, kw, kv_caches=m_cache, step_hook=hook()),
+                     run_torch(torch_model, kw, kv_caches=t_cache), TOL, what=m)
+
+
+def test_forward_under_compile_equals_eager(models):
+    """Without a step hook the forward is one pure lazy graph: mx.compile traces it, and it equals both the
+    eager forward and diffusers."""
+    torch_model, mlx_model = models["4x8"]
+    kw = inputs(2, 6, 10, 7, tiny_config())
+    args = [to_mx(kw[k]) for k in ("hidden_states", "encoder_hidden_states", "prior_token_id", "prior_token_drop",
+                                   "timestep", "target_size", "crop_coords")]
+    compiled = mx.compile(lambda *a: mlx_model(*a, return_dict=False)[0], inputs=mlx_model.state)
+    eager = mlx_model(*args, return_dict=False)[0]
+    out = compiled(*args)
+    assert_close(out, eager, 1e-6, what="compiled vs eager")
+    assert_close(out, run_torch(torch_model, kw), TOL, what="compiled vs diffusers")
+    kw2 = inputs(2, 6, 10, 7, tiny_config(), timesteps=[10.0, 20.0])  # traced once, new values
+    assert_close(compiled(*[to_mx(kw2[k]) for k in ("hidden_states", "encoder_hidden_states", "prior_token_id",
+                                                     "prior_token_drop", "timestep", "target_size", "crop_coords")]),
+                 run_torch(torch_model, kw2), TOL, what="compiled, second call")
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_one_prior_id_broadcast_over_the_grid(models, drop):
+    """diffusers' own DiT test passes prior_token_id and prior_token_drop of shape (1,): one id for every token."""
+    torch_model, mlx_model = models["2x16"]
+    kw = inputs(2, 8, 6, 4, tiny_config())
+    kw["prior_token_id"] = torch.tensor([7])
+    kw["prior_token_drop"] = torch.tensor([drop])
+    assert_close(run_mlx(mlx_model, kw), run_torch(torch_model, kw), TOL)
+
+
+def test_return_dict_like_diffusers(models):
+    torch_model, mlx_model = models["2x16"]
+    kw = {k: to_mx(v) for k, v in inputs(1, 4, 4, 2, tiny_config()).items()}
+    out = mlx_model(**kw)
+    assert_close(out.sample, mlx_model(**kw, return_dict=False)[0], 0)
 
 
 LATENT_FIXED = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(11))

@@ -8,7 +8,10 @@ import pytest
 import torch
 from conftest import assert_close, rel_err
 
-from mlx_glm_image.vae import AutoencoderKL, AutoencoderKLConfig
+from mlx_glm_image.models.vae import AutoencoderKL, AutoencoderKLConfig
+from mlx_glm_image.pipeline.decode import VaeTiling
+from mlx_glm_image.pipeline.decode import decode as vae_decode
+from mlx_glm_image.pipeline.decode import encode as vae_encode
 
 from diffusers import AutoencoderKL as RefVAE  # noqa: E402
 
@@ -58,7 +61,8 @@ def test_decode_equals_diffusers(pair, hw):
     z = torch.randn(2, 4, *hw)
     with torch.no_grad():
         expected = ref.decode(z).sample
-    actual = ours.decode(mx.array(z.numpy()), tiled=False)
+    actual = ours.decode(mx.array(z.numpy()))
+    assert_close(vae_decode(ours, mx.array(z.numpy()), tiled=False), actual, tol=0)  # the pipeline's evaluation
     err = assert_close(actual, expected, what="decode")
     print(f"decode {hw}: rel err {err:.2e}")
 
@@ -69,7 +73,8 @@ def test_encode_equals_diffusers(pair, hw):
     x = torch.rand(2, 3, *hw) * 2 - 1
     with torch.no_grad():
         expected = ref.encode(x).latent_dist.mode()
-    actual = ours.encode(mx.array(x.numpy()), tiled=False)
+    actual = ours.encode(mx.array(x.numpy()))
+    assert_close(vae_encode(ours, mx.array(x.numpy()), tiled=False), actual, tol=0)
     err = assert_close(actual, expected, what="encode")
     print(f"encode {hw}: rel err {err:.2e}")
 
@@ -79,13 +84,12 @@ def test_tiled_decode_equals_diffusers_tiled(pair):
     z = torch.randn(1, 4, 6, 8)  # 2x3 tiles of 4 latents, stride 3
     ref.enable_tiling()
     ref.tile_sample_min_size, ref.tile_latent_min_size = 32, 4
-    ours.tile_sample_size = 32
     try:
         with torch.no_grad():
             expected = ref.decode(z).sample
     finally:
         ref.disable_tiling()
-    actual = ours.decode(mx.array(z.numpy()), tiled=True)
+    actual = vae_decode(ours, mx.array(z.numpy()), tiled=True, tiling=VaeTiling(tile_sample_size=32))
     err = assert_close(actual, expected, what="tiled decode")
     print(f"tiled decode vs diffusers tiled: rel err {err:.2e}")
 
@@ -95,13 +99,12 @@ def test_tiled_encode_equals_diffusers_tiled(pair):
     x = torch.rand(1, 3, 40, 64) * 2 - 1  # 2x3 tiles of 32 px, stride 24
     ref.enable_tiling()
     ref.tile_sample_min_size, ref.tile_latent_min_size = 32, 4
-    ours.tile_sample_size = 32
     try:
         with torch.no_grad():
             expected = ref.encode(x).latent_dist.mode()
     finally:
         ref.disable_tiling()
-    actual = ours.encode(mx.array(x.numpy()), tiled=True)
+    actual = vae_encode(ours, mx.array(x.numpy()), tiled=True, tiling=VaeTiling(tile_sample_size=32))
     err = assert_close(actual, expected, what="tiled encode")
     print(f"tiled encode vs diffusers tiled: rel err {err:.2e}")
 
@@ -114,28 +117,26 @@ def test_tiled_close_to_untiled(tmp_path):
     ref, ours = make_pair(tmp_path, attention=False)
     g = torch.Generator().manual_seed(3)
     z = mx.array(torch.randn(1, 4, 40, 40, generator=g).numpy())
-    ours.tile_sample_size = 256  # 32-latent tiles, 8 latents of overlap -> 2x2 tiles
-    full = np.array(ours.decode(z, tiled=False))
-    tiled = np.array(ours.decode(z, tiled=True))
+    tiling = VaeTiling(tile_sample_size=256)  # 32-latent tiles, 8 latents of overlap -> 2x2 tiles
+    full = np.array(vae_decode(ours, z, tiled=False))
+    tiled = np.array(vae_decode(ours, z, tiled=True, tiling=tiling))
     assert tiled.shape == full.shape == (1, 3, 320, 320)
     diff, scale = np.abs(tiled - full), np.abs(full).max()
     mean_err, p99 = diff.mean() / scale, np.percentile(diff, 99) / scale
     print(f"tiled vs untiled: mean {mean_err:.2e}, p99 {p99:.2e}, max {diff.max() / scale:.2e}")
     assert mean_err < 1e-2 and p99 < 6e-2
     # one tile covering everything is exactly the untiled decode
-    ours.tile_sample_size = 512
-    assert_close(ours.decode(z, tiled=True), full, tol=0)
-    ours.tile_sample_size = 512
+    assert_close(vae_decode(ours, z, tiled=True, tiling=VaeTiling(tile_sample_size=512)), full, tol=0)
 
 
 def test_auto_tiling_threshold(pair):
     _, ours = pair
-    ours.tile_sample_size, ours.tile_auto_pixels = 32, 48 * 48
+    tiling = VaeTiling(tile_sample_size=32, auto_pixels=48 * 48)
     z = mx.random.normal((1, 4, 4, 5))  # 32x40 px: below the threshold -> untiled
-    assert_close(ours.decode(z), ours.decode(z, tiled=False), tol=0)
+    assert_close(vae_decode(ours, z, tiling=tiling), vae_decode(ours, z, tiled=False, tiling=tiling), tol=0)
     z = mx.random.normal((1, 4, 8, 9))  # 64x72 px: above -> tiled
-    assert_close(ours.decode(z), ours.decode(z, tiled=True), tol=0)
-    ours.tile_sample_size, ours.tile_auto_pixels = 512, 1024 * 1024
+    assert_close(vae_decode(ours, z, tiling=tiling), vae_decode(ours, z, tiled=True, tiling=tiling), tol=0)
+    assert not VaeTiling().use(None, 1024, 1024) and VaeTiling().use(None, 1024, 1056)
 
 
 def test_chunked_attention_is_exact(pair):
@@ -149,7 +150,7 @@ def test_chunked_attention_is_exact(pair):
     old = attn.max_scores_bytes, attn.min_chunk
     attn.max_scores_bytes, attn.min_chunk = 4 * 30 * 7, 1  # 7-query chunks over the 30 tokens
     try:
-        actual = ours.decode(mx.array(z.numpy()), tiled=False)
+        actual = vae_decode(ours, mx.array(z.numpy()), tiled=False)
     finally:
         attn.max_scores_bytes, attn.min_chunk = old
     assert_close(actual, expected, what="decode with chunked attention")
@@ -235,7 +236,7 @@ def test_bf16_decode_close(pair, tmp_path):
 def test_convolutions_in_slabs_are_exact_and_bound_memory(pair, monkeypatch):
     """Large feature maps are convolved in row slabs (with their neighbours' rows): same decode and encode as
     diffusers, and a lower peak than convolving the whole map at once."""
-    from mlx_glm_image.vae import Conv2d
+    from mlx_glm_image.models.vae import Conv2d
 
     ref, ours = pair
     z = torch.randn(1, 4, 9, 7)
@@ -243,8 +244,8 @@ def test_convolutions_in_slabs_are_exact_and_bound_memory(pair, monkeypatch):
     with torch.no_grad():
         want_dec, want_enc = ref.decode(z).sample, ref.encode(x).latent_dist.mode()
     monkeypatch.setattr(Conv2d, "max_unfold_bytes", 4096)  # every 3x3 convolution here becomes several slabs
-    assert_close(ours.decode(mx.array(z.numpy()), tiled=False), want_dec, what="slab decode")
-    assert_close(ours.encode(mx.array(x.numpy()), tiled=False), want_enc, what="slab encode")
+    assert_close(vae_decode(ours, mx.array(z.numpy()), tiled=False), want_dec, what="slab decode")
+    assert_close(vae_encode(ours, mx.array(x.numpy()), tiled=False), want_enc, what="slab encode")
 
     conv = Conv2d(32, 32, kernel_size=3, padding=1)
     big = mx.random.normal((1, 256, 128, 32))
@@ -254,7 +255,7 @@ def test_convolutions_in_slabs_are_exact_and_bound_memory(pair, monkeypatch):
         monkeypatch.setattr(Conv2d, "max_unfold_bytes", limit)
         mx.clear_cache()
         mx.reset_peak_memory()
-        out = conv(big)
+        out = conv(big, mx.eval)
         mx.eval(out)
         return out, mx.get_peak_memory()
 

@@ -1,129 +1,18 @@
-"""Glyph text encoder: quoted strings of the prompt -> ByT5 bytes -> T5 encoder (transformers' T5EncoderModel).
+"""The ByT5 glyph encoder: transformers' T5EncoderModel (encoder stack only) in MLX.
 
-Mirrors diffusers' GlmImagePipeline.get_glyph_texts / _get_glyph_embeds and transformers' ByT5Tokenizer and
-T5EncoderModel; parameter names equal transformers', so a `text_encoder/` folder loads as is.
+Parameter names equal transformers', so a ``text_encoder/`` folder loads as is.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import config_from_dict, load_into, read_config, resolve, to_dtype
-
-# ---------------------------------------------------------------------------------------------------------
-# Glyph strings
-
-
-def get_glyph_texts(prompt: str | list[str]) -> list[list[str]]:
-    """The quoted substrings of each prompt, in the pipeline's order: '...', then \u201c...\u201d, "...", 「...」."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    out = []
-    for p in prompt:
-        out.append(
-            re.findall(r"'([^']*)'", p)
-            + re.findall(r"\u201c([^\u201c\u201d]*)\u201d", p)
-            + re.findall(r'"([^"]*)"', p)
-            + re.findall(r"「([^「」]*)」", p)
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ByT5 tokenizer (bytes + 3; no vocabulary file needed)
-
-
-@dataclass(frozen=True)
-class _Special:
-    content: str
-    id: int
-    lstrip: bool = False
-    rstrip: bool = False
-
-
-class ByT5Tokenizer:
-    """transformers' ByT5Tokenizer for encoding: utf-8 bytes + 3, ``</s>`` (1) appended, ``<pad>`` 0.
-
-    Literal special-token strings in the text (``</s>``, ``<pad>``, ``<unk>``, ``<extra_id_N>``) map to their
-    ids as transformers does, with the whitespace stripping of pad/eos/unk.
-    """
-
-    pad_token_id = 0
-    eos_token_id = 1
-    unk_token_id = 2
-    offset = 3
-
-    def __init__(self, extra_ids: int = 125, specials: list[_Special] | None = None):
-        if specials is None:
-            specials = [
-                _Special("<pad>", 0, True, True),
-                _Special("</s>", 1, True, True),
-                _Special("<unk>", 2, True, True),
-            ] + [_Special(f"<extra_id_{i}>", 259 + i) for i in range(extra_ids)]
-        self.specials = {s.content: s for s in specials}
-        # Longest first so that no token shadows a longer one starting at the same place.
-        names = sorted(self.specials, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ByT5Tokenizer":
-        """Read the added tokens of a ``tokenizer/`` folder's tokenizer_config.json (defaults when absent)."""
-        path = Path(folder) / "tokenizer_config.json"
-        if not path.is_file():
-            return cls()
-        cfg = json.loads(path.read_text())
-        decoder = cfg.get("added_tokens_decoder")
-        if not decoder:
-            return cls(extra_ids=int(cfg.get("extra_ids", 125)))
-        specials = [
-            _Special(t["content"], int(i), bool(t.get("lstrip", False)), bool(t.get("rstrip", False)))
-            for i, t in decoder.items()
-        ]
-        return cls(specials=specials)
-
-    def tokenize_ids(self, text: str) -> list[int]:
-        if self._split is None:
-            return [b + self.offset for b in text.encode("utf-8")]
-        pieces = self._split.split(text)  # odd indices are special tokens
-        for i in range(1, len(pieces), 2):
-            tok = self.specials[pieces[i]]
-            if tok.lstrip and i > 0:
-                pieces[i - 1] = pieces[i - 1].rstrip()
-            if tok.rstrip and i + 1 < len(pieces):
-                pieces[i + 1] = pieces[i + 1].lstrip()
-        ids: list[int] = []
-        for i, piece in enumerate(pieces):
-            if i % 2:
-                ids.append(self.specials[piece].id)
-            elif piece:
-                ids.extend(b + self.offset for b in piece.encode("utf-8"))
-        return ids
-
-    def encode(self, text: str, max_length: int | None = None, truncation: bool = False) -> list[int]:
-        ids = self.tokenize_ids(text)
-        if truncation and max_length is not None:
-            if max_length < 1:
-                raise ValueError(f"max_length must be >= 1, got {max_length}")
-            # room for the eos, as prepare_for_model does (num_special_tokens_to_add = 1)
-            ids = ids[: max(max_length - 1, 0)]
-        # ByT5 does not add a second eos when the text already ends with one
-        if not ids or ids[-1] != self.eos_token_id:
-            ids = ids + [self.eos_token_id]
-        return ids
-
-    def __call__(self, texts: str | list[str], max_length: int | None = None, truncation: bool = False):
-        if isinstance(texts, str):
-            return self.encode(texts, max_length, truncation)
-        return [self.encode(t, max_length, truncation) for t in texts]
-
+from .activations import ACTIVATIONS, activation
+from .base import PretrainedModel, config_from_dict
 
 # ---------------------------------------------------------------------------------------------------------
 # T5 encoder
@@ -155,23 +44,8 @@ class T5Config:
             raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not 'gated-{{ACT}}' or '{{ACT}}'")
         self.is_gated_act = parts[0] == "gated"
         self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
-        if self.dense_act_fn not in _ACTIVATIONS:
+        if self.dense_act_fn not in ACTIVATIONS:
             raise ValueError(f"unsupported T5 activation {self.dense_act_fn!r}")
-
-
-def _gelu_new(x):
-    # transformers' NewGELUActivation (tanh approximation), written out so it is exactly that formula
-    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * mx.power(x, 3))))
-
-
-_ACTIVATIONS = {
-    "gelu_new": _gelu_new,
-    "gelu_pytorch_tanh": _gelu_new,
-    "gelu": nn.gelu,
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
 
 
 class T5LayerNorm(nn.Module):
@@ -254,7 +128,7 @@ class T5DenseGatedActDense(nn.Module):
         self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.act = activation(config.dense_act_fn)
 
     def __call__(self, x):
         h = self.act(self.wi_0(x)) * self.wi_1(x)
@@ -267,7 +141,7 @@ class T5DenseActDense(nn.Module):
         super().__init__()
         self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.act = activation(config.dense_act_fn)
 
     def __call__(self, x):
         return self.wo(self.act(self.wi(x)).astype(self.wo.weight.dtype))
@@ -322,8 +196,12 @@ class T5Stack(nn.Module):
         return self.final_layer_norm(h)
 
 
-class T5EncoderModel(nn.Module):
+class T5EncoderModel(PretrainedModel):
     """transformers' T5EncoderModel (encoder stack only), ``__call__`` returns ``last_hidden_state``."""
+
+    component = "text_encoder"
+    config_class = T5Config
+    full_precision_note = "ByT5 is small (0.9 GB) and decides the rendered glyphs"
 
     def __init__(self, config: T5Config):
         super().__init__()
@@ -357,59 +235,10 @@ class T5EncoderModel(nn.Module):
             out[k] = v
         return out
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=None, subfolder: str | None = None) -> "T5EncoderModel":
-        folder = resolve(path, subfolder)
-        if subfolder is None and not (folder / "config.json").is_file() and (folder / "text_encoder").is_dir():
-            folder = folder / "text_encoder"
-        config = read_config(folder)
-        model = cls(T5Config.from_dict(config))
-        load_into(model, folder, config, dtype=dtype, sanitize=cls.sanitize)
-        if model.dtype == mx.float16 and not config.get("quantization"):
+    def after_load(self):
+        if self.dtype == mx.float16:
             # as transformers does for T5 under float16 only (_keep_in_fp32_modules = ["wo"]): wo stays float32
-            for block in model.encoder.block:
+            for block in self.encoder.block:
                 ff = block.layer[1].DenseReluDense
-                ff.wo.weight = ff.wo.weight.astype(mx.float32)
-        mx.eval(model.parameters())
-        return model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Glyph embeddings (diffusers' GlmImagePipeline._get_glyph_embeds)
-
-
-def get_glyph_embeds(
-    text_encoder: T5EncoderModel,
-    prompts: str | list[str],
-    max_sequence_length: int = 2048,
-    dtype=None,
-    tokenizer: ByT5Tokenizer | None = None,
-) -> mx.array:
-    """(B, L, d_model): per prompt, the encoder states of all its glyph strings' tokens, concatenated,
-    left-padded with zeros to the batch's longest."""
-    tokenizer = tokenizer or ByT5Tokenizer()
-    dtype = to_dtype(dtype) or text_encoder.dtype
-    embeds = []
-    for glyph_texts in get_glyph_texts(prompts):
-        if len(glyph_texts) == 0:
-            glyph_texts = [""]
-        ids = tokenizer(glyph_texts, max_length=max_sequence_length, truncation=True)
-        # diffusers' quirk: one pad token in front of every string when the NUMBER of strings is even
-        ids = [[tokenizer.pad_token_id] * ((len(ids) + 1) % 2) + x for x in ids]
-        longest = max(len(x) for x in ids)
-        mask = mx.array([[1] * len(x) + [0] * (longest - len(x)) for x in ids], dtype=mx.int32)
-        tokens = mx.array([x + [tokenizer.pad_token_id] * (longest - len(x)) for x in ids], dtype=mx.int32)
-        hidden = text_encoder(tokens, attention_mask=mask)  # (n_strings, longest, d)
-        # keep the unmasked positions, row by row, in order (= last_hidden_state[mask.bool()])
-        kept = [hidden[i, : len(x)] for i, x in enumerate(ids)]
-        emb = mx.concatenate(kept, axis=0)[None]
-        mx.eval(emb)
-        embeds.append(emb)
-    longest = max(e.shape[1] for e in embeds)
-    padded = [
-        mx.concatenate([mx.zeros((1, longest - e.shape[1], e.shape[2]), e.dtype), e], axis=1)
-        if e.shape[1] < longest
-        else e
-        for e in embeds
-    ]
-    return mx.concatenate(padded, axis=0).astype(dtype)
+                if type(ff.wo) is nn.Linear:
+                    ff.wo.weight = ff.wo.weight.astype(mx.float32)

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..activations import activation
 from .config import VisionConfig, VQConfig
 
 
@@ -22,16 +23,6 @@ class Table(nn.Module):
     def __init__(self, n: int, dims: int):
         super().__init__()
         self.weight = mx.zeros((n, dims))
-
-
-def _act(name: str):
-    if name == "gelu":
-        return nn.gelu
-    if name in ("gelu_pytorch_tanh", "gelu_new"):
-        return nn.gelu_approx
-    if name == "quick_gelu":
-        return nn.gelu_fast_approx
-    return nn.silu
 
 
 def grid_sample_border(table: mx.array, gx: mx.array, gy: mx.array) -> mx.array:
@@ -134,7 +125,7 @@ class GlmImageVisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = _act(config.hidden_act)
+        self.act = activation(config.hidden_act)
 
     def __call__(self, x):
         return self.fc2(self.act(self.fc1(x)))

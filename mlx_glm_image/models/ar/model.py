@@ -6,15 +6,11 @@ Parameter names equal transformers' (``model.language_model.*``, ``model.visual.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import weights as W
+from ..base import PretrainedModel
 from .config import GlmImageConfig
 from .positions import get_rope_index, split_grids
 from .text_model import GlmImageTextModel, KVCache
@@ -29,9 +25,17 @@ class GlmImageModel(nn.Module):
         self.vqmodel = GlmImageVQVAE(config.vq_config)
 
 
-class GlmImageForConditionalGeneration(nn.Module):
-    def __init__(self, config: GlmImageConfig):
+class GlmImageForConditionalGeneration(PretrainedModel):
+    component = "vision_language_encoder"
+    config_class = GlmImageConfig
+    quantize_by_default = True
+    full_precision_note = "the VQ codebook and the vision patch/position embeddings"
+    FULL_PRECISION = ("model.vqmodel", "model.visual.patch_embed", "model.visual.embeddings")
+
+    def __init__(self, config: GlmImageConfig | dict | None = None):
         super().__init__()
+        if not isinstance(config, GlmImageConfig):
+            config = GlmImageConfig.from_dict(config or {})
         self.config = config
         self.model = GlmImageModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vision_vocab_size, bias=False)
@@ -52,22 +56,12 @@ class GlmImageForConditionalGeneration(nn.Module):
             out[k] = v
         return out
 
-    @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike, dtype=None, subfolder: str | None = None):
-        """Load a ``vision_language_encoder/`` folder (or a pipeline root containing one)."""
-        if subfolder is None and not Path(path_or_repo).expanduser().exists():
-            subfolder = "vision_language_encoder"  # a Hub id: fetch only this component
-        root = W.resolve(path_or_repo, subfolder)
-        folder = root / "vision_language_encoder" if (root / "vision_language_encoder").is_dir() else root
-        raw = W.read_config(folder)
-        config = GlmImageConfig.from_dict(raw)
-        model = cls(config)
-        W.load_into(model, folder, raw, dtype=dtype, sanitize=cls.sanitize)
-        gen = Path(folder) / "generation_config.json"
-        if gen.is_file():
-            model.generation_config = json.loads(gen.read_text())
-        model.eval()
-        return model
+    def quant_predicate(self, path: str, module: nn.Module) -> bool:
+        """Linear layers, and the token table (1.4 GB in bf16, read one row per token), but not the vision
+        side's embeddings and VQ codebook."""
+        if path.startswith(self.FULL_PRECISION):
+            return False
+        return isinstance(module, nn.Linear) or path.endswith("embed_tokens")
 
     # ---- pieces mirroring transformers ---------------------------------------------------------------------
     def make_cache(self, max_size: int | None = None) -> list[KVCache]:

@@ -150,9 +150,9 @@ class VaeImageProcessor:
 
     def postprocess(self, image: mx.array, output_type: str = "pil"):
         """(B, 3, H, W) in [-1, 1] -> list of PIL images ("pil"), NHWC float numpy in [0, 1] ("np") or the
-        denormalised NCHW MLX array ("mlx")."""
-        if output_type not in ("pil", "np", "mlx"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'mlx', got {output_type!r}")
+        denormalised NCHW MLX array ("mx")."""
+        if output_type not in ("pil", "np", "mx"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'mx', got {output_type!r}")
         if not isinstance(image, (mx.array, np.ndarray)):
             raise ValueError(f"postprocess takes an NCHW mlx (or numpy) array, got {type(image).__name__}")
         if image.ndim != 4 or image.shape[1] not in (1, 3):
@@ -161,7 +161,7 @@ class VaeImageProcessor:
         x = x.astype(mx.float32)
         if self.do_normalize:
             x = mx.clip(x * 0.5 + 0.5, 0.0, 1.0)
-        if output_type == "mlx":
+        if output_type == "mx":
             return x
         arr = np.array(x.transpose(0, 2, 3, 1))
         if output_type == "np":
@@ -178,16 +178,3 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
         return [Image.fromarray(i.squeeze(), mode="L") for i in images]
     return [Image.fromarray(i) for i in images]
 
-
-_default = VaeImageProcessor()
-
-
-def preprocess(image, height: int | None = None, width: int | None = None, vae_scale_factor: int = 8) -> mx.array:
-    """Module-level VaeImageProcessor(vae_scale_factor).preprocess."""
-    proc = _default if vae_scale_factor == 8 else VaeImageProcessor(vae_scale_factor)
-    return proc.preprocess(image, height=height, width=width)
-
-
-def postprocess(image: mx.array, output_type: str = "pil"):
-    """Module-level VaeImageProcessor().postprocess."""
-    return _default.postprocess(image, output_type=output_type)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import weights as W
+from .. import loading
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -186,13 +186,10 @@ class GlmImageProcessor:
         """A ``processor/`` folder (or a pipeline root containing one)."""
         from tokenizers import Tokenizer
 
-        if subfolder is None and not Path(path_or_repo).expanduser().exists():
-            subfolder = "processor"  # a Hub id: fetch only this component
-        root = W.resolve(path_or_repo, subfolder)
-        folder = root / "processor" if (root / "processor").is_dir() else root
+        folder = loading.component_folder(path_or_repo, "processor", subfolder)
         tok_file = folder / "tokenizer.json"
         if not tok_file.is_file():
-            raise W.WeightsError(f"{tok_file} is missing")
+            raise loading.WeightsError(f"{tok_file} is missing")
         tokenizer = Tokenizer.from_file(str(tok_file))
 
         def read(name):

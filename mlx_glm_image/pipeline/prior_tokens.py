@@ -1,18 +1,27 @@
-"""Sampling prior tokens from the AR model: logits warpers as transformers applies them, a cached decode loop,
-and ``generate_prior_tokens`` with the return value of diffusers' ``GlmImagePipeline.generate_prior_tokens``.
+"""The prior-token stage: logits warpers as transformers applies them, a cached decode loop (which owns the
+evaluation: the next step is queued before the current token is read back), diffusers' static helpers, and
+``generate_prior_tokens`` with the return value of diffusers' ``GlmImagePipeline.generate_prior_tokens``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from .positions import decode_positions
+from ..models.ar.positions import decode_positions
 
 # transformers' GenerationConfig defaults for keys a generation_config.json leaves out
 DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def as_key(key_or_seed=None) -> mx.array:
+    """An MLX random key from a key, an integer seed, or nothing (a seed from the clock)."""
+    if isinstance(key_or_seed, mx.array):
+        return key_or_seed
+    return mx.random.key(key_or_seed if key_or_seed is not None else time.time_ns() % (2**31))
 
 
 def apply_top_k(logits: mx.array, k: int) -> mx.array:
@@ -50,7 +59,7 @@ def sample(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: fl
 
 def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_per_sample=None,
              max_new_tokens: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, eos_token_id: int | list[int] | None = None,
+             top_p: float = 1.0, key=None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, image_token_ids=None, pixel_values=None, callback=None) -> np.ndarray:
     """Autoregressive generation with a KV cache; returns (B, L + n) numpy ids like transformers' ``generate``.
 
@@ -70,7 +79,7 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
     pad = pad_token_id if pad_token_id is not None else (next(iter(eos)) if eos else 0)
 
     cache = model.make_cache(L + max_new_tokens)
-    key = mx.random.key(seed if seed is not None else int(time.time_ns() % (2**31)))
+    key = as_key(key)
     mask_full = mx.array(np.concatenate([attention_mask, np.ones((B, max_new_tokens), attention_mask.dtype)], 1))
 
     def step(tokens, pos, n_done):
@@ -139,67 +148,91 @@ def normalize_images(images, batch_size: int):
     return [list(x) for x in images]
 
 
-def generate_prior_tokens(model, processor, prompts, height: int, width: int, images=None, seed: int | None = None,
+@dataclass
+class PriorPrompt:
+    """The AR model's input for a batch of prompts, and where its target grid will be in the output."""
+
+    inputs: dict  # the processor's arrays (input_ids, attention_mask, image_grid_thw, images_per_sample, ...)
+    max_new_tokens: int
+    offset: int  # of the target grid among the generated tokens
+    grid: tuple[int, int]  # target grid (h, w), on the AR's d32 token grid
+    image_ids: np.ndarray | None = None  # the source images' VQ ids, in placeholder order
+    prior_token_image_ids: list | None = None  # per sample, upsampled 2x (diffusers' return value)
+    source_image_grid_thw: list | None = None  # per sample, h and w doubled
+
+
+def prior_prompt(model, processor, prompts: list[str], height: int, width: int, images=None) -> PriorPrompt:
+    """Chat template + tokens (+ the condition images' VQ tokens) for an ``height`` x ``width`` image."""
+    images = normalize_images(images, len(prompts))
+    t2i = images is None
+    conversations = [
+        [{"role": "user", "content": ([] if t2i else [{"type": "image", "image": im} for im in images[i]])
+          + [{"type": "text", "text": p}]}]
+        for i, p in enumerate(prompts)
+    ]
+    inputs = processor.apply_chat_template(conversations, target_h=height, target_w=width, padding=len(prompts) > 1)
+    grids = inputs["image_grid_thw"]
+    n_new, offset, th, tw = compute_generation_params(grids[: int(inputs["images_per_sample"][0])], t2i)
+    prompt = PriorPrompt(inputs, n_new, offset, (th, tw))
+    if not t2i:
+        _add_source_images(model, prompt, len(images[0]))
+    return prompt
+
+
+def _add_source_images(model, prompt: PriorPrompt, n_src: int):
+    inputs = prompt.inputs
+    src = model.source_grids(inputs["image_grid_thw"], inputs["images_per_sample"])
+    image_ids = np.array(model.get_image_tokens(model.get_image_features(mx.array(inputs["pixel_values"]), src)))
+    bounds = np.cumsum([0] + [int(np.prod(g)) for g in src])
+    up = [upsample_token_ids(image_ids[bounds[i]:bounds[i + 1]], int(g[1]), int(g[2])) for i, g in enumerate(src)]
+    up_grids = src.copy()
+    up_grids[:, 1:] *= 2
+    batch = len(inputs["input_ids"])
+    prompt.image_ids = image_ids
+    prompt.prior_token_image_ids = [mx.array(np.concatenate(up[i * n_src:(i + 1) * n_src]).astype(np.int32))
+                                    for i in range(batch)]
+    prompt.source_image_grid_thw = [mx.array(up_grids[i * n_src:(i + 1) * n_src].astype(np.int32)) for i in range(batch)]
+
+
+def sample_prior_sequences(model, prompt: PriorPrompt, key=None, do_sample: bool = True, temperature=None, top_p=None,
+                           top_k=None, callback=None) -> np.ndarray:
+    """Run the AR model over ``prompt``: (B, L + n) token sequences. Sampling settings default to the
+    checkpoint's generation_config.json, then to transformers' defaults."""
+    config = getattr(model, "generation_config", None) or {}
+    gen = dict(DEFAULTS)
+    gen.update({k: v for k, v in config.items() if k in DEFAULTS and v is not None})
+    gen.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
+    tc = model.config.text_config
+    inputs = prompt.inputs
+    return generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"],
+                    inputs["images_per_sample"], max_new_tokens=prompt.max_new_tokens, do_sample=do_sample, key=key,
+                    eos_token_id=config.get("eos_token_id", tc.eos_token_id), pad_token_id=tc.pad_token_id,
+                    image_token_ids=prompt.image_ids, callback=callback, **gen)
+
+
+def prior_token_ids(sequences: np.ndarray, prompt: PriorPrompt) -> mx.array:
+    """Each sequence's target grid, upsampled 2x to the DiT's token grid: (B, 4 * h * w) int32."""
+    L = prompt.inputs["input_ids"].shape[1]
+    th, tw = prompt.grid
+    prior = []
+    for i, seq in enumerate(sequences):
+        ids = extract_large_image_tokens(seq, L, prompt.offset, th * tw)
+        if ids.size != th * tw:
+            raise RuntimeError(f"sample {i} stopped after {len(seq) - L} tokens, before its {th}x{tw} grid ended")
+        prior.append(upsample_token_ids(ids, th, tw))
+    return mx.array(np.stack(prior).astype(np.int32))
+
+
+def generate_prior_tokens(model, processor, prompts, height: int, width: int, images=None, key=None,
                           do_sample: bool = True, temperature: float | None = None, top_p: float | None = None,
-                          top_k: int | None = None, max_new_tokens: int | None = None, callback=None,
-                          return_sequences: bool = False):
+                          top_k: int | None = None, callback=None):
     """Prompt(s) -> prior tokens, as diffusers' ``GlmImagePipeline.generate_prior_tokens``.
 
     Returns ``(prior_token_ids, prior_token_image_ids, source_image_grid_thw)``:
     - prior_token_ids: (B, (H/16)*(W/16)) int32, the generated H/32 x W/32 grid upsampled 2x (nearest);
     - prior_token_image_ids: per sample, the source images' VQ ids upsampled 2x and concatenated (None for t2i);
     - source_image_grid_thw: per sample, (n_images, 3) source grids with h, w doubled (None for t2i).
-    Sampling settings default to the checkpoint's generation_config.json, then to transformers' defaults.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    B = len(prompts)
-    images = normalize_images(images, B)
-    t2i = images is None
-    conversations = []
-    for i, p in enumerate(prompts):
-        content = [] if t2i else [{"type": "image", "image": im} for im in images[i]]
-        content.append({"type": "text", "text": p})
-        conversations.append([{"role": "user", "content": content}])
-    inputs = processor.apply_chat_template(conversations, target_h=height, target_w=width, padding=B > 1)
-    grids = inputs["image_grid_thw"]
-    per_sample = int(inputs["images_per_sample"][0])
-    n_new, offset, th, tw = compute_generation_params(grids[:per_sample], t2i)
-    if max_new_tokens is not None:
-        n_new = max_new_tokens
-
-    image_ids = None
-    image_ids_per_sample = grids_per_sample = None
-    if not t2i:
-        n_src = len(images[0])
-        src = model.source_grids(grids, inputs["images_per_sample"])
-        image_ids = np.array(model.get_image_tokens(model.get_image_features(mx.array(inputs["pixel_values"]), src)))
-        sizes = [int(np.prod(g)) for g in src]
-        bounds = np.cumsum([0] + sizes)
-        up = [upsample_token_ids(image_ids[bounds[i]:bounds[i + 1]], int(g[1]), int(g[2])) for i, g in enumerate(src)]
-        up_grids = src.copy()
-        up_grids[:, 1:] *= 2
-        image_ids_per_sample = [mx.array(np.concatenate(up[i * n_src:(i + 1) * n_src]).astype(np.int32))
-                                for i in range(B)]
-        grids_per_sample = [mx.array(up_grids[i * n_src:(i + 1) * n_src].astype(np.int32)) for i in range(B)]
-
-    gen = dict(DEFAULTS)
-    gen.update({k: v for k, v in (getattr(model, "generation_config", None) or {}).items() if k in DEFAULTS and v is not None})
-    for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
-        if v is not None:
-            gen[k] = v
-    tc = model.config.text_config
-    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id", tc.eos_token_id)
-    seqs = generate(model, inputs["input_ids"], inputs["attention_mask"], grids, inputs["images_per_sample"],
-                    max_new_tokens=n_new, do_sample=do_sample, seed=seed, eos_token_id=eos,
-                    pad_token_id=tc.pad_token_id, image_token_ids=image_ids, callback=callback, **gen)
-    L = inputs["input_ids"].shape[1]
-    prior = []
-    for i in range(B):
-        ids = extract_large_image_tokens(seqs[i], L, offset, th * tw)
-        if ids.size != th * tw:
-            raise RuntimeError(f"sample {i} stopped after {seqs.shape[1] - L} tokens, before its {th}x{tw} grid ended")
-        prior.append(upsample_token_ids(ids, th, tw))
-    prior_ids = mx.array(np.stack(prior).astype(np.int32))
-    if return_sequences:
-        return prior_ids, image_ids_per_sample, grids_per_sample, seqs
-    return prior_ids, image_ids_per_sample, grids_per_sample
+    prompt = prior_prompt(model, processor, [prompts] if isinstance(prompts, str) else list(prompts), height, width, images)
+    sequences = sample_prior_sequences(model, prompt, key, do_sample, temperature, top_p, top_k, callback)
+    return prior_token_ids(sequences, prompt), prompt.prior_token_image_ids, prompt.source_image_grid_thw

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..weights import config_from_dict
+from ..base import config_from_dict
 
 
 @dataclass

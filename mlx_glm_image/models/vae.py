@@ -1,23 +1,31 @@
-"""diffusers' AutoencoderKL (encoder, decoder, tiling) in MLX.
+"""diffusers' AutoencoderKL (encoder, decoder) in MLX.
 
-NHWC inside (MLX's convolution layout); the public methods take and return NCHW like diffusers.
+NHWC inside (MLX's convolution layout); ``encode``/``decode`` take and return NCHW like diffusers.
 Parameter names are diffusers' so a ``vae/`` folder loads after ``sanitize`` transposes the conv kernels.
+
+Nothing here evaluates on its own. Given an ``evaluate`` function (the caller's memory policy: the pipeline
+passes ``mx.eval``), large convolutions run in row slabs, the mid-block attention in query chunks, and each
+piece and each decoder block is handed to ``evaluate`` before the next is built; without one, the whole
+encode or decode is one lazy graph. Tiling is the pipeline's (``pipeline/decode.py``).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import config_from_dict, load_into, read_config, resolve, to_dtype
+from .activations import ACTIVATIONS, activation
+from .base import PretrainedModel, config_from_dict
+
+Evaluate = Callable[[mx.array], None] | None
 
 
 @dataclass
 class AutoencoderKLConfig:
-    # Defaults: the released GLM-Image vae/config.json as described in REFERENCE.md.
+    # Defaults: diffusers' AutoencoderKL with the released vae/config.json's sizes (docs/checkpoint.md).
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple = ("DownEncoderBlock2D",) * 4
@@ -57,7 +65,7 @@ class AutoencoderKLConfig:
                 raise ValueError(f"unsupported up block {t!r} (only UpDecoderBlock2D)")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels")
-        if self.act_fn not in _ACTIVATIONS:
+        if self.act_fn not in ACTIVATIONS:
             raise ValueError(f"unsupported act_fn {self.act_fn!r}")
         for name in ("latents_mean", "latents_std"):
             v = getattr(self, name)
@@ -67,9 +75,6 @@ class AutoencoderKLConfig:
     @property
     def scale_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
-
-
-_ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "mish": nn.mish}
 
 
 class GroupNorm(nn.GroupNorm):
@@ -83,7 +88,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that convolves a large feature map in horizontal slabs, one after another.
+    """nn.Conv2d that, given ``evaluate``, convolves a large feature map in horizontal slabs, one after another.
 
     MLX may unfold a convolution's input (9x its size for a 3x3 kernel): a 1024-channel 512x512 map would
     need gigabytes at once. Each slab reads its neighbours' rows, so the result is exact; each is evaluated
@@ -92,11 +97,11 @@ class Conv2d(nn.Conv2d):
 
     max_unfold_bytes = 1 << 28
 
-    def __call__(self, x):
+    def __call__(self, x, evaluate: Evaluate = None):
         n, h, w, c = x.shape
         k = self.weight.shape[1]
         row_bytes = n * w * c * k * self.weight.shape[2] * x.dtype.size
-        if k == 1 or self.stride != (1, 1) or self.dilation != 1 or h * row_bytes <= self.max_unfold_bytes:
+        if evaluate is None or k == 1 or self.stride != (1, 1) or self.dilation != 1 or h * row_bytes <= self.max_unfold_bytes:
             return super().__call__(x)
         rows = max(1, self.max_unfold_bytes // row_bytes)
         p, q = self.padding
@@ -106,7 +111,7 @@ class Conv2d(nn.Conv2d):
             lo, hi = max(0, r0 - p), min(h, r1 + p)
             slab = mx.pad(x[:, lo:hi], [(0, 0), (p - (r0 - lo), p - (hi - r1)), (q, q), (0, 0)])
             slabs.append(mx.conv2d(slab, self.weight))
-            mx.eval(slabs[-1])
+            evaluate(slabs[-1])
         out = mx.concatenate(slabs, axis=1)
         return out + self.bias if "bias" in self else out
 
@@ -126,9 +131,9 @@ class ResnetBlock2D(nn.Module):
         if cin != cout:
             self.conv_shortcut = _conv(cin, cout, k=1, padding=0)
 
-    def __call__(self, x):
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+    def __call__(self, x, evaluate: Evaluate = None):
+        h = self.conv1(self.act(self.norm1(x)), evaluate)
+        h = self.conv2(self.act(self.norm2(h)), evaluate)
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -150,20 +155,20 @@ class Attention(nn.Module):
     max_scores_bytes = 1 << 30
     min_chunk = 256
 
-    def __call__(self, x):
+    def __call__(self, x, evaluate: Evaluate = None):
         B, H, W, C = x.shape
         N = H * W
         h = self.group_norm(x).reshape(B, 1, N, C)
         # diffusers upcasts the softmax; do the whole (one-head) attention in float32
         q, k, v = (p(h).astype(mx.float32) for p in (self.to_q, self.to_k, self.to_v))
         chunk = max(self.min_chunk, self.max_scores_bytes // (4 * N * B))
-        if chunk >= N:
+        if evaluate is None or chunk >= N:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
         else:
             parts = []
             for s in range(0, N, chunk):
                 part = mx.fast.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v, scale=C**-0.5)
-                mx.eval(part)  # one chunk's scores alive at a time
+                evaluate(part)  # one chunk's scores alive at a time
                 parts.append(part)
             out = mx.concatenate(parts, axis=2)
         return x + self.to_out[0](out.astype(x.dtype)).reshape(B, H, W, C)
@@ -174,7 +179,7 @@ class Downsample2D(nn.Module):
         super().__init__()
         self.conv = _conv(dims, dims, stride=2, padding=0)
 
-    def __call__(self, x):
+    def __call__(self, x, evaluate: Evaluate = None):
         # diffusers pads right/bottom by one (padding=0 + F.pad (0, 1, 0, 1)) before the stride-2 conv
         x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
         return self.conv(x)
@@ -185,11 +190,11 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = _conv(dims, dims)
 
-    def __call__(self, x):
+    def __call__(self, x, evaluate: Evaluate = None):
         B, H, W, C = x.shape
         # nearest x2
         x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, H * 2, W * 2, C)
-        return self.conv(x)
+        return self.conv(x, evaluate)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -199,11 +204,11 @@ class DownEncoderBlock2D(nn.Module):
         if add_downsample:
             self.downsamplers = [Downsample2D(cout)]
 
-    def __call__(self, x):
+    def __call__(self, x, evaluate: Evaluate = None):
         for r in self.resnets:
-            x = r(x)
+            x = r(x, evaluate)
         if "downsamplers" in self:
-            x = self.downsamplers[0](x)
+            x = self.downsamplers[0](x, evaluate)
         return x
 
 
@@ -214,11 +219,11 @@ class UpDecoderBlock2D(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(cout)]
 
-    def __call__(self, x):
+    def __call__(self, x, evaluate: Evaluate = None):
         for r in self.resnets:
-            x = r(x)
+            x = r(x, evaluate)
         if "upsamplers" in self:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, evaluate)
         return x
 
 
@@ -228,17 +233,17 @@ class UNetMidBlock2D(nn.Module):
         self.resnets = [ResnetBlock2D(dims, dims, groups, act) for _ in range(2)]
         self.attentions = [Attention(dims, groups)] if add_attention else []
 
-    def __call__(self, x):
-        x = self.resnets[0](x)
+    def __call__(self, x, evaluate: Evaluate = None):
+        x = self.resnets[0](x, evaluate)
         if self.attentions:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+            x = self.attentions[0](x, evaluate)
+        return self.resnets[1](x, evaluate)
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
-        ch, groups, act = cfg.block_out_channels, cfg.norm_num_groups, _ACTIVATIONS[cfg.act_fn]
+        ch, groups, act = cfg.block_out_channels, cfg.norm_num_groups, activation(cfg.act_fn)
         self.conv_in = _conv(cfg.in_channels, ch[0])
         self.down_blocks = [
             DownEncoderBlock2D(
@@ -251,18 +256,18 @@ class Encoder(nn.Module):
         self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels)  # double_z: mean and log-variance
         self.act = act
 
-    def __call__(self, x):
-        x = self.conv_in(x)
+    def __call__(self, x, evaluate: Evaluate = None):
+        x = self.conv_in(x, evaluate)
         for b in self.down_blocks:
-            x = b(x)
-        x = self.mid_block(x)
-        return self.conv_out(self.act(self.conv_norm_out(x)))
+            x = b(x, evaluate)
+        x = self.mid_block(x, evaluate)
+        return self.conv_out(self.act(self.conv_norm_out(x)), evaluate)
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
-        ch, groups, act = cfg.block_out_channels, cfg.norm_num_groups, _ACTIVATIONS[cfg.act_fn]
+        ch, groups, act = cfg.block_out_channels, cfg.norm_num_groups, activation(cfg.act_fn)
         rev = list(reversed(ch))
         self.conv_in = _conv(cfg.latent_channels, ch[-1])
         self.mid_block = UNetMidBlock2D(ch[-1], groups, act, cfg.mid_block_add_attention)
@@ -276,79 +281,28 @@ class Decoder(nn.Module):
         self.conv_out = _conv(ch[0], cfg.out_channels)
         self.act = act
 
-    def __call__(self, z, eval_each_block: bool = False):
-        x = self.mid_block(self.conv_in(z))
+    def __call__(self, z, evaluate: Evaluate = None):
+        x = self.mid_block(self.conv_in(z, evaluate), evaluate)
         for b in self.up_blocks:
-            x = b(x)
-            if eval_each_block:
+            x = b(x, evaluate)
+            if evaluate is not None:
                 # bounds the live graph to one block's activations (the high-resolution blocks dominate)
-                mx.eval(x)
-        return self.conv_out(self.act(self.conv_norm_out(x)))
+                evaluate(x)
+        return self.conv_out(self.act(self.conv_norm_out(x)), evaluate)
 
 
-def _blend_v(a: mx.array, b: mx.array, extent: int) -> mx.array:
-    """diffusers' blend_v in NHWC: the first rows of b fade in from the last rows of a."""
-    extent = min(a.shape[1], b.shape[1], extent)
-    if extent <= 0:
-        return b
-    w = (mx.arange(extent, dtype=mx.float32) / extent).reshape(1, extent, 1, 1)
-    top = a[:, -extent:].astype(mx.float32) * (1 - w) + b[:, :extent].astype(mx.float32) * w
-    return mx.concatenate([top.astype(b.dtype), b[:, extent:]], axis=1)
+class AutoencoderKL(PretrainedModel):
+    """``encode`` gives the latent mode (the posterior mean) and ``decode`` the image, both NCHW; the ``_nhwc``
+    forms are MLX's layout (what tiling works on)."""
 
+    component = "vae"
+    config_class = AutoencoderKLConfig
+    full_precision_note = "convolutions only (0.8 GB)"
 
-def _blend_h(a: mx.array, b: mx.array, extent: int) -> mx.array:
-    extent = min(a.shape[2], b.shape[2], extent)
-    if extent <= 0:
-        return b
-    w = (mx.arange(extent, dtype=mx.float32) / extent).reshape(1, 1, extent, 1)
-    left = a[:, :, -extent:].astype(mx.float32) * (1 - w) + b[:, :, :extent].astype(mx.float32) * w
-    return mx.concatenate([left.astype(b.dtype), b[:, :, extent:]], axis=2)
-
-
-def _tiled(x: mx.array, fn, tile_in: int, tile_out: int, overlap_factor: float) -> mx.array:
-    """diffusers' tiled_decode / _tiled_encode in NHWC, one tile evaluated at a time.
-
-    ``fn`` maps a (B, tile_in, tile_in, C) tile to (B, tile_out, tile_out, C'); tiles start every
-    ``tile_in * (1 - overlap)`` input pixels, overlaps are blended linearly over ``tile_out * overlap`` output
-    pixels, and each tile keeps its first ``tile_out - blend`` rows/columns. Blending uses the already-blended
-    neighbours (diffusers blends in place), so only the previous row of tiles is kept.
-    """
-    stride = int(tile_in * (1 - overlap_factor))
-    blend = int(tile_out * overlap_factor)
-    limit = tile_out - blend
-    if stride < 1 or limit < 1:
-        raise ValueError(f"tile size {tile_in} with overlap {overlap_factor} leaves no stride")
-    H, W = x.shape[1], x.shape[2]
-    prev_row: list[mx.array] = []
-    out_rows = []
-    for i in range(0, H, stride):
-        row: list[mx.array] = []
-        cropped = []
-        for jj, j in enumerate(range(0, W, stride)):
-            tile = fn(x[:, i : i + tile_in, j : j + tile_in])
-            if prev_row:
-                tile = _blend_v(prev_row[jj], tile, blend)
-            if row:
-                tile = _blend_h(row[-1], tile, blend)
-            mx.eval(tile)
-            row.append(tile)
-            cropped.append(tile[:, :limit, :limit])
-        out_rows.append(mx.concatenate(cropped, axis=2))
-        mx.eval(out_rows[-1])
-        prev_row = row
-    return mx.concatenate(out_rows, axis=1)
-
-
-class AutoencoderKL(nn.Module):
-    """``encode`` gives the latent mode (the posterior mean) and ``decode`` the image, both NCHW.
-
-    Tiling (diffusers' tiled_decode / tiled encode) is used when asked (``tiled=True``) or, by default, when
-    the image is larger than ``tile_auto_pixels``; tiles are ``tile_sample_size`` pixels, overlapping by
-    ``tile_overlap_factor``.
-    """
-
-    def __init__(self, config: AutoencoderKLConfig):
+    def __init__(self, config: AutoencoderKLConfig | dict | None = None):
         super().__init__()
+        if not isinstance(config, AutoencoderKLConfig):
+            config = AutoencoderKLConfig.from_dict(config or {})
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -356,11 +310,6 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = _conv(2 * config.latent_channels, 2 * config.latent_channels, k=1, padding=0)
         if config.use_post_quant_conv:
             self.post_quant_conv = _conv(config.latent_channels, config.latent_channels, k=1, padding=0)
-        # Tiling defaults: 512-pixel tiles (64 latents), 25% overlap; automatic above 1024x1024 pixels,
-        # so the pipeline's usual sizes decode untiled (= diffusers, which does not enable tiling).
-        self.tile_sample_size = 512
-        self.tile_overlap_factor = 0.25
-        self.tile_auto_pixels = 1024 * 1024
 
     @property
     def scale_factor(self) -> int:
@@ -369,8 +318,6 @@ class AutoencoderKL(nn.Module):
     @property
     def dtype(self) -> mx.Dtype:
         return self.encoder.conv_in.weight.dtype
-
-    # -- checks -----------------------------------------------------------------------------------------
 
     def _check(self, x: mx.array, channels: int, what: str, multiple: int = 1):
         if not isinstance(x, mx.array):
@@ -384,49 +331,26 @@ class AutoencoderKL(nn.Module):
                 f"{what} height and width must be positive multiples of {multiple}, got {x.shape[2]}x{x.shape[3]}"
             )
 
-    def _use_tiles(self, tiled: bool | None, height_px: int, width_px: int) -> bool:
-        if tiled is None:
-            return height_px * width_px > self.tile_auto_pixels and max(height_px, width_px) > self.tile_sample_size
-        return bool(tiled)
+    def encode_nhwc(self, x: mx.array, evaluate: Evaluate = None) -> mx.array:
+        """(B, H, W, 3) -> (B, H/8, W/8, 2 * latent_channels) moments (mean, then log-variance)."""
+        h = self.encoder(x, evaluate)
+        return self.quant_conv(h) if "quant_conv" in self else h
 
-    # -- encode -----------------------------------------------------------------------------------------
-
-    def _encode_nhwc(self, x):
-        h = self.encoder(x)
-        if "quant_conv" in self:
-            h = self.quant_conv(h)
-        return h
-
-    def encode(self, x: mx.array, tiled: bool | None = None) -> mx.array:
-        """(B, 3, H, W) image in [-1, 1] -> (B, latent_channels, H/8, W/8) posterior mean (diffusers' 'argmax')."""
-        self._check(x, self.config.in_channels, "image", multiple=self.scale_factor)
-        x = x.transpose(0, 2, 3, 1).astype(self.dtype)
-        if self._use_tiles(tiled, x.shape[1], x.shape[2]):
-            size = self.tile_sample_size
-            moments = _tiled(x, self._encode_nhwc, size, size // self.scale_factor, self.tile_overlap_factor)
-        else:
-            moments = self._encode_nhwc(x)
-        mean = moments[..., : self.config.latent_channels]
-        return mean.transpose(0, 3, 1, 2)
-
-    # -- decode -----------------------------------------------------------------------------------------
-
-    def _decode_nhwc(self, z, eval_each_block=False):
+    def decode_nhwc(self, z: mx.array, evaluate: Evaluate = None) -> mx.array:
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
-        return self.decoder(z, eval_each_block=eval_each_block)
+        return self.decoder(z, evaluate)
 
-    def decode(self, z: mx.array, tiled: bool | None = None) -> mx.array:
+    def encode(self, x: mx.array, evaluate: Evaluate = None) -> mx.array:
+        """(B, 3, H, W) image in [-1, 1] -> (B, latent_channels, H/8, W/8) posterior mean (diffusers' 'argmax')."""
+        self._check(x, self.config.in_channels, "image", multiple=self.scale_factor)
+        moments = self.encode_nhwc(x.transpose(0, 2, 3, 1).astype(self.dtype), evaluate)
+        return moments[..., : self.config.latent_channels].transpose(0, 3, 1, 2)
+
+    def decode(self, z: mx.array, evaluate: Evaluate = None) -> mx.array:
         """(B, latent_channels, h, w) latents (denormalized) -> (B, 3, 8h, 8w) image in about [-1, 1]."""
         self._check(z, self.config.latent_channels, "latents")
-        z = z.transpose(0, 2, 3, 1).astype(self.dtype)
-        f = self.scale_factor
-        if self._use_tiles(tiled, z.shape[1] * f, z.shape[2] * f):
-            size = self.tile_sample_size
-            out = _tiled(z, self._decode_nhwc, size // f, size, self.tile_overlap_factor)
-        else:
-            out = self._decode_nhwc(z, eval_each_block=True)
-        return out.transpose(0, 3, 1, 2)
+        return self.decode_nhwc(z.transpose(0, 2, 3, 1).astype(self.dtype), evaluate).transpose(0, 3, 1, 2)
 
     # -- latent normalization (the pipeline's, with latents_mean / latents_std) -------------------------
 
@@ -488,18 +412,9 @@ class AutoencoderKL(nn.Module):
         return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in renamed.items()}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=None, subfolder: str | None = None) -> "AutoencoderKL":
-        folder = resolve(path, subfolder)
-        if subfolder is None and not (folder / "config.json").is_file() and (folder / "vae").is_dir():
-            folder = folder / "vae"
-        config = read_config(folder)
-        cfg = AutoencoderKLConfig.from_dict(config)
-        dtype = to_dtype(dtype)
-        if dtype is not None and dtype == mx.float16 and cfg.force_upcast:
+    def load_dtype(cls, config: AutoencoderKLConfig, dtype):
+        if dtype is not None and dtype == mx.float16 and config.force_upcast:
             # force_upcast: this VAE overflows in float16; diffusers pipelines that honour the flag run it in
             # float32 (bfloat16 has float32's range and is kept as asked)
-            dtype = mx.float32
-        model = cls(cfg)
-        load_into(model, folder, config, dtype=dtype, sanitize=model.sanitize)
-        mx.eval(model.parameters())
-        return model
+            return mx.float32
+        return dtype

@@ -3,31 +3,36 @@
 Parameter names equal diffusers', so a diffusers ``transformer/`` folder loads without key mapping.
 Inside, tokens are (B, S, D) and attention runs on (B, H, S, Dh); the public call takes and returns NCHW
 latents like diffusers. Text (glyph) tokens come first in the joint sequence and get no rotary embedding.
+
+The forward never evaluates: without a ``step_hook`` it builds one lazy graph (and runs under ``mx.compile``);
+the denoising loop passes a hook that decides when each step is evaluated.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import weights as W
+from .activations import activation
+from .base import PretrainedModel, config_from_dict
 
 CACHE_MODES = ("write", "read", "skip")
 
 
 @dataclass
 class GlmImageTransformerConfig:
+    # Defaults: the released transformer/config.json (docs/checkpoint.md), not diffusers' class defaults.
     patch_size: int = 2
     in_channels: int = 16
     out_channels: int = 16
     num_layers: int = 30
-    attention_head_dim: int = 40
-    num_attention_heads: int = 64
+    attention_head_dim: int = 128
+    num_attention_heads: int = 32
     text_embed_dim: int = 1472
     time_embed_dim: int = 512
     condition_dim: int = 256
@@ -35,7 +40,7 @@ class GlmImageTransformerConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "GlmImageTransformerConfig":
-        return W.config_from_dict(cls, config)
+        return config_from_dict(cls, config)
 
     @property
     def inner_dim(self) -> int:
@@ -44,8 +49,8 @@ class GlmImageTransformerConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Fused elementwise pieces. Matmuls dominate the FLOPs; these are where compile saves memory traffic. They are
-# traced per shape (once per image size), not shapeless: on an H200 the shape-specialised kernels took up to
-# 18% less time (GELU at 1024x1024: 0.30 against 0.37 ms), and a shapeless trace mis-shapes zero-size inputs.
+# traced per shape (once per image size), not shapeless: shape-specialised kernels measured faster on an H200
+# (README, "Speed and memory"), and a shapeless trace mis-shapes zero-size inputs.
 
 
 @mx.compile
@@ -80,12 +85,6 @@ def _qk_norm_rope(x, cos, sin):
     dtype = x.dtype
     x = mx.fast.layer_norm(x, None, None, 1e-5).reshape(b, s, h, 2, d // 2).astype(mx.float32)
     return (x * cos + x[..., ::-1, :] * sin).astype(dtype).reshape(b, s, h, d)
-
-
-@mx.compile
-def _gelu_tanh(x):
-    # nn.gelu_approx's formula in the input dtype; an fp32-inside variant was measured no faster on an H200
-    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
@@ -129,10 +128,10 @@ def rope_2d(height: int, width: int, head_dim: int, theta: float = 10000.0) -> t
 class GELU(nn.Module):
     """diffusers' GELU / LinearActivation: a projection followed by its activation."""
 
-    def __init__(self, dim_in: int, dim_out: int, activation: str):
+    def __init__(self, dim_in: int, dim_out: int, activation_name: str):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)
-        self.activation = {"gelu": nn.gelu, "gelu-approximate": _gelu_tanh, "linear-silu": nn.silu}[activation]
+        self.activation = activation(activation_name)
 
     def __call__(self, x):
         return self.activation(self.proj(x))
@@ -387,11 +386,18 @@ def _as_array(x, dtype=None) -> mx.array:
     return x.astype(dtype) if dtype is not None else x
 
 
-class GlmImageTransformer2DModel(nn.Module):
-    def __init__(self, config: GlmImageTransformerConfig | dict):
+class GlmImageTransformer2DModel(PretrainedModel):
+    component = "transformer"
+    config_class = GlmImageTransformerConfig
+    quantize_by_default = True
+    full_precision_note = "timestep/size conditioning, the patch in/out projections and the prior-token table"
+    # Their error would reach every token of every step.
+    FULL_PRECISION = ("time_condition_embed", "image_projector", "norm_out", "proj_out", "prior_token_embedding")
+
+    def __init__(self, config: GlmImageTransformerConfig | dict | None = None):
         super().__init__()
-        if isinstance(config, dict):
-            config = GlmImageTransformerConfig.from_dict(config)
+        if not isinstance(config, GlmImageTransformerConfig):
+            config = GlmImageTransformerConfig.from_dict(config or {})
         self.config = config
         c = config
         dim = c.inner_dim
@@ -406,32 +412,13 @@ class GlmImageTransformer2DModel(nn.Module):
         ]
         self.norm_out = GlmImageAdaLayerNormContinuous(dim, c.time_embed_dim)
         self.proj_out = nn.Linear(dim, c.patch_size**2 * c.out_channels)
-        # Evaluating step by step (a block's attention, then its feed-forward) bounds peak memory to a few
-        # steps' activations; False keeps one lazy graph per forward, which holds every block's activations.
-        # While the device runs one step the CPU already encodes the next `steps_in_flight - 1`, so the
-        # device does not idle; 1 is the strictly synchronous schedule (README.md, "Speed and memory").
-        self.eval_per_block = False
-        self.steps_in_flight = 2
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.proj_out.bias.dtype
 
-    # -- loading -------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        # diffusers' names and layouts are ours (the dropout slot net.1 holds no weights): nothing to map.
-        return weights
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None, subfolder: str | None = None) -> "GlmImageTransformer2DModel":
-        """Load a diffusers (or converted MLX) ``transformer/`` folder, lazily memory-mapped."""
-        folder = W.resolve(path, subfolder)
-        config = W.read_config(folder)
-        model = cls(GlmImageTransformerConfig.from_dict(config))
-        W.load_into(model, folder, config, dtype=dtype, sanitize=cls.sanitize)
-        return model
+    def quant_predicate(self, path: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and not path.startswith(self.FULL_PRECISION)
 
     # -- forward -------------------------------------------------------------------------------------------
 
@@ -445,7 +432,7 @@ class GlmImageTransformer2DModel(nn.Module):
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {c.patch_size}")
         tokens = (h // c.patch_size) * (w // c.patch_size)
-        if prior_token_id.shape[-1] != tokens:
+        if prior_token_id.shape[-1] not in (1, tokens):  # one id is broadcast over the grid, as in diffusers
             raise ValueError(
                 f"prior_token_id has {prior_token_id.shape[-1]} tokens, a {h}x{w} latent needs "
                 f"{h // c.patch_size}x{w // c.patch_size} = {tokens}"
@@ -470,14 +457,40 @@ class GlmImageTransformer2DModel(nn.Module):
         crop_coords,
         attention_mask=None,
         kv_caches: GlmImageKVCache | None = None,
-    ) -> mx.array:
-        """Velocity for latents ``hidden_states`` (B, C, H, W); returns (B, C, H, W) in the model's dtype.
+        return_dict: bool = True,
+        step_hook: Callable[[mx.array], mx.array] | None = None,
+    ):
+        """Velocity for latents ``hidden_states`` (B, C, H, W): (B, C, H, W) in the model's dtype, as
+        ``Transformer2DModelOutput(sample=...)`` or, with ``return_dict=False``, the tuple ``(sample,)``.
 
-        encoder_hidden_states: (B, L, text_embed_dim) glyph embeddings (L may be 0); prior_token_id: (B, N) or
-        (N,) ids on the token grid; prior_token_drop: bool, same shape (True zeroes that prior embedding
+        encoder_hidden_states: (B, L, text_embed_dim) glyph embeddings (L may be 0); prior_token_id: (B, N), (N,)
+        or (1,) ids on the token grid; prior_token_drop: bool, same shape (True zeroes that prior embedding
         before the projector) or per sample; timestep: (B,) or scalar; target_size, crop_coords: (B, 2);
-        attention_mask: (B, L) with 1 for real text tokens.
+        attention_mask: (B, L) with 1 for real text tokens. ``step_hook(x) -> x`` is called on the joint
+        token sequence after each of a block's two steps (attention, feed-forward): the caller's place to
+        evaluate. The forward itself evaluates nothing.
         """
+        c = self.config
+        x, text_len, temb, cos, sin, is_text, mask = self._embed(
+            hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
+            crop_coords, attention_mask,
+        )
+        for i, block in enumerate(self.transformer_blocks):
+            cache = kv_caches[i] if kv_caches is not None else None
+            for step in block.steps(is_text, temb, cos, sin, mask, cache):
+                x = step(x)
+                if step_hook is not None:
+                    x = step_hook(x)
+        x = self.proj_out(self.norm_out(x[:, text_len:], temb))  # (B, N, p*p*C_out)
+        b, _, h, w = hidden_states.shape
+        p = c.patch_size
+        gh, gw = h // p, w // p
+        x = x.reshape(b, gh, gw, -1, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(b, -1, gh * p, gw * p)
+        return Transformer2DModelOutput(sample=x) if return_dict else (x,)
+
+    def _embed(self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
+               crop_coords, attention_mask):
+        """The joint token sequence (text then image tokens) and what every block reads."""
         dtype = self.dtype
         hidden_states = _as_array(hidden_states, dtype)
         encoder_hidden_states = _as_array(encoder_hidden_states, dtype)
@@ -485,7 +498,6 @@ class GlmImageTransformer2DModel(nn.Module):
         self._check_inputs(hidden_states, encoder_hidden_states, prior_token_id)
         c = self.config
         b, _, h, w = hidden_states.shape
-        gh, gw = h // c.patch_size, w // c.patch_size
 
         timestep = mx.broadcast_to(_as_array(timestep, mx.float32).reshape(-1), (b,))
         target_size = mx.broadcast_to(_as_array(target_size, mx.float32).reshape(-1, 2), (b, 2))
@@ -495,21 +507,15 @@ class GlmImageTransformer2DModel(nn.Module):
         text = self.glyph_projector(encoder_hidden_states)  # (B, L, D)
         if text.shape[0] != b:
             text = mx.broadcast_to(text, (b, *text.shape[1:]))
-        prior = self.prior_token_embedding(prior_token_id)  # (B, N, D) or (N, D)
+        prior = self.prior_token_embedding(prior_token_id)  # (B, N, D), (N, D) or (1, D)
         drop = _as_array(prior_token_drop).astype(mx.bool_)
         drop = drop.reshape(*drop.shape, *([1] * (prior.ndim - drop.ndim)))
         prior = mx.where(drop, mx.zeros_like(prior), prior)
         x = x + self.prior_projector(prior)
 
         temb = self.time_condition_embed(timestep, target_size, crop_coords, dtype)
-
         text_len = text.shape[1]
-        cos, sin = rope_2d(gh, gw, c.attention_head_dim)
-        # Text tokens get the identity rotation (cos 1, sin 0), so one table covers the joint sequence.
-        half = c.attention_head_dim // 2
-        cos = mx.concatenate([mx.ones((text_len, cos.shape[1])), cos]).reshape(-1, 1, 2, half)
-        sin = mx.concatenate([mx.zeros((text_len, sin.shape[1])), sin]).reshape(-1, 1, 2, half)
-        sin = sin * mx.array([-1.0, 1.0])[:, None]  # rotate-half: the first half takes -x2 * sin
+        cos, sin = self._rope(text_len, h // c.patch_size, w // c.patch_size)
         is_text = (mx.arange(text_len + x.shape[1]) < text_len)[:, None]
         mask = None
         if attention_mask is not None:
@@ -517,28 +523,24 @@ class GlmImageTransformer2DModel(nn.Module):
             if attention_mask.shape != (b, text_len):
                 raise ValueError(f"attention_mask must be (batch, text_len) = {(b, text_len)}, got {tuple(attention_mask.shape)}")
             # diffusers casts its boolean pair mask to the query dtype before SDPA, so it ADDS 1 to the
-            # scores of pairs of real tokens instead of hiding padding. Matched as is (see README). Without
-            # padding that adds 1 to every score, which softmax ignores: then no mask at all, the fast path.
-            if not mx.all(attention_mask > 0).item():
-                valid = mx.concatenate([(attention_mask > 0).astype(dtype), mx.ones((b, x.shape[1]), dtype)], axis=1)
-                mask = valid[:, None, :, None] * valid[:, None, None, :]  # (B, 1, S, S)
+            # scores of pairs of real tokens instead of hiding padding. Matched as is (see README).
+            valid = mx.concatenate([(attention_mask > 0).astype(dtype), mx.ones((b, x.shape[1]), dtype)], axis=1)
+            mask = valid[:, None, :, None] * valid[:, None, None, :]  # (B, 1, S, S)
+        return mx.concatenate([text, x], axis=1), text_len, temb, cos, sin, is_text, mask
 
-        x = mx.concatenate([text, x], axis=1)
-        writing = kv_caches is not None and kv_caches[0].mode == "write"
-        in_flight = []
-        for i, block in enumerate(self.transformer_blocks):
-            cache = kv_caches[i] if kv_caches is not None else None
-            for step in block.steps(is_text, temb, cos, sin, mask, cache):
-                x = step(x)
-                # The write pass stays lazy: its keys/values are computed by the first step that reads them.
-                if self.eval_per_block and not writing:
-                    mx.async_eval(x)
-                    in_flight.append(x)
-                    if len(in_flight) >= self.steps_in_flight:
-                        mx.eval(in_flight.pop(0))  # waits for that step; it is already scheduled
-        x = x[:, text_len:]
+    def _rope(self, text_len: int, gh: int, gw: int):
+        """cos/sin for the joint sequence as _qk_norm_rope takes them: text tokens get the identity rotation
+        (cos 1, sin 0), so one table covers it; sin is signed for rotate-half."""
+        head_dim = self.config.attention_head_dim
+        cos, sin = rope_2d(gh, gw, head_dim)
+        half = head_dim // 2
+        cos = mx.concatenate([mx.ones((text_len, cos.shape[1])), cos]).reshape(-1, 1, 2, half)
+        sin = mx.concatenate([mx.zeros((text_len, sin.shape[1])), sin]).reshape(-1, 1, 2, half)
+        return cos, sin * mx.array([-1.0, 1.0])[:, None]  # rotate-half: the first half takes -x2 * sin
 
-        x = self.proj_out(self.norm_out(x, temb))  # (B, N, p*p*C_out)
-        p = c.patch_size
-        x = x.reshape(b, gh, gw, -1, p, p).transpose(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, -1, gh * p, gw * p)
+
+@dataclass
+class Transformer2DModelOutput:
+    """diffusers' Transformer2DModelOutput."""
+
+    sample: mx.array

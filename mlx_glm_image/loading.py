@@ -1,0 +1,217 @@
+"""Reading checkpoints: one rule for where a component's files are, lazy safetensors, strict key/shape checks.
+
+A component is found in a pipeline folder (``root/component``), in its own folder, or on the Hugging Face Hub
+(a repo id; only that component's files are fetched). Loading a model is: read its folder's safetensors
+lazily (``mx.load`` memory-maps them), let the model's ``sanitize`` fix the few layout differences, turn on
+quantization for the layers the folder stores quantized (or quantize at load time when asked), and assign.
+Nothing here knows a particular architecture: the models say what they need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import quantize as Q
+from .models.base import PretrainedModel
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# safetensors dtype names -> bytes per element (for sizes computed from headers alone)
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+# The file that marks each component's own folder (a pipeline root holds the component as a subfolder).
+MARKERS = {"scheduler": "scheduler_config.json", "processor": "tokenizer.json", "tokenizer": "tokenizer_config.json"}
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be read as asked (missing, corrupt, wrong keys or shapes); one line for the user."""
+
+
+def to_dtype(dtype) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "").replace("mlx.core.", "")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a component is
+
+
+def is_local(path_or_repo) -> bool:
+    """A string that names a local path (it exists, or starts with /, . or ~) is never sent to the Hub."""
+    text = str(path_or_repo)
+    return isinstance(path_or_repo, os.PathLike) or Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+
+
+def fetch(repo_id: str, patterns: list[str] | None) -> Path:
+    """A snapshot of ``repo_id`` on the Hub holding the files that match ``patterns`` (all when None)."""
+    if repo_id.count("/") != 1:
+        raise WeightsError(f"{repo_id} does not exist (expected a local folder or a Hugging Face repo id like org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: one line for the user
+        raise WeightsError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}") from None
+
+
+def component_folder(path_or_repo, component: str, subfolder: str | None = None, files: str = "*") -> Path:
+    """The one rule: ``root/component`` of a pipeline folder, the component's own folder, or the Hub's copy.
+
+    ``subfolder`` (diffusers' argument) names the folder inside ``path_or_repo`` explicitly; from the Hub only
+    the component's files matching ``files`` are fetched (``"*.json"``: its configs alone).
+    """
+    name = subfolder or component
+    if not is_local(path_or_repo):
+        root = fetch(str(path_or_repo), [f"{name}/{files}", "model_index.json"])
+        if not (root / name).is_dir():
+            raise WeightsError(f"{path_or_repo} has no folder {name!r}")
+        return root / name
+    path = Path(path_or_repo).expanduser()
+    if not path.is_dir():
+        raise WeightsError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
+    if (path / name).is_dir():
+        return path / name
+    if subfolder is None and (path / MARKERS.get(component, "config.json")).is_file():
+        return path
+    raise WeightsError(f"{path} has no {name}/ folder")
+
+
+def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight files
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of one component: those named by an index json, else every *.safetensors."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{indexes[0]} is not a safetensors index: {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise WeightsError(f"{f.name} is named by {indexes[0].name} but missing from {folder}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no .safetensors weights in {folder}")
+    return files
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file, checked against the file's size (catches truncation)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not a valid safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end != size:
+        raise WeightsError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}")
+    return header
+
+
+def load_weights(folder: str | os.PathLike) -> dict[str, mx.array]:
+    """All tensors of a component folder as lazy (memory-mapped) MLX arrays."""
+    weights: dict[str, mx.array] = {}
+    for f in safetensors_files(folder):
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise WeightsError(f"cannot read {f}: {e}") from None
+    return weights
+
+
+def weight_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of a component's weights, from the file sizes (nothing is read)."""
+    return sum(f.stat().st_size for f in safetensors_files(folder))
+
+
+def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    if dtype is None:
+        return weights
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def check_keys(model, weights: dict[str, mx.array], where) -> None:
+    """Name what is wrong in one line before MLX's own (longer) error would."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+            raise WeightsError(f"{where}: {what} weights {', '.join(keys[:3])}{more}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise WeightsError(f"{where}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+
+
+def load_into(model, folder, config: dict, dtype=None, weights: dict[str, mx.array] | None = None):
+    """Load a component folder's weights into ``model`` (strict: every key present, every shape equal)."""
+    weights = model.sanitize(load_weights(folder) if weights is None else weights)
+    if config.get("quantization"):
+        Q.apply_stored(model, config["quantization"], weights)
+    weights = cast_floating(weights, to_dtype(dtype))
+    check_keys(model, weights, folder)
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+def build(cls, config: dict, where):
+    """The model a config.json describes; a config the model cannot take is one line naming the file."""
+    try:
+        return cls(cls.config_class.from_dict(config))
+    except (TypeError, ValueError, KeyError) as e:
+        raise WeightsError(f"{where}/config.json does not describe a {cls.component}: {e}") from None
+
+
+def load_model(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None):
+    """``cls.from_pretrained``: find the component, build the model from its config, load its weights lazily, and
+    quantize it by its own predicate when ``quantize`` (a QuantSpec or bits) is given and the folder is not
+    quantized already. A ``generation_config.json`` beside the weights becomes ``model.generation_config``."""
+    folder = component_folder(path_or_repo, cls.component, subfolder)
+    config = read_config(folder)
+    model = build(cls, config, folder)
+    dtype = cls.load_dtype(model.config, to_dtype(dtype))
+    load_into(model, folder, config, dtype=dtype)
+    if quantize and not config.get("quantization"):
+        Q.quantize_model(model, Q.as_spec(quantize))
+    model.after_load()
+    if hasattr(model, "generation_config") and (folder / "generation_config.json").is_file():
+        model.generation_config = read_config(folder, "generation_config.json")
+    return model
+
+
+PretrainedModel._loader = staticmethod(load_model)

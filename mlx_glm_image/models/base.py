@@ -1,0 +1,55 @@
+"""What every model shares: its config dataclass read from config.json, its quantization predicate, and
+diffusers' ``from_pretrained``.
+
+Models never read files: ``from_pretrained`` hands over to the loader that ``mlx_glm_image.loading`` installs
+when the package is imported, so the imports point one way (loading -> models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.nn as nn
+
+
+def config_from_dict(cls, config: dict, exclude: tuple[str, ...] = ()):
+    """A config dataclass from a config.json dict; the reference's other keys (_class_name, ...) are ignored."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a {cls.__name__} needs a JSON object, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    return cls(**{k: v for k, v in config.items() if k in names})
+
+
+class PretrainedModel(nn.Module):
+    """Base of the four models. Subclasses set ``component`` (their folder in a pipeline checkpoint) and may
+    override ``sanitize`` (the reference's layouts -> ours), ``quant_predicate`` and ``load_dtype``."""
+
+    component = ""
+    config_class = None  # the config dataclass; it has from_dict(config.json)
+    # Quantized by `convert -q` and by load-time quantization unless the user names the components.
+    quantize_by_default = False
+    # Why the layers that quant_predicate refuses stay in full precision (shown by the converter).
+    full_precision_note = ""
+    _loader = None  # set by mlx_glm_image.loading
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None):
+        """A pipeline folder (its ``component/`` is used), the component's own folder, or a Hugging Face repo id
+        (only this component's files are fetched); weights are memory-mapped and read on first use."""
+        return PretrainedModel._loader(cls, path_or_repo, subfolder=subfolder, dtype=dtype, quantize=quantize)
+
+    @staticmethod
+    def sanitize(weights: dict) -> dict:
+        return weights
+
+    def quant_predicate(self, path: str, module: nn.Module) -> bool:
+        """Whether a layer may be quantized (the group size decides the rest): every linear layer by default."""
+        return isinstance(module, nn.Linear)
+
+    @classmethod
+    def load_dtype(cls, config, dtype):
+        """The dtype to load in when ``dtype`` is asked (a model may refuse one it overflows in)."""
+        return dtype
+
+    def after_load(self):
+        """Adjust parameters once loaded (e.g. keep a layer in float32)."""

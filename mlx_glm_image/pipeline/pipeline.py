@@ -1,0 +1,438 @@
+"""GlmImagePipeline: prompt (and optional condition images) -> images, with diffusers' names and call conventions.
+
+The pipeline holds its components (diffusers' attribute names), loads each on first use, and keeps it or frees
+it after its stage by its memory policy. A call reads as its stages: prior tokens (the AR model), glyph
+embeddings (the T5 encoder), denoising (the DiT, with the condition images' KV cache when editing), decoding
+(the VAE). Each stage's work lives in its own module of this package; only ``loading`` reads files.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from .. import loading
+from ..models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
+from ..models.dit import GlmImageTransformerConfig
+from ..models.vae import AutoencoderKLConfig
+from ..scheduler import FlowMatchEulerDiscreteScheduler
+from . import decode as vae_codec
+from .denoise import DenoiseInputs, denoise, prepare_latents, write_condition_cache
+from .glyphs import ByT5Tokenizer, get_glyph_embeds
+from .image_processor import VaeImageProcessor
+from .prior_tokens import as_key, generate_prior_tokens, normalize_images
+from .processor import GlmImageProcessor
+
+DEFAULT_REPO = "zai-org/GLM-Image"
+MODELS = {
+    "vision_language_encoder": GlmImageForConditionalGeneration,
+    "text_encoder": T5EncoderModel,
+    "transformer": GlmImageTransformer2DModel,
+    "vae": AutoencoderKL,
+}
+MEMORY_MODES = ("auto", "resident", "staged")
+# "auto" keeps every component resident when their weights take at most this share of the memory budget; the
+# rest is left for activations (the DiT's at 2048x2048, the VAE's decode) and for the system.
+RESIDENT_SHARE = 0.6
+
+
+@dataclass
+class GlmImagePipelineOutput:
+    images: list  # PIL images, an (B, H, W, 3) array for "np", an NCHW MLX array for "mx", or latents
+    prior_token_ids: mx.array | None = None
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    peak_memory: dict = field(default_factory=dict)  # bytes per stage (MLX's allocator high-water mark)
+
+
+def memory_budget() -> int:
+    """Bytes the models may use: Metal's recommended working set, else the memory available now."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _component(name: str, doc: str) -> property:
+    def get(self):
+        return self._get(name)
+
+    def set(self, value):
+        self._components[name] = value
+
+    return property(get, set, doc=doc)
+
+
+class GlmImagePipeline:
+    """``GlmImagePipeline.from_pretrained(path_or_repo)(prompt)`` like diffusers, in MLX.
+
+    Components are diffusers' attributes; each model is loaded on first use. ``memory``: "resident" keeps every
+    loaded model (a second call loads nothing), "staged" frees each model after its stage (the peak is the
+    largest stage, for 16 GB Macs), "auto" chooses resident when the weights take at most
+    ``RESIDENT_SHARE`` of the memory budget (Metal's recommended working set, else the available memory).
+    ``dtype`` is the compute dtype of the DiT, the AR model and the VAE; the glyph encoder keeps its
+    checkpoint's. ``quantize`` (bits, or a ``quantize.QuantSpec``) quantizes the full-precision DiT and AR
+    model once, at load time, by their own predicates; a converted folder is used as it is.
+    """
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    transformer = _component("transformer", "the DiT (GlmImageTransformer2DModel)")
+    vae = _component("vae", "the VAE (AutoencoderKL)")
+    text_encoder = _component("text_encoder", "the ByT5 glyph encoder (T5EncoderModel)")
+    vision_language_encoder = _component("vision_language_encoder", "the AR prior model")
+    tokenizer = _component("tokenizer", "the glyph encoder's ByT5 tokenizer")
+    processor = _component("processor", "the AR model's tokenizer, chat template and image processor")
+    scheduler = _component("scheduler", "the flow-matching Euler scheduler")
+
+    def __init__(self, scheduler=None, transformer=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
+                 vision_language_encoder=None, *, source=None, dtype="bfloat16", quantize=None, memory: str = "resident",
+                 vae_tiling: bool | None = None, verbose: bool = False):
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        given = dict(scheduler=scheduler, transformer=transformer, vae=vae, text_encoder=text_encoder,
+                     tokenizer=tokenizer, processor=processor, vision_language_encoder=vision_language_encoder)
+        self._components = {k: v for k, v in given.items() if v is not None}
+        self.source = source  # where components not given are loaded from: a folder or a Hub repo id
+        self.dtype = loading.to_dtype(dtype)
+        self.quantize = quantize
+        self.vae_tiling = vae_tiling  # None: by size (pipeline/decode.py)
+        self.verbose = verbose
+        self.loads = 0  # models loaded from files so far
+        self.memory = self._resolve_memory(memory)
+        vae_config = vae.config if vae is not None else AutoencoderKLConfig.from_dict(self._config("vae"))
+        dit_config = (transformer.config if transformer is not None
+                      else GlmImageTransformerConfig.from_dict(self._config("transformer")))
+        self.vae_scale_factor = vae_config.scale_factor
+        self.patch_size = dit_config.patch_size
+        self.latent_channels = dit_config.in_channels
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype="bfloat16", quantize=None,
+                        memory: str = "auto", **kwargs) -> "GlmImagePipeline":
+        """A pipeline folder (diffusers layout, or converted by convert.py) or a Hugging Face repo id (each
+        component's files are fetched when it is first used). Nothing heavy is read here."""
+        if loading.is_local(path_or_repo):
+            root = Path(path_or_repo).expanduser()
+            if not root.is_dir():
+                raise loading.WeightsError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
+            if not (root / "transformer").is_dir():
+                raise loading.WeightsError(f"{root} is not a GLM-Image pipeline folder (no transformer/ inside)")
+            path_or_repo = root
+        return cls(source=path_or_repo, dtype=dtype, quantize=quantize, memory=memory, **kwargs)
+
+    # -- components -----------------------------------------------------------------------------------------
+
+    def _folder(self, name: str, files: str = "*") -> Path:
+        if self.source is None:
+            raise loading.WeightsError(f"this pipeline has no {name} and no source to load it from")
+        return loading.component_folder(self.source, name, files=files)
+
+    def _config(self, name: str) -> dict:
+        return loading.read_config(self._folder(name, files="*.json"))
+
+    def _get(self, name: str):
+        if name not in self._components:
+            self._components[name] = self._load(name)
+        return self._components[name]
+
+    def _load(self, name: str):
+        if name == "scheduler":
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(self._folder(name))
+        if name == "processor":
+            return GlmImageProcessor.from_pretrained(self._folder(name))
+        if name == "tokenizer":
+            try:
+                return ByT5Tokenizer.from_pretrained(self._folder(name))
+            except loading.WeightsError:  # ByT5 needs no vocabulary file: its defaults are the tokenizer
+                return ByT5Tokenizer()
+        t0 = time.perf_counter()
+        cls = MODELS[name]
+        quantize = self.quantize if cls.quantize_by_default else None
+        dtype = None if name == "text_encoder" else self.dtype  # ByT5 keeps its checkpoint's float32
+        model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize)
+        self.loads += 1
+        self._log(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
+        return model
+
+    def _resolve_memory(self, memory: str) -> str:
+        if memory != "auto":
+            return memory
+        try:
+            weights = sum(loading.weight_bytes(self._folder(n)) for n in MODELS if self._local_component(n))
+        except loading.WeightsError:
+            return "staged"
+        return "resident" if weights <= RESIDENT_SHARE * memory_budget() else "staged"
+
+    def _local_component(self, name: str) -> bool:
+        # Only local folders are measured: sizing a Hub checkpoint would download it.
+        return self.source is not None and loading.is_local(self.source) and (Path(self.source) / name).is_dir()
+
+    def _release(self, *names: str):
+        """After a stage, in staged memory: drop that stage's models (if they were loaded from files)."""
+        if self.memory != "staged" or self.source is None:
+            return
+        for name in names:
+            self._components.pop(name, None)
+        gc.collect()
+        mx.clear_cache()
+
+    def _log(self, message: str):
+        if self.verbose:
+            print(message, flush=True)
+
+    # -- checks ---------------------------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths are multiples of this: the AR model's token grid is half the DiT's."""
+        return self.vae_scale_factor * self.patch_size * 2
+
+    def check_inputs(self, prompt, prompt_embeds, prior_token_ids, prior_token_image_ids, source_image_grid_thw, image,
+                     output_type, num_images_per_prompt, tensor_inputs):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
+        if prompt is None and prior_token_ids is None:
+            raise ValueError("Provide either `prompt` or `prior_token_ids`.")
+        if (prior_token_image_ids is None) != (source_image_grid_thw is None):
+            raise ValueError("`prior_token_image_ids` and `source_image_grid_thw` must be provided together for image editing.")
+        if prior_token_image_ids is not None and (prior_token_ids is None or image is None):
+            raise ValueError("`prior_token_image_ids` needs `prior_token_ids` and the condition `image` too.")
+        if output_type not in ("pil", "np", "latent", "mx"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'mx' or 'latent', got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be at least 1")
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found {unknown}")
+
+    def image_size(self, images, height: int | None, width: int | None) -> tuple[int, int]:
+        """The size to generate, checked: as asked, else the first condition image's rounded down to the size
+        multiple, else 1024x1024."""
+        m = self.size_multiple
+        if images is not None and (height is None or width is None):
+            w0, h0 = _image_size(images[0][0])
+            height, width = height or (h0 // m) * m, width or (w0 // m) * m
+        height, width = height or 1024, width or 1024
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
+        return height, width
+
+    # -- the call -------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 1.5,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents: mx.array | None = None,
+        prompt_embeds: mx.array | None = None,
+        negative_prompt_embeds: mx.array | None = None,
+        prior_token_ids: mx.array | None = None,
+        prior_token_image_ids: list | None = None,
+        source_image_grid_thw: list | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = 2048,
+        seed: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        progress: bool = False,
+    ):
+        """diffusers' ``GlmImagePipeline.__call__``; ``generator`` is an MLX key or an integer seed (``seed=``
+        too) and drives both the AR sampling and the noise. ``callback_on_step_end(pipe, i, t, kwargs)`` gets
+        the tensors named by ``callback_on_step_end_tensor_inputs`` after each step and may return replacements.
+        Returns ``GlmImagePipelineOutput`` or, with ``return_dict=False``, ``(images,)``."""
+        self.check_inputs(prompt, prompt_embeds, prior_token_ids, prior_token_image_ids, source_image_grid_thw, image,
+                          output_type, num_images_per_prompt, callback_on_step_end_tensor_inputs)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        images = normalize_images(image, len(prompts) if prompts is not None else prompt_embeds.shape[0])
+        height, width = self.image_size(images, height, width)
+        key = as_key(generator if generator is not None else seed)
+        stages = _StageTimer(self._log)
+
+        with stages("prior"):
+            if prior_token_ids is None:
+                prior_token_ids, prior_token_image_ids, source_image_grid_thw = self.generate_prior_tokens(
+                    prompts, height, width, images, key, temperature, top_p, top_k, progress)
+            prior_token_ids = _as_ids(prior_token_ids)
+            mx.eval(prior_token_ids)
+        with stages("glyph encoder"):
+            prompt_embeds, negative_prompt_embeds = self._prompt_embeds(
+                prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, num_images_per_prompt, max_sequence_length)
+        with stages("denoising"):
+            latents = self._denoise(latents, key, height, width, images, prior_token_ids, prior_token_image_ids,
+                                    source_image_grid_thw, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                                    num_images_per_prompt, crops_coords_top_left, num_inference_steps, timesteps,
+                                    sigmas, callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
+        if output_type == "latent":
+            result = latents
+        else:
+            with stages("vae decode"):
+                result = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        if not return_dict:
+            return (result,)
+        return GlmImagePipelineOutput(result, prior_token_ids, stages.timings, stages.peaks)
+
+    # -- stages ---------------------------------------------------------------------------------------------
+
+    def generate_prior_tokens(self, prompt: list[str], height: int, width: int, image=None, generator=None,
+                              temperature=None, top_p=None, top_k=None, progress: bool = False):
+        """The AR stage: (prior_token_ids, prior_token_image_ids per sample, source grids per sample)."""
+        if self.source is not None and "vision_language_encoder" not in self._components:
+            self._folder("vision_language_encoder", files="*.json")  # one line if the AR model is missing
+        callback = bar = None
+        if progress:
+            from tqdm import tqdm
+
+            th, tw, ph, pw = GlmImageProcessor._get_target_shape(height, width)
+            bar = tqdm(total=th * tw + 1 + (ph * pw if image is None else 0), desc="prior tokens", unit="tok")
+            callback = lambda *a, **k: bar.update(1)  # noqa: E731
+        try:
+            return generate_prior_tokens(self.vision_language_encoder, self.processor, prompt, height, width,
+                                         images=image, key=generator, temperature=temperature, top_p=top_p, top_k=top_k,
+                                         callback=callback)
+        finally:
+            if bar is not None:
+                bar.close()
+            self._release("vision_language_encoder")
+
+    def encode_prompt(self, prompt: list[str], do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
+                      max_sequence_length: int = 2048):
+        """Glyph embeddings of the prompts and of the empty negative prompt (diffusers' encode_prompt)."""
+        encoder, tokenizer = self.text_encoder, self.tokenizer
+        embeds = get_glyph_embeds(encoder, prompt, max_sequence_length, tokenizer=tokenizer)
+        negative = (get_glyph_embeds(encoder, [""] * len(prompt), max_sequence_length, tokenizer=tokenizer)
+                    if do_classifier_free_guidance else None)
+        mx.eval([e for e in (embeds, negative) if e is not None])
+        self._release("text_encoder")
+        return _repeat(embeds, num_images_per_prompt), _repeat(negative, num_images_per_prompt)
+
+    def _prompt_embeds(self, prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, per_prompt, max_length):
+        do_cfg = guidance_scale > 1.0
+        if prompt_embeds is None:
+            return self.encode_prompt(prompts, do_cfg, per_prompt, max_length)
+        if do_cfg and negative_prompt_embeds is None:
+            raise ValueError("`negative_prompt_embeds` are needed with `prompt_embeds` when guidance_scale > 1")
+        return _repeat(mx.array(prompt_embeds), per_prompt), _repeat(negative_prompt_embeds, per_prompt) if do_cfg else None
+
+    def encode_condition_images(self, images: list[list]) -> list[list[tuple[mx.array, tuple[int, int]]]]:
+        """Per sample, each condition image as normalized VAE latents and its (height, width) in pixels."""
+        m = self.vae_scale_factor * self.patch_size
+        vae = self.vae
+        out = []
+        for sample_images in images:
+            encoded = []
+            for img in sample_images:
+                w0, h0 = _image_size(img)
+                pixels = self.image_processor.preprocess(img, height=(h0 // m) * m, width=(w0 // m) * m)
+                z = vae_codec.encode(vae, pixels.astype(vae.dtype), tiled=self.vae_tiling)
+                encoded.append((vae.normalize_latents(z), tuple(pixels.shape[-2:])))
+            out.append(encoded)
+        self._release("vae")
+        return out
+
+    def _denoise(self, latents, key, height, width, images, prior_token_ids, prior_token_image_ids, source_image_grid_thw,
+                 prompt_embeds, negative_prompt_embeds, guidance_scale, per_prompt, crop, steps, timesteps, sigmas,
+                 callback, tensor_inputs, progress) -> mx.array:
+        total = prompt_embeds.shape[0]
+        f = self.vae_scale_factor
+        latents = prepare_latents((total, self.latent_channels, height // f, width // f), latents, key)
+        conditions = self.encode_condition_images(images) if images is not None else None
+        transformer = self.transformer
+        dtype = transformer.dtype
+        kv_caches = None
+        if conditions is not None:
+            kv_caches = write_condition_cache(transformer, conditions, prior_token_image_ids, source_image_grid_thw)
+        inputs = DenoiseInputs(
+            prompt_embeds.astype(dtype),
+            negative_prompt_embeds.astype(dtype) if negative_prompt_embeds is not None else None,
+            mx.repeat(prior_token_ids, per_prompt, axis=0) if per_prompt > 1 else prior_token_ids,
+            mx.array([[height, width]] * total, dtype=mx.float32), mx.array([list(crop)] * total, dtype=mx.float32),
+            guidance_scale)
+        image_seq_len = (height // f) * (width // f) // self.patch_size**2
+        self.scheduler.set_timesteps(steps, image_seq_len=image_seq_len, timesteps=timesteps, sigmas=sigmas)
+        on_step_end = self._step_callback(callback, tensor_inputs, inputs) if callback is not None else None
+        latents = denoise(transformer, self.scheduler, latents, inputs, kv_caches, on_step_end, progress)
+        if kv_caches is not None:
+            kv_caches.clear()
+        self._release("transformer")
+        return latents
+
+    def _step_callback(self, callback, tensor_inputs, inputs: DenoiseInputs):
+        """diffusers' protocol: ``callback(pipe, i, t, {name: tensor})`` may return replacements."""
+
+        def on_step_end(i, t, latents):
+            values = {"latents": latents, "prompt_embeds": inputs.prompt_embeds}
+            returned = callback(self, i, t, {k: values[k] for k in tensor_inputs}) or {}
+            if "prompt_embeds" in returned:
+                inputs.prompt_embeds = returned["prompt_embeds"]
+            return returned.get("latents", latents)
+
+        return on_step_end
+
+    def decode_latents(self, latents: mx.array) -> mx.array:
+        """Denormalize and decode (B, C, h, w) latents to (B, 3, H, W) pixels in about [-1, 1]."""
+        vae = self.vae
+        pixels = vae_codec.decode(vae, vae.denormalize_latents(latents.astype(vae.dtype)), tiled=self.vae_tiling)
+        self._release("vae")
+        return pixels
+
+
+class _StageTimer:
+    """Times each stage (``with stages(name):``) and records MLX's peak memory during it."""
+
+    def __init__(self, log):
+        self.log, self.timings, self.peaks = log, {}, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        yield
+        mx.synchronize()
+        self.timings[name] = time.perf_counter() - t0
+        self.peaks[name] = mx.get_peak_memory()
+        self.log(f"{name}: {self.timings[name]:.1f} s, peak {self.peaks[name] / 1e9:.2f} GB")
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W, C) array."""
+    return image.size if hasattr(image, "width") else (image.shape[1], image.shape[0])
+
+
+def _as_ids(ids) -> mx.array:
+    ids = mx.array(ids).astype(mx.int32)
+    return ids[None] if ids.ndim == 1 else ids
+
+
+def _repeat(x, n: int):
+    return mx.repeat(x, n, axis=0) if x is not None and n > 1 else x

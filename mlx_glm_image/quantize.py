@@ -1,0 +1,127 @@
+"""Quantization, one place for the converter and for quantizing at load time: the modes MLX offers, a spec,
+sizes, and applying either a spec (by the model's own ``quant_predicate``) or what a folder stores.
+
+Which layers may be quantized is the models' business (``quant_predicate``); a layer whose input width is not a
+multiple of the group size cannot be, whatever the model says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Quantization modes and their (bits, group sizes) as MLX documents them; the installed MLX is asked too.
+MODES = {
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
+    "mxfp4": ((4,), (32,)),
+    "nvfp4": ((4,), (16,)),
+    "mxfp8": ((8,), (32,)),
+}
+BITS = sorted({b for bits, _ in MODES.values() for b in bits})
+
+
+class QuantizeError(ValueError):
+    """A quantization that cannot be done as asked; its message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int
+    mode: str = "affine"
+
+    def as_config(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
+
+
+def available_modes() -> list[str]:
+    modes = []
+    for mode, (bits, groups) in MODES.items():
+        try:
+            mx.eval(mx.quantize(mx.zeros((8, 256)), group_size=groups[0], bits=bits[0], mode=mode))
+            modes.append(mode)
+        except Exception:
+            pass
+    return modes
+
+
+def quant_spec(bits: int | None = None, group_size: int | None = None, mode: str = "affine") -> QuantSpec:
+    """A checked spec; bits default to 4 (or the mode's only width), the group to 64 (or the mode's only one)."""
+    if mode not in MODES:
+        raise QuantizeError(f"unknown quantization mode {mode!r}; this MLX offers {', '.join(available_modes())}")
+    allowed_bits, allowed_groups = MODES[mode]
+    bits = bits or (4 if 4 in allowed_bits else allowed_bits[0])
+    group_size = group_size or (64 if 64 in allowed_groups else allowed_groups[0])
+    if bits not in allowed_bits or group_size not in allowed_groups:
+        raise QuantizeError(f"mode {mode} takes bits {list(allowed_bits)} and group sizes {list(allowed_groups)}, "
+                            f"got bits {bits}, group size {group_size}")
+    return QuantSpec(bits, group_size, mode)
+
+
+def as_spec(quantize) -> QuantSpec:
+    """A QuantSpec from a spec, a bit width (affine, group 64) or a ``{"bits", "group_size", "mode"}`` dict."""
+    if isinstance(quantize, QuantSpec):
+        return quantize
+    if isinstance(quantize, dict):
+        return quant_spec(quantize.get("bits"), quantize.get("group_size"), quantize.get("mode", "affine"))
+    if isinstance(quantize, bool) or not isinstance(quantize, int):
+        raise QuantizeError(f"quantize must be a bit width ({', '.join(map(str, BITS))}) or a spec, got {quantize!r}")
+    return quant_spec(quantize)
+
+
+def nbytes(shape, itemsize: float) -> int:
+    return int(math.prod(shape) * itemsize)
+
+
+def quantized_nbytes(shape, spec: QuantSpec, scale_size: int) -> int:
+    """Bytes of a weight of ``shape`` once quantized: packed values plus scales (and biases, affine)."""
+    numel = math.prod(shape)
+    groups = numel // spec.group_size
+    scale_bytes = 1 if spec.mode != "affine" else scale_size  # fp4/fp8 modes store e8m0/e4m3 scales
+    extra = groups * scale_bytes * (2 if spec.mode == "affine" else 1)
+    return numel * spec.bits // 8 + extra
+
+
+def quantizable_layers(model: nn.Module, group_size: int) -> tuple[set[str], dict[str, str]]:
+    """(layers to quantize, {layer: why not} for the matmul/embedding layers left in full precision)."""
+    chosen, kept = set(), {}
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        if not model.quant_predicate(path, module):
+            kept[path] = "kept by the model"
+        elif module.weight.shape[-1] % group_size:
+            kept[path] = f"input width {module.weight.shape[-1]} not a multiple of {group_size}"
+        else:
+            chosen.add(path)
+    return chosen, kept
+
+
+def config_block(spec: QuantSpec, kept) -> dict:
+    """The ``quantization`` block of a config.json (mlx-lm's form): the spec, and False for each kept layer."""
+    return {**spec.as_config(), **{layer: False for layer in sorted(kept)}}
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> dict:
+    """Quantize a loaded full-precision model in place by its predicate; returns its quantization block."""
+    chosen, kept = quantizable_layers(model, spec.group_size)
+    nn.quantize(model, group_size=spec.group_size, bits=spec.bits, mode=spec.mode, class_predicate=lambda p, m: p in chosen)
+    return config_block(spec, kept)
+
+
+def apply_stored(model: nn.Module, quantization: dict, weights: dict[str, mx.array]) -> None:
+    """Turn the layers that ``weights`` store quantized into quantized layers, with per-layer overrides."""
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        if isinstance(override, dict):
+            return {k: override[k] for k in ("bits", "group_size", "mode") if k in override}
+        return True
+
+    nn.quantize(model, group_size=quantization.get("group_size"), bits=quantization.get("bits"),
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)

@@ -1,4 +1,4 @@
-"""Decode speed and peak memory of the AR prior model: MLX (mlx_glm_image.prior) against transformers.
+"""Decode speed and peak memory of the AR prior model: MLX (mlx_glm_image.models.ar) against transformers.
 
 Each side runs in its own subprocess (random weights, the same prompt layout: a short text prompt followed by the
 1024x1024 grid suffix, so positions follow the real preview + target grids), sampling with temperature 0.9 and
@@ -74,7 +74,8 @@ def run_mlx(args) -> dict:
     import numpy as np
     from mlx.utils import tree_flatten, tree_map_with_path
 
-    from mlx_glm_image.prior import GlmImageConfig, GlmImageForConditionalGeneration, generate
+    from mlx_glm_image.models.ar import GlmImageConfig, GlmImageForConditionalGeneration
+    from mlx_glm_image.pipeline.prior_tokens import generate
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
@@ -103,7 +104,7 @@ def run_mlx(args) -> dict:
 
     ids = prompt_ids(cfg)
     grids = np.array(GRIDS)
-    kw = dict(image_grid_thw=grids, images_per_sample=np.array([2]), do_sample=True, seed=0, eos_token_id=None,
+    kw = dict(image_grid_thw=grids, images_per_sample=np.array([2]), do_sample=True, key=0, eos_token_id=None,
               **SAMPLING)
     generate(model, ids, max_new_tokens=2, **kw)  # warm-up
     mx.reset_peak_memory()
@@ -186,7 +187,7 @@ def run_torch(args) -> dict:
 def bandwidth_table():
     """Weight bytes read per decoded token of the released text model (all layers + lm_head) / bandwidth."""
     sys.path.insert(0, str(ROOT))
-    from mlx_glm_image.prior.config import TextConfig
+    from mlx_glm_image.models.ar.config import TextConfig
 
     c = TextConfig(**RELEASED["text_config"])
     d, kv, f = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 CONFIGS = {
-    # REFERENCE.md: the released transformer/config.json
+    # docs/checkpoint.md: the released transformer/config.json
     "released": dict(
         patch_size=2, in_channels=16, out_channels=16, num_layers=30, attention_head_dim=128,
         num_attention_heads=32, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,

@@ -26,8 +26,7 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 
 def vae_config(layers_per_block: int) -> dict:
-    # The released GLM-Image vae/config.json as REFERENCE.md describes it (layers_per_block 3 there, marked
-    # "check the config"; pass --layers-per-block to change it).
+    # The released GLM-Image vae/config.json (docs/checkpoint.md); --layers-per-block changes that one value.
     return dict(
         in_channels=3,
         out_channels=3,
@@ -58,27 +57,27 @@ def worker_mlx(args) -> dict:
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
-    from mlx_glm_image.vae import AutoencoderKL, AutoencoderKLConfig
+    from mlx_glm_image.models.vae import AutoencoderKL, AutoencoderKLConfig
+    from mlx_glm_image.pipeline.decode import VaeTiling, decode
 
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[args.dtype]
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(vae_config(args.layers_per_block)))
     vae.set_dtype(dtype)
-    vae.tile_sample_size = args.tile_size
+    tiling = VaeTiling(tile_sample_size=args.tile_size)
     mx.eval(vae.parameters())
     h = w = args.size // 8
     z = mx.random.normal((1, 16, h, w)).astype(dtype)
     mx.eval(z)
     tiled = args.tiled == "tiled"
     for _ in range(args.warmup):
-        mx.eval(vae.decode(z, tiled=tiled))
+        decode(vae, z, tiled=tiled, tiling=tiling)  # the pipeline's decode: evaluated, bounded memory
     mx.clear_cache()
     mx.reset_peak_memory()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        out = vae.decode(z, tiled=tiled)
-        mx.eval(out)
+        out = decode(vae, z, tiled=tiled, tiling=tiling)
         times.append(time.perf_counter() - t0)
     assert out.shape == (1, 3, args.size, args.size)
     return {"ms": 1000 * min(times), "peak_bytes": mx.get_peak_memory(), "rss_bytes": max_rss_bytes(),

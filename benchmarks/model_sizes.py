@@ -20,13 +20,13 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from bench_prior import RELEASED as AR  # noqa: E402
 from bench_transformer import CONFIGS  # noqa: E402
-from mlx_glm_image import weights as W  # noqa: E402
+from mlx_glm_image import quantize as Q  # noqa: E402
 from mlx_glm_image.convert import COMPONENTS  # noqa: E402
 
 RELEASED = {
     "vision_language_encoder": AR,
     "transformer": CONFIGS["released"],
-    # REFERENCE.md; the checkpoint's own config.json decides at conversion time
+    # docs/checkpoint.md; the checkpoint's own config.json decides at conversion time
     "text_encoder": dict(vocab_size=384, d_model=1472, d_ff=3584, d_kv=64, num_heads=6, num_layers=12,
                          feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                          relative_attention_max_distance=128),
@@ -37,10 +37,10 @@ RELEASED = {
 
 
 def sizes(name: str, group: int = 64) -> dict:
-    model = COMPONENTS[name].build(RELEASED[name])
+    cls = COMPONENTS[name]
+    model = cls(cls.config_class.from_dict(RELEASED[name]))
     params = dict(tree_flatten(model.parameters()))
-    policy = W.QUANT_POLICY[name]
-    chosen = W.quantizable_layers(model, policy, group)[0] if policy.by_default else set()
+    chosen = Q.quantizable_layers(model, group)[0] if cls.quantize_by_default else set()
     native = 4 if name == "text_encoder" else 2  # ByT5 ships in fp32 and stays so
     out = {"params": sum(math.prod(v.shape) for v in params.values()), "bf16": 0, 8: 0, 4: 0}
     for key, value in params.items():

@@ -9,7 +9,8 @@ import argparse
 import mlx.core as mx
 
 from mlx_glm_image import GlmImageTransformer2DModel
-from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler, classifier_free_guidance
+from mlx_glm_image.pipeline.denoise import classifier_free_guidance, queued_steps
+from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True, help="a transformer/ folder (diffusers or converted)")
@@ -17,7 +18,6 @@ parser.add_argument("--size", type=int, default=1024)
 args = parser.parse_args()
 
 dit = GlmImageTransformer2DModel.from_pretrained(args.model, dtype="bfloat16")
-dit.eval_per_block = True  # bounded memory: a block's attention or feed-forward step at a time
 latent = args.size // 8
 tokens = (latent // 2) ** 2
 scheduler = FlowMatchEulerDiscreteScheduler().set_timesteps(50, image_seq_len=tokens)
@@ -26,9 +26,11 @@ x = mx.random.normal((1, dit.config.in_channels, latent, latent), key=mx.random.
 glyphs = mx.random.normal((1, 12, dit.config.text_embed_dim)) * 0.1  # stand-in for ByT5 embeddings
 prior_ids = mx.random.randint(0, dit.config.prior_vq_quantizer_codebook_size, (1, tokens))
 common = dict(prior_token_id=prior_ids, timestep=mx.array([scheduler.model_timestep(0)]),
-              target_size=mx.array([[args.size, args.size]]), crop_coords=mx.zeros((1, 2)))
-v_cond = dit(x, glyphs, prior_token_drop=mx.zeros(prior_ids.shape, mx.bool_), **common)
-v_uncond = dit(x, glyphs[:, :1] * 0, prior_token_drop=mx.ones(prior_ids.shape, mx.bool_), **common)
+              target_size=mx.array([[args.size, args.size]]), crop_coords=mx.zeros((1, 2)), return_dict=False)
+# queued_steps: bounded memory, a block's attention or feed-forward step at a time, the next one already queued
+v_cond = dit(x, glyphs, prior_token_drop=mx.zeros(prior_ids.shape, mx.bool_), step_hook=queued_steps(), **common)[0]
+v_uncond = dit(x, glyphs[:, :1] * 0, prior_token_drop=mx.ones(prior_ids.shape, mx.bool_), step_hook=queued_steps(),
+               **common)[0]
 x = scheduler.step(classifier_free_guidance(v_cond.astype(mx.float32), v_uncond.astype(mx.float32), 1.5), 0, x)
 mx.eval(x)
 print(f"one guided step at {args.size}x{args.size}: peak memory {mx.get_peak_memory() / 1e9:.2f} GB")

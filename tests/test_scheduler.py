@@ -14,7 +14,7 @@ from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler, calculate_s
 from diffusers import FlowMatchEulerDiscreteScheduler as RefScheduler  # noqa: E402
 from diffusers.pipelines.glm_image import pipeline_glm_image as ref_pipe  # noqa: E402
 
-# The released checkpoint's scheduler/scheduler_config.json (REFERENCE.md).
+# The released checkpoint's scheduler/scheduler_config.json (docs/checkpoint.md).
 RELEASED = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
     "_diffusers_version": "0.37.0.dev0",
@@ -87,7 +87,7 @@ def test_schedule_equals_pipeline(steps, hw):
 
 
 def test_schedule_values_documented():
-    # REFERENCE.md: mu = 3.25 at 1024x1024, s' = mu / (mu + 1/s - 1), timesteps unshifted, the DiT gets t - 1.
+    # docs/checkpoint.md: mu = 3.25 at 1024x1024, s' = mu / (mu + 1/s - 1), timesteps unshifted, the DiT gets t - 1.
     s = ours(RELEASED, 50, 1024, 1024)
     assert s.timesteps[0] == 1000.0 and s.timesteps[1] == 980.0 and s.timesteps[-1] == 20.0
     sig = 0.98

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -100,9 +100,6 @@ class FlowMatchEulerDiscreteScheduler:
             return cls(json.loads(path.read_text()))
         folder = loading.component_folder(folder_or_path, "scheduler", subfolder)
         return cls(loading.read_config(folder, "scheduler_config.json"))
-
-    def to_dict(self) -> dict:
-        return asdict(self.config)
 
     # -- schedule -------------------------------------------------------------------------------------
 

@@ -38,6 +38,11 @@ class PretrainedModel(nn.Module):
         (only this component's files are fetched); weights are memory-mapped and read on first use."""
         return PretrainedModel._loader(cls, path_or_repo, subfolder=subfolder, dtype=dtype, quantize=quantize)
 
+    @classmethod
+    def as_config(cls, config):
+        """The config dataclass from itself, a config.json dict, or None (the defaults)."""
+        return config if isinstance(config, cls.config_class) else cls.config_class.from_dict(config or {})
+
     @staticmethod
     def sanitize(weights: dict) -> dict:
         return weights

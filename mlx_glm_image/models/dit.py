@@ -374,9 +374,6 @@ class GlmImageKVCache:
         for cache in self.caches:
             cache.clear()
 
-    def arrays(self) -> list[mx.array]:
-        return [a for c in self.caches for a in (*c.k_caches, *c.v_caches)]
-
 
 # ---------------------------------------------------------------------------------------------------------
 
@@ -396,10 +393,7 @@ class GlmImageTransformer2DModel(PretrainedModel):
 
     def __init__(self, config: GlmImageTransformerConfig | dict | None = None):
         super().__init__()
-        if not isinstance(config, GlmImageTransformerConfig):
-            config = GlmImageTransformerConfig.from_dict(config or {})
-        self.config = config
-        c = config
+        self.config = c = self.as_config(config)
         dim = c.inner_dim
         self.image_projector = GlmImageImageProjector(c.in_channels, dim, c.patch_size)
         self.glyph_projector = FeedForward(c.text_embed_dim, dim, inner_dim=dim, activation_fn="gelu")

@@ -203,9 +203,9 @@ class T5EncoderModel(PretrainedModel):
     config_class = T5Config
     full_precision_note = "ByT5 is small (0.9 GB) and decides the rendered glyphs"
 
-    def __init__(self, config: T5Config):
+    def __init__(self, config: T5Config | dict | None = None):
         super().__init__()
-        self.config = config
+        self.config = config = self.as_config(config)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 

@@ -301,9 +301,7 @@ class AutoencoderKL(PretrainedModel):
 
     def __init__(self, config: AutoencoderKLConfig | dict | None = None):
         super().__init__()
-        if not isinstance(config, AutoencoderKLConfig):
-            config = AutoencoderKLConfig.from_dict(config or {})
-        self.config = config
+        self.config = config = self.as_config(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         if config.use_quant_conv:

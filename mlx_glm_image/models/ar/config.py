@@ -7,7 +7,7 @@ Unknown keys are ignored so that newer configs still load.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..base import config_from_dict
 
@@ -116,9 +116,3 @@ class GlmImageConfig:
         cfg.vision_config = vision if isinstance(vision, VisionConfig) else config_from_dict(VisionConfig, vision)
         cfg.vq_config = vq if isinstance(vq, VQConfig) else config_from_dict(VQConfig, vq)
         return cfg
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d.get("quantization") is None:
-            d.pop("quantization")
-        return d

@@ -34,9 +34,7 @@ class GlmImageForConditionalGeneration(PretrainedModel):
 
     def __init__(self, config: GlmImageConfig | dict | None = None):
         super().__init__()
-        if not isinstance(config, GlmImageConfig):
-            config = GlmImageConfig.from_dict(config or {})
-        self.config = config
+        self.config = config = self.as_config(config)
         self.model = GlmImageModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vision_vocab_size, bias=False)
         self.generation_config: dict = {}

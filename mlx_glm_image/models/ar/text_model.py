@@ -47,10 +47,6 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    @property
-    def state(self):
-        return self.keys, self.values
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float):

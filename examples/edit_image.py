@@ -8,7 +8,7 @@ import argparse
 
 from PIL import Image
 
-from mlx_glm_image.pipeline import GlmImagePipeline
+from mlx_glm_image import GlmImagePipeline
 
 parser = argparse.ArgumentParser()
 parser.add_argument("image")
@@ -20,6 +20,6 @@ args = parser.parse_args()
 pipe = GlmImagePipeline.from_pretrained(args.model, verbose=True)
 source = Image.open(args.image).convert("RGB")
 # height/width default to the condition image's size, rounded down to a multiple of 32
-result = pipe(args.prompt, image=[source], seed=0, progress=True).images[0]
+result = pipe(args.prompt, image=[source], generator=0, progress=True).images[0]
 result.save(args.output)
 print(f"saved {args.output} ({result.width}x{result.height})")

@@ -154,8 +154,13 @@ def load_weights(folder: str | os.PathLike) -> dict[str, mx.array]:
 
 
 def weight_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of a component's weights, from the file sizes (nothing is read)."""
-    return sum(f.stat().st_size for f in safetensors_files(folder))
+    """Bytes of a component's weights, nothing read: the index's total_size (present even when only the json
+    files were fetched from the Hub), else the files' sizes."""
+    for index in sorted(Path(folder).glob("*.safetensors.index.json")):
+        total = read_config(index.parent, index.name).get("metadata", {}).get("total_size")
+        if isinstance(total, int):
+            return total
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:

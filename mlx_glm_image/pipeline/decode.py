@@ -108,5 +108,3 @@ def _tiled(x: mx.array, fn, tile_in: int, tile_out: int, overlap_factor: float) 
         mx.eval(out_rows[-1])
         prev_row = row
     return mx.concatenate(out_rows, axis=1)
-
-

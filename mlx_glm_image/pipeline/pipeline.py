@@ -22,6 +22,7 @@ from .. import loading
 from ..models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 from ..models.dit import GlmImageTransformerConfig
 from ..models.vae import AutoencoderKLConfig
+from ..quantize import as_spec
 from ..scheduler import FlowMatchEulerDiscreteScheduler
 from . import decode as vae_codec
 from .denoise import DenoiseInputs, denoise, prepare_latents, write_condition_cache
@@ -104,6 +105,7 @@ class GlmImagePipeline:
         given = dict(scheduler=scheduler, transformer=transformer, vae=vae, text_encoder=text_encoder,
                      tokenizer=tokenizer, processor=processor, vision_language_encoder=vision_language_encoder)
         self._components = {k: v for k, v in given.items() if v is not None}
+        self._loaded: set[str] = set()  # the models this pipeline loaded itself (staged memory frees only those)
         self.source = source  # where components not given are loaded from: a folder or a Hub repo id
         self.dtype = loading.to_dtype(dtype)
         self.quantize = quantize
@@ -164,28 +166,37 @@ class GlmImagePipeline:
         dtype = None if name == "text_encoder" else self.dtype  # ByT5 keeps its checkpoint's float32
         model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize)
         self.loads += 1
+        self._loaded.add(name)
         self._log(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
         return model
 
     def _resolve_memory(self, memory: str) -> str:
         if memory != "auto":
             return memory
+        if self.source is None:
+            return "resident"
         try:
-            weights = sum(loading.weight_bytes(self._folder(n)) for n in MODELS if self._local_component(n))
-        except loading.WeightsError:
+            weights = sum(self._weight_bytes(name) for name in MODELS if name not in self._components)
+        except loading.WeightsError:  # a component is missing: it will say so when it is needed
             return "staged"
         return "resident" if weights <= RESIDENT_SHARE * memory_budget() else "staged"
 
-    def _local_component(self, name: str) -> bool:
-        # Only local folders are measured: sizing a Hub checkpoint would download it.
-        return self.source is not None and loading.is_local(self.source) and (Path(self.source) / name).is_dir()
+    def _weight_bytes(self, name: str) -> int:
+        """A model's bytes once loaded, from its files (only the json files are fetched from the Hub)."""
+        folder = self._folder(name, files="*.json")
+        size = loading.weight_bytes(folder)
+        bits = as_spec(self.quantize).bits if self.quantize else None
+        if bits and MODELS[name].quantize_by_default and not loading.read_config(folder).get("quantization"):
+            size = size * bits // 16  # the released weights are bf16
+        return size
 
     def _release(self, *names: str):
-        """After a stage, in staged memory: drop that stage's models (if they were loaded from files)."""
-        if self.memory != "staged" or self.source is None:
+        """After a stage, in staged memory: drop that stage's models (those this pipeline loaded)."""
+        if self.memory != "staged":
             return
-        for name in names:
+        for name in set(names) & self._loaded:
             self._components.pop(name, None)
+            self._loaded.discard(name)
         gc.collect()
         mx.clear_cache()
 
@@ -288,10 +299,17 @@ class GlmImagePipeline:
             prompt_embeds, negative_prompt_embeds = self._prompt_embeds(
                 prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, num_images_per_prompt, max_sequence_length)
         with stages("denoising"):
-            latents = self._denoise(latents, key, height, width, images, prior_token_ids, prior_token_image_ids,
-                                    source_image_grid_thw, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                                    num_images_per_prompt, crops_coords_top_left, num_inference_steps, timesteps,
-                                    sigmas, callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
+            inputs = self.denoise_inputs(prompt_embeds, negative_prompt_embeds, prior_token_ids, num_images_per_prompt,
+                                         height, width, crops_coords_top_left, guidance_scale)
+            f = self.vae_scale_factor
+            latents = prepare_latents((len(inputs.target_size), self.latent_channels, height // f, width // f), latents, key)
+            kv_caches = None
+            if images is not None:
+                kv_caches = write_condition_cache(self.transformer, self.encode_condition_images(images),
+                                                  prior_token_image_ids, source_image_grid_thw)
+            self.scheduler.set_timesteps(num_inference_steps, image_seq_len=(height // f) * (width // f) // self.patch_size**2,
+                                         timesteps=timesteps, sigmas=sigmas)
+            latents = self.denoise(latents, inputs, kv_caches, callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
         if output_type == "latent":
             result = latents
         else:
@@ -306,8 +324,6 @@ class GlmImagePipeline:
     def generate_prior_tokens(self, prompt: list[str], height: int, width: int, image=None, generator=None,
                               temperature=None, top_p=None, top_k=None, progress: bool = False):
         """The AR stage: (prior_token_ids, prior_token_image_ids per sample, source grids per sample)."""
-        if self.source is not None and "vision_language_encoder" not in self._components:
-            self._folder("vision_language_encoder", files="*.json")  # one line if the AR model is missing
         callback = bar = None
         if progress:
             from tqdm import tqdm
@@ -359,28 +375,23 @@ class GlmImagePipeline:
         self._release("vae")
         return out
 
-    def _denoise(self, latents, key, height, width, images, prior_token_ids, prior_token_image_ids, source_image_grid_thw,
-                 prompt_embeds, negative_prompt_embeds, guidance_scale, per_prompt, crop, steps, timesteps, sigmas,
-                 callback, tensor_inputs, progress) -> mx.array:
+    def denoise_inputs(self, prompt_embeds, negative_prompt_embeds, prior_token_ids, per_prompt: int, height: int,
+                       width: int, crop, guidance_scale: float) -> DenoiseInputs:
+        """What each step's DiT passes read, one row per image of the run, in the DiT's dtype."""
+        dtype = self.transformer.dtype
         total = prompt_embeds.shape[0]
-        f = self.vae_scale_factor
-        latents = prepare_latents((total, self.latent_channels, height // f, width // f), latents, key)
-        conditions = self.encode_condition_images(images) if images is not None else None
-        transformer = self.transformer
-        dtype = transformer.dtype
-        kv_caches = None
-        if conditions is not None:
-            kv_caches = write_condition_cache(transformer, conditions, prior_token_image_ids, source_image_grid_thw)
-        inputs = DenoiseInputs(
+        return DenoiseInputs(
             prompt_embeds.astype(dtype),
             negative_prompt_embeds.astype(dtype) if negative_prompt_embeds is not None else None,
-            mx.repeat(prior_token_ids, per_prompt, axis=0) if per_prompt > 1 else prior_token_ids,
+            _repeat(prior_token_ids, per_prompt),
             mx.array([[height, width]] * total, dtype=mx.float32), mx.array([list(crop)] * total, dtype=mx.float32),
             guidance_scale)
-        image_seq_len = (height // f) * (width // f) // self.patch_size**2
-        self.scheduler.set_timesteps(steps, image_seq_len=image_seq_len, timesteps=timesteps, sigmas=sigmas)
+
+    def denoise(self, latents, inputs: DenoiseInputs, kv_caches=None, callback=None, tensor_inputs=("latents",),
+                progress: bool = False) -> mx.array:
+        """The step loop over the scheduler's (set) timesteps; frees the DiT after it in staged memory."""
         on_step_end = self._step_callback(callback, tensor_inputs, inputs) if callback is not None else None
-        latents = denoise(transformer, self.scheduler, latents, inputs, kv_caches, on_step_end, progress)
+        latents = denoise(self.transformer, self.scheduler, latents, inputs, kv_caches, on_step_end, progress)
         if kv_caches is not None:
             kv_caches.clear()
         self._release("transformer")

@@ -11,9 +11,11 @@ source shard plus one output shard, not the model.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTra
 # Component folders that are copied as they are (no weights to convert).
 COPIED = ("scheduler", "tokenizer", "processor")
 DEFAULT_SHARD_BYTES = 4 << 30
+PID_FILE = ".converting.pid"
 # The models by folder name; each says which of its layers may be quantized and whether -q picks it by default.
 COMPONENTS = {cls.component: cls for cls in (GlmImageTransformer2DModel, GlmImageForConditionalGeneration,
                                              T5EncoderModel, AutoencoderKL)}
@@ -69,7 +72,68 @@ def present_components(root: Path, wanted: list[str] | None) -> list[str]:
     found = [c for c in COMPONENTS if (root / c).is_dir()]
     if not found:
         raise ConvertError(f"{root} has none of the component folders {', '.join(COMPONENTS)}")
+    listed = L.read_config(root, "model_index.json") if index.exists() else {}
+    missing = [c for c, v in listed.items() if isinstance(v, list) and c in (*COMPONENTS, *COPIED) and not (root / c).is_dir()]
+    if missing:
+        raise ConvertError(f"{root} lacks {', '.join(f'{c}/' for c in missing)}, which model_index.json lists; "
+                           "the output could not generate (pass --components to convert only some)")
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output: never the source, assembled in a temporary folder, files as the umask says.
+
+
+def check_destination(src: Path, dst: Path):
+    """Refuse a destination that is the source, lies inside it or contains it (--force would destroy it)."""
+    s, d = src.resolve(), dst.expanduser().resolve()
+    if d == s or s in d.parents or d in s.parents:
+        raise ConvertError(f"--mlx-path {dst} is the source, inside it or contains it; choose another folder")
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_partial(dst: Path) -> Path:
+    """A temporary folder beside ``dst`` (mode per the umask), with the owner's pid for stale-folder cleanup."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    (tmp / PID_FILE).write_text(str(os.getpid()))
+    return tmp
+
+
+def remove_stale_partials(dst: Path, verbose: bool) -> None:
+    """Folders a killed run left beside ``dst``: removed when their owner process is gone."""
+    for old in dst.parent.glob(f".{glob.escape(dst.name)}.*.partial"):
+        try:
+            pid = int((old / PID_FILE).read_text())
+            os.kill(pid, 0)
+            continue  # another conversion is running there
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+        if verbose:
+            print(f"removed {old}, left by an interrupted conversion", file=sys.stderr)
+
+
+def check_free_space(dst: Path, needed: int):
+    free = shutil.disk_usage(dst.parent).free
+    if free < needed * 1.05 + (64 << 20):
+        raise ConvertError(f"{dst.parent} has {human(free)} free, the conversion writes {human(needed)}")
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder's files; modes follow the umask (not the source's)."""
+    for f in sorted(src.rglob("*")):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,7 +265,7 @@ def convert_component(plan: Plan, dst: Path, shard_bytes: int, progress) -> tupl
     (dst / "config.json").write_text(json.dumps(plan.out_config(), indent=2))
     for extra in plan.folder.iterdir():  # other small files of the component (generation_config.json, ...)
         if extra.suffix == ".json" and extra.name != "config.json" and not extra.name.endswith(".index.json"):
-            shutil.copy2(extra, dst / extra.name)
+            shutil.copyfile(extra, dst / extra.name)
     return read, written
 
 
@@ -230,10 +294,36 @@ def convert(
 ) -> list[tuple[str, int, int]]:
     """Convert; returns [(component, bytes before, bytes after)]. Raises ConvertError with a one-line message."""
     dst = Path(mlx_path).expanduser()
-    if not dry_run and dst.exists() and not force:
-        raise ConvertError(f"{dst} already exists; pass --force to replace it")
     spec = Q.quant_spec(q_bits, q_group_size, q_mode) if quantize else None
     out_dtype = L.to_dtype(dtype) if dtype else None
+    check_component_names(components, quantize_components, quantize)
+    if L.is_local(hf_path) and Path(hf_path).expanduser().exists():
+        check_destination(Path(hf_path).expanduser(), dst)
+    if not dry_run and dst.exists() and not force:
+        raise ConvertError(f"{dst} already exists; pass --force to replace it")
+
+    root = source_root(hf_path, components or list(COMPONENTS), headers_only=dry_run)
+    check_destination(root, dst)
+    names = present_components(root, components)
+    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
+    plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
+    planned = [(plan.component.component, *scan(plan)) for plan in plans]
+    if dry_run:
+        if verbose:
+            print_summary(planned, spec, q_set, planned=True)
+        return planned
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(dst, verbose)
+    copied = [root / n for n in COPIED if (root / n).is_dir()]
+    check_free_space(dst, sum(p[2] for p in planned) + sum(f.stat().st_size for c in copied for f in c.rglob("*") if f.is_file()))
+    summary = write_output(plans, root, names, spec, dst, shard_bytes, verbose)
+    if verbose:
+        print_summary(summary, spec, q_set)
+    return summary
+
+
+def check_component_names(components, quantize_components, quantize: bool):
     for c in components or []:
         if c not in COMPONENTS:
             raise ConvertError(f"unknown component {c!r}; expected some of {', '.join(COMPONENTS)}")
@@ -243,50 +333,41 @@ def convert(
     if quantize_components and not quantize:
         raise ConvertError("--quantize-components needs -q/--quantize")
 
-    root = source_root(hf_path, components or list(COMPONENTS), headers_only=dry_run)
-    names = present_components(root, components)
-    q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
-    plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
 
+def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, verbose: bool):
+    """Convert into a temporary folder beside ``dst`` and rename it into place only when complete; an existing
+    ``dst`` (--force) is replaced only then. Any failure or interruption removes the temporary folder."""
     from tqdm import tqdm
 
-    planned = [(plan.component.component, *scan(plan)) for plan in plans]
-    summary = []
-    if dry_run:
-        summary = planned
-        if verbose:
-            print_summary(summary, spec, q_set, planned=True)
-        return summary
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    tmp, summary = None, []
     try:
+        tmp = make_partial(dst)
         total = sum(f.stat().st_size for p in plans for f in L.safetensors_files(p.folder))
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
             for plan in plans:
-                bar.set_postfix_str(plan.component.component)
-                summary.append((plan.component.component, *convert_component(plan, tmp / plan.component.component, shard_bytes, bar)))
+                name = plan.component.component
+                bar.set_postfix_str(name)
+                summary.append((name, *convert_component(plan, tmp / name, shard_bytes, bar)))
         for name in COPIED:
             if (root / name).is_dir():
-                shutil.copytree(root / name, tmp / name)
+                copy_tree(root / name, tmp / name)
         if (root / "model_index.json").exists():
-            index = json.loads((root / "model_index.json").read_text())
+            index = L.read_config(root, "model_index.json")
             index["_mlx_glm_image"] = {"converted_components": names, "quantization": spec.as_config() if spec else None}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / PID_FILE).unlink()
         if dst.exists():  # --force: the old folder goes only once the new one is complete
             old = dst.with_name(f".{dst.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
             dst.rename(old)
             tmp.rename(dst)
             shutil.rmtree(old)
         else:
             tmp.rename(dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if verbose:
-        print_summary(summary, spec, q_set)
     return summary
 
 
@@ -325,8 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP clean up as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         convert(
             args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
@@ -336,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConvertError, L.WeightsError, Q.QuantizeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the temporary folder is gone, the destination untouched
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -310,3 +310,108 @@ def test_an_mlx_folder_is_not_converted_again(source, tmp_path):
     convert(str(src), tmp_path / "once", verbose=False)
     proc = run_cli("--hf-path", tmp_path / "once", "--mlx-path", tmp_path / "twice")
     assert_clean_failure(proc, "already an MLX conversion", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The converter cannot destroy or waste
+
+
+def tree_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+def test_destination_is_never_the_source(source, tmp_path, where):
+    src = copy_source(source[0], tmp_path / "src")
+    before = tree_bytes(src)
+    dst = {"same": src, "inside": src / "mlx", "containing": tmp_path}[where]
+    proc = run_cli("--hf-path", src, "--mlx-path", dst, "-q", "--force")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: --mlx-path {dst} is the source, inside it or contains it; choose another folder"]
+    assert tree_bytes(src) == before, "the source is byte-identical"
+    assert not (src / "mlx").exists()
+
+
+def test_source_missing_a_listed_component_is_refused(source, tmp_path):
+    src = copy_source(source[0], tmp_path / "src")
+    index = json.loads((src / "model_index.json").read_text())
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), "lacks vae/, which model_index.json lists", tmp_path)
+    assert not (tmp_path / "out").exists()
+    proc = run_cli("--hf-path", src, "--mlx-path", tmp_path / "out", "--components", "transformer")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_not_enough_free_space(source, tmp_path, monkeypatch):
+    import shutil
+
+    from mlx_glm_image.convert import ConvertError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    with pytest.raises(ConvertError, match="has 1.0 KB free, the conversion writes"):
+        convert(str(source[0]), tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_files_follow_the_umask(source, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        proc = run_cli("--hf-path", source[0], "--mlx-path", tmp_path / "out", "-q")
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()}
+    dir_modes = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()}
+    assert modes == {0o644} and dir_modes == {0o755}, (modes, dir_modes)
+    assert not (tmp_path / "out" / ".converting.pid").exists()
+
+
+def test_sigterm_and_sighup_leave_no_partial_folder(source, tmp_path):
+    """Signals at several moments: before the output exists, while it is being written, (maybe) after. Each
+    run either completes or leaves nothing: no partial folder, no destination."""
+    import signal
+    import time
+
+    seen_partial = 0
+    for i, (sig, delay) in enumerate([(signal.SIGTERM, 0.0), (signal.SIGTERM, 0.5), (signal.SIGHUP, None),
+                                      (signal.SIGTERM, None), (signal.SIGTERM, 1.5)]):
+        parent = tmp_path / f"run{i}"
+        parent.mkdir()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(source[0]), "--mlx-path",
+                                 str(parent / "out"), "--shard-size-gb", "0.00002"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if delay is None:  # the moment the temporary folder appears
+            deadline = time.time() + 30
+            while not list(parent.glob(".*.partial")) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.002)
+            seen_partial += bool(list(parent.glob(".*.partial")))
+        else:
+            time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert not list(parent.glob(".*.partial")), f"run {i}: partial folder left"
+        out = parent / "out"
+        if proc.returncode == 0:
+            assert (out / "model_index.json").exists()
+        else:
+            assert not out.exists(), f"run {i}: a half-written destination"
+    assert seen_partial, "no signal arrived while the output was being written"
+
+
+def test_stale_partial_of_a_killed_run_is_removed(source, tmp_path):
+    stale = tmp_path / ".out.abc123.partial"
+    (stale / "transformer").mkdir(parents=True)
+    (stale / ".converting.pid").write_text("999999999")  # no such process
+    alive = tmp_path / ".out.def456.partial"
+    alive.mkdir()
+    (alive / ".converting.pid").write_text(str(__import__("os").getpid()))  # a conversion still running
+    proc = run_cli("--hf-path", source[0], "--mlx-path", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and alive.exists()
+    assert f"removed {stale}" in proc.stderr

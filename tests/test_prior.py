@@ -263,7 +263,11 @@ def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w):
     # the pipeline-level helper: same prompts -> same sequence -> same 2x upsampled prior ids as diffusers
     prompt = prior_prompt(tiny["model"], tiny["proc"], prompts, h, w)
     seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
-    np.testing.assert_array_equal(seqs, ref)
+    with torch.no_grad():  # the prior stage completes its grid: transformers with the same two processors
+        complete = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new - 1,
+                                           forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
+    np.testing.assert_array_equal(seqs, complete)
+    np.testing.assert_array_equal(seqs[:, :-1], ref[:, :-1])
     prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, do_sample=False)
     np.testing.assert_array_equal(np.array(prior), np.array(prior_token_ids(seqs, prompt)))
     _, ref_prior = _diffusers_post(ref, grids, L)
@@ -293,7 +297,8 @@ def test_greedy_editing(no_eos):
     with torch.no_grad():
         ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
     prompt = prior_prompt(tiny["model"], tiny["proc"], ["a red cat"], 64, 96, images)
-    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
+    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)[:, :-1]  # the last token: eos, forced
+    ref = ref[:, :-1]
     prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], ["a red cat"], 64, 96,
                                                       images=images, do_sample=False)
     np.testing.assert_array_equal(np.array(prior), np.array(prior_token_ids(seqs, prompt)))
@@ -348,3 +353,61 @@ def test_sampled_generation_reproducible(no_eos):
     c = generate_prior_tokens(**kw, key=8, temperature=0.9, top_p=0.75)[0]
     np.testing.assert_array_equal(np.array(a), np.array(b))
     assert not np.array_equal(np.array(a), np.array(c))
+
+
+def test_an_early_end_token_never_cuts_the_grid(tiny):
+    """The unmodified tiny model emits its end token early: the prior stage masks it until the grid is complete
+    and forces it after, exactly as transformers' min_new_tokens + forced_eos_token_id do (greedy), and sampled
+    runs complete the grid for every seed."""
+    prompts, h, w = PROMPTS2, 64, 64
+    inputs = _torch_inputs(tiny, prompts, h, w)
+    prompt = prior_prompt(tiny["model"], tiny["proc"], prompts, h, w)
+    n_new = prompt.max_new_tokens
+    with torch.no_grad():
+        early = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
+        ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new - 1,
+                                      forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
+    L = inputs["input_ids"].shape[1]
+    assert early.shape[1] < L + n_new, "the tiny model should end early unconstrained"
+    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
+    np.testing.assert_array_equal(seqs, ref)
+    assert (seqs[:, -1] == IMAGE_END).all() and not (seqs[:, L:-1] == IMAGE_END).any()
+    for seed in range(4):
+        ids, _, _ = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, key=seed)
+        assert ids.shape == (2, (h // 16) * (w // 16))
+
+
+@pytest.mark.parametrize("place", ["chat_template.jinja", "chat_template.json", "processor_config.json",
+                                   "tokenizer_config.json"])
+def test_chat_template_read_where_transformers_reads_it(tiny, tmp_path, place):
+    import shutil
+
+    folder = shutil.copytree(tiny["root"] / "processor", tmp_path / "processor")
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    if place == "chat_template.jinja":
+        (folder / place).write_text(template)
+    else:
+        config = json.loads((folder / place).read_text()) if (folder / place).exists() else {}
+        config["chat_template"] = template
+        (folder / place).write_text(json.dumps(config))
+    proc = GlmImageProcessor.from_pretrained(folder)
+    assert proc.chat_template == template
+    assert proc.render(_messages(["a cat"])) == tiny["proc"].render(_messages(["a cat"]))
+
+
+@pytest.mark.parametrize("config,want", [
+    (None, dict(temperature=0.9, top_p=0.75, top_k=0)),  # no generation_config.json: the published settings
+    ({"temperature": 0.7, "top_p": 0.5}, dict(temperature=0.7, top_p=0.5, top_k=50)),  # transformers' for the rest
+])
+def test_sampling_defaults_from_the_checkpoint(tiny, monkeypatch, config, want):
+    from mlx_glm_image.pipeline import prior_tokens
+
+    seen = {}
+    monkeypatch.setattr(prior_tokens, "generate", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(tiny["model"], "generation_config", config or {})
+    prompt = prior_prompt(tiny["model"], tiny["proc"], ["a cat"], 64, 64)
+    sample_prior_sequences(tiny["model"], prompt)
+    assert {k: seen[k] for k in want} == want and seen["do_sample"] is True
+    sample_prior_sequences(tiny["model"], prompt, temperature=0.3, top_k=5)
+    assert seen["temperature"] == 0.3 and seen["top_k"] == 5

@@ -13,8 +13,10 @@ import numpy as np
 
 from ..models.ar.positions import decode_positions
 
-# transformers' GenerationConfig defaults for keys a generation_config.json leaves out
+# transformers' GenerationConfig defaults, for the keys a generation_config.json leaves out
 DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# GLM-Image's published sampling settings (docs/checkpoint.md), for a checkpoint without generation_config.json
+PUBLISHED = {"temperature": 0.9, "top_k": 0, "top_p": 0.75}
 
 
 def as_key(key_or_seed=None) -> mx.array:
@@ -60,10 +62,13 @@ def sample(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: fl
 def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_per_sample=None,
              max_new_tokens: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, key=None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, image_token_ids=None, pixel_values=None, callback=None) -> np.ndarray:
+             pad_token_id: int | None = None, image_token_ids=None, pixel_values=None, callback=None,
+             min_new_tokens: int = 0, forced_eos_token_id: int | None = None) -> np.ndarray:
     """Autoregressive generation with a KV cache; returns (B, L + n) numpy ids like transformers' ``generate``.
 
-    A finished sample (eos emitted) continues with ``pad_token_id`` until every sample has finished.
+    A finished sample (eos emitted) continues with ``pad_token_id`` until every sample has finished. As in
+    transformers, ``min_new_tokens`` masks the eos tokens until that many tokens are out, and
+    ``forced_eos_token_id`` is the only choice for the last of ``max_new_tokens``.
     """
     input_ids = model.embed_prompt(input_ids, pixel_values, image_grid_thw, images_per_sample, image_token_ids)
     B, L = input_ids.shape
@@ -78,6 +83,8 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (next(iter(eos)) if eos else 0)
 
+    vocab = mx.arange(model.config.text_config.vision_vocab_size)
+    is_eos = mx.array(np.isin(np.arange(vocab.size), list(eos)))
     cache = model.make_cache(L + max_new_tokens)
     key = as_key(key)
     mask_full = mx.array(np.concatenate([attention_mask, np.ones((B, max_new_tokens), attention_mask.dtype)], 1))
@@ -86,6 +93,10 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
         nonlocal key
         am = mask_full[:, : L + n_done] if padded else None
         logits = model(tokens, attention_mask=am, position_ids=pos, cache=cache, logits_to_keep=1)[:, -1]
+        if n_done < min_new_tokens:
+            logits = mx.where(is_eos, -mx.inf, logits)
+        if forced_eos_token_id is not None and n_done == max_new_tokens - 1:
+            logits = mx.where(vocab == forced_eos_token_id, 0.0, -mx.inf)[None]
         key, sub = mx.random.split(key)
         return sample(logits, temperature, top_k, top_p, sub, do_sample)
 
@@ -197,17 +208,21 @@ def _add_source_images(model, prompt: PriorPrompt, n_src: int):
 def sample_prior_sequences(model, prompt: PriorPrompt, key=None, do_sample: bool = True, temperature=None, top_p=None,
                            top_k=None, callback=None) -> np.ndarray:
     """Run the AR model over ``prompt``: (B, L + n) token sequences. Sampling settings default to the
-    checkpoint's generation_config.json, then to transformers' defaults."""
+    checkpoint's generation_config.json (with transformers' defaults for what it leaves out), or to the published
+    ones when it has none."""
     config = getattr(model, "generation_config", None) or {}
-    gen = dict(DEFAULTS)
+    gen = dict(DEFAULTS if config else PUBLISHED)
     gen.update({k: v for k, v in config.items() if k in DEFAULTS and v is not None})
     gen.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
     tc = model.config.text_config
     inputs = prompt.inputs
+    eos = config.get("eos_token_id", tc.eos_token_id)
+    # The grid is always complete: no end token before its last token, the end token right after it.
     return generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"],
                     inputs["images_per_sample"], max_new_tokens=prompt.max_new_tokens, do_sample=do_sample, key=key,
-                    eos_token_id=config.get("eos_token_id", tc.eos_token_id), pad_token_id=tc.pad_token_id,
-                    image_token_ids=prompt.image_ids, callback=callback, **gen)
+                    eos_token_id=eos, pad_token_id=tc.pad_token_id, image_token_ids=prompt.image_ids,
+                    callback=callback, min_new_tokens=prompt.max_new_tokens - 1,
+                    forced_eos_token_id=eos if isinstance(eos, int) else eos[0], **gen)
 
 
 def prior_token_ids(sequences: np.ndarray, prompt: PriorPrompt) -> mx.array:

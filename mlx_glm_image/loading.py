@@ -194,10 +194,19 @@ def load_into(model, folder, config: dict, dtype=None, weights: dict[str, mx.arr
     return model
 
 
+def model_config(cls, config: dict, where):
+    """``cls``'s config dataclass from a config.json; one line naming the file if it does not fit."""
+    try:
+        return cls.config_class.from_dict(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise WeightsError(f"{where}/config.json does not describe a {cls.component}: {e}") from None
+
+
 def build(cls, config: dict, where):
     """The model a config.json describes; a config the model cannot take is one line naming the file."""
+    cfg = model_config(cls, config, where)
     try:
-        return cls(cls.config_class.from_dict(config))
+        return cls(cfg)
     except (TypeError, ValueError, KeyError) as e:
         raise WeightsError(f"{where}/config.json does not describe a {cls.component}: {e}") from None
 

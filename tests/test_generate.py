@@ -3,6 +3,7 @@ every component; clear one-line errors."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -89,18 +90,215 @@ def test_every_component_converts_exactly(model_dir, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/folder"], "does not exist"),
+    (["--model", "./no/such"], "does not exist"),  # looks local: never sent to the Hub
     (["--height", "50"], "multiples of 32"),
+    (["--height", "0"], "positive multiples of 32, got 0x"),
+    (["--height", "65536", "--width", "65536"], "at most 128 pixels each"),
     (["--image", "/no/such.png"], "condition image /no/such.png does not exist"),
     (["--output", "x.jpg"], "must end in .png"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "steps must be an integer from 1 to 1000, got 0"),
+    (["--steps", "1001"], "steps must be an integer from 1 to 1000"),
+    (["--guidance", "inf"], "guidance must be a finite number >= 0, got inf"),
+    (["--guidance", "-1"], "guidance must be a finite number >= 0"),
+    (["--temperature", "0"], "temperature must be a finite number > 0"),
+    (["--temperature", "nan"], "temperature must be a finite number > 0"),
+    (["--top-p", "0"], "top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "top-k must be an integer >= 0"),
+    (["--seed", "-1"], "seed must be an integer from 0 to 2**64 - 1, got -1"),
+    (["--seed", str(2**64)], "seed must be an integer from 0 to 2**64 - 1"),
+    (["--seed", "abc"], "argument --seed: invalid int value"),
+    (["--num-images", "0"], "--num-images must be at least 1"),
 ])
 def test_bad_input_is_one_line(model_dir, tmp_path, args, message):
     base = ["--model", str(model_dir), "--prompt", "x", "--quiet", "--output", str(tmp_path / "never.png")]
+    t0 = time.time()
     proc = cli(*base, *args)
-    assert proc.returncode == 1
+    assert_one_line(proc, message)
+    assert time.time() - t0 < 20, "checked before any model is loaded"
+    assert not (tmp_path / "never.png").exists()
+
+
+def assert_one_line(proc, message):
+    assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert not (tmp_path / "never.png").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_output_place_fails_before_any_model_loads(model_dir, tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    for output, message in [(tmp_path / "folder.png", "is a folder"), (tmp_path / "file" / "a.png", "is not a folder")]:
+        t0 = time.time()
+        proc = cli("--model", model_dir, *BASE, "--output", output)
+        assert_one_line(proc, message)
+        assert time.time() - t0 < 20
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mlx_glm_image import generate
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
+    assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
+    assert "MB free; 1 image(s) of 96x64 need up to" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "a.png"))
+
+    monkeypatch.setattr(generate, "save_png", disk_full)
+    assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: No space left on device: {tmp_path / 'a.png'}"]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_invalid_utf8_prompt(model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--model", str(model_dir), "--prompt",
+                           b"caf\xe9 \xff".decode("latin-1").encode("latin-1"), "--output", str(tmp_path / "a.png")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert_one_line(proc, "the prompt is not valid UTF-8 text")
+
+
+def copy_model(model_dir, tmp_path, drop=None):
+    import shutil
+
+    dst = shutil.copytree(model_dir, tmp_path / "model")
+    if drop:
+        shutil.rmtree(dst / drop)
+    return dst
+
+
+def test_missing_component_is_named_before_the_ar_stage(model_dir, tmp_path):
+    model = copy_model(model_dir, tmp_path, drop="text_encoder")
+    t0 = time.time()
+    proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
+    assert_one_line(proc, "lacks text_encoder/")
+    assert time.time() - t0 < 20 and not (tmp_path / "a.png").exists()
+
+
+def test_config_of_the_wrong_type(model_dir, tmp_path):
+    import json
+
+    model = copy_model(model_dir, tmp_path)
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    config["num_layers"] = "two"
+    (model / "transformer" / "config.json").write_text(json.dumps(config))
+    proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
+    assert_one_line(proc, "config.json does not describe a transformer: num_layers must be int, got 'two'")
+
+
+def test_hub_failure_is_one_line(tmp_path):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--model", "nobody/no-such-model", *BASE,
+                           "--output", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert_one_line(proc, "could not fetch nobody/no-such-model from the Hugging Face Hub")
+
+
+def test_nan_weights_stop_at_the_stage_without_a_png(model_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = copy_model(model_dir, tmp_path)
+    for shard in (model / "transformer").glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in tensors.items()}, shard)
+    proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
+    assert_one_line(proc, "the denoising stage produced non-finite latents")
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_png_follows_the_umask(model_dir, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        proc = cli("--model", model_dir, *BASE, "--output", tmp_path / "a.png")
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o644
+
+
+@pytest.fixture(scope="module")
+def early_eos_dir(tmp_path_factory):
+    from tiny_checkpoints import write_diffusion_side, write_prior, N_VISION
+
+    root = tmp_path_factory.mktemp("eos") / "tiny-glm-image"
+    write_diffusion_side(root, codebook=N_VISION)
+    write_prior(root, eos_row_zero=False, vision_patch=16)  # this model samples its end token early
+    return root
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_early_end_token_still_gives_a_whole_image(early_eos_dir, tmp_path, seed):
+    args = ["--prompt", "a red cat", "--height", "64", "--width", "96", "--steps", "1", "--quiet", "--dtype", "float32"]
+    proc = cli("--model", early_eos_dir, *args, "--seed", seed, "--output", tmp_path / "a.png")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "a.png").size == (96, 64)
+
+
+def _png_header_only(path, width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _condition_images(tmp_path):
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    out = {}
+    out["16-bit"] = tmp_path / "g16.png"
+    Image.fromarray(rng.integers(0, 65535, (64, 96), dtype=np.uint16)).save(out["16-bit"])
+    out["rgba"] = tmp_path / "rgba.png"
+    rgb.convert("RGBA").save(out["rgba"])
+    out["palette"] = tmp_path / "p.png"
+    rgb.convert("P").save(out["palette"])
+    out["cmyk"] = tmp_path / "cmyk.jpg"
+    rgb.convert("CMYK").save(out["cmyk"])
+    out["exif-rotated"] = tmp_path / "rot.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: 96 wide, 64 high stored -> 64 wide, 96 high shown
+    rgb.save(out["exif-rotated"], exif=exif)
+    out["large"] = tmp_path / "large.png"
+    rgb.resize((480, 320)).save(out["large"])  # over the tiny processor's 128x128-pixel limit
+    return out
+
+
+def test_condition_images_of_any_kind(model_dir, tmp_path):
+    from mlx_glm_image.pipeline.image_processor import load_image
+
+    images = _condition_images(tmp_path)
+    g16 = load_image(images["16-bit"])
+    assert g16.mode == "RGB" and np.asarray(g16).max() > 200, "16-bit values are scaled, not clipped to white"
+    assert np.asarray(g16).min() < 50
+    assert load_image(images["exif-rotated"]).size == (64, 96)
+    for kind, path in images.items():
+        proc = cli("--model", model_dir, *BASE[:2], "--steps", "1", "--seed", "3", "--quiet", "--image", path,
+                   "--output", tmp_path / f"{kind}.png")
+        assert proc.returncode == 0, (kind, proc.stderr)
+        want = {"exif-rotated": (64, 96), "large": (128, 64)}.get(kind, (96, 64))  # large: fitted to 128 px, x32
+        assert Image.open(tmp_path / f"{kind}.png").size == want, kind
+
+
+def test_decompression_bomb_is_refused(model_dir, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 40000, 40000)
+    proc = cli("--model", model_dir, *BASE, "--image", bomb, "--output", tmp_path / "a.png")
+    assert_one_line(proc, "refused as a possible decompression bomb")
 
 
 def test_help_explains():

@@ -55,7 +55,7 @@ def _tiny_config(vocab, vision_patch=8):
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                  mrope_section=[2, 3, 3]),
         ),
-        vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, image_size=64, patch_size=vision_patch),
+        vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, image_size=128, patch_size=vision_patch),
         vq_config=dict(embed_dim=16, num_embeddings=64, latent_channels=32),
         image_token_id=vocab["<|image|>"], image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
     )

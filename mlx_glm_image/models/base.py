@@ -12,12 +12,21 @@ import dataclasses
 import mlx.nn as nn
 
 
+# Fields annotated with one of these plain types are checked: a config.json with "num_layers": "two" is refused
+# in one line instead of failing somewhere inside the model.
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 def config_from_dict(cls, config: dict, exclude: tuple[str, ...] = ()):
     """A config dataclass from a config.json dict; the reference's other keys (_class_name, ...) are ignored."""
     if not isinstance(config, dict):
         raise ValueError(f"a {cls.__name__} needs a JSON object, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
-    return cls(**{k: v for k, v in config.items() if k in names})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    for name, value in config.items():
+        kinds = _PLAIN_TYPES.get(str(fields[name].type)) if name in fields else None
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise ValueError(f"{name} must be {fields[name].type}, got {value!r}")
+    return cls(**{k: v for k, v in config.items() if k in fields})
 
 
 class PretrainedModel(nn.Module):

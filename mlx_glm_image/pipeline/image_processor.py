@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import mlx.core as mx
+import numpy as np
 from PIL import Image
 
 # Pillow modes that convert to RGB meaningfully (16-bit / float single-channel modes do not).
@@ -178,3 +180,60 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
         return [Image.fromarray(i.squeeze(), mode="L") for i in images]
     return [Image.fromarray(i) for i in images]
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Condition images: any file a user has, as RGB, at a size both the VAE and the AR model's vision encoder take.
+
+
+def to_rgb(image) -> Image.Image:
+    """A PIL image (any mode: 16-bit, float, palette, CMYK, with alpha) or an HWC array as 8-bit RGB; transparent
+    pixels over white."""
+    if isinstance(image, np.ndarray):
+        a = image.astype(np.float64) * 255 if np.issubdtype(image.dtype, np.floating) else image
+        image = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        a = np.asarray(image, dtype=np.float64)
+        scale = 1 / 257 if a.max() > 255 or image.mode.startswith("I;16") else 1.0
+        if image.mode == "F" and a.max() <= 1.0:
+            scale = 255.0
+        image = Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8), mode="L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file as upright RGB (EXIF orientation applied); one-line errors, decompression bombs refused."""
+    import warnings
+
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im))
+    except FileNotFoundError:
+        raise ValueError(f"condition image {path} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"condition image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels; "
+                         "refused as a possible decompression bomb") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read condition image {path}: {e}") from None
+
+
+def fit_condition_image(image: Image.Image, multiple: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Resize once (Lanczos) to a size that is a multiple of ``multiple`` per side and within the AR image
+    processor's bounds (sqrt(min_pixels) to sqrt(max_pixels) per side, its smart_resize rule), so that the VAE and
+    the vision encoder see the same image and their token grids agree."""
+    w, h = image.size
+    if max(h, w) / min(h, w) > 4:
+        raise ValueError(f"a condition image's aspect ratio must be at most 4:1, got {w}x{h}")
+    lo, hi = math.sqrt(min_pixels), math.sqrt(max_pixels)
+    scale = lo / min(h, w) if min(h, w) < lo else 1.0
+    if max(h, w) * scale > hi:
+        scale = hi / max(h, w)
+    size = tuple(max(multiple, int(x * scale) // multiple * multiple) for x in (w, h))
+    return image if size == image.size else image.resize(size, resample=Image.Resampling.LANCZOS)

@@ -20,14 +20,13 @@ import mlx.core as mx
 
 from .. import loading
 from ..models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
-from ..models.dit import GlmImageTransformerConfig
-from ..models.vae import AutoencoderKLConfig
 from ..quantize import as_spec
 from ..scheduler import FlowMatchEulerDiscreteScheduler
 from . import decode as vae_codec
+from .checks import check_prompt, check_sampling, check_seed, check_size
 from .denoise import DenoiseInputs, denoise, prepare_latents, write_condition_cache
 from .glyphs import ByT5Tokenizer, get_glyph_embeds
-from .image_processor import VaeImageProcessor
+from .image_processor import VaeImageProcessor, fit_condition_image, to_rgb
 from .prior_tokens import as_key, generate_prior_tokens, normalize_images
 from .processor import GlmImageProcessor
 
@@ -113,9 +112,8 @@ class GlmImagePipeline:
         self.verbose = verbose
         self.loads = 0  # models loaded from files so far
         self.memory = self._resolve_memory(memory)
-        vae_config = vae.config if vae is not None else AutoencoderKLConfig.from_dict(self._config("vae"))
-        dit_config = (transformer.config if transformer is not None
-                      else GlmImageTransformerConfig.from_dict(self._config("transformer")))
+        vae_config = vae.config if vae is not None else self._model_config("vae")
+        dit_config = transformer.config if transformer is not None else self._model_config("transformer")
         self.vae_scale_factor = vae_config.scale_factor
         self.patch_size = dit_config.patch_size
         self.latent_channels = dit_config.in_channels
@@ -142,8 +140,18 @@ class GlmImagePipeline:
             raise loading.WeightsError(f"this pipeline has no {name} and no source to load it from")
         return loading.component_folder(self.source, name, files=files)
 
-    def _config(self, name: str) -> dict:
-        return loading.read_config(self._folder(name, files="*.json"))
+    def _model_config(self, name: str):
+        """A model's config dataclass: the loaded model's, else its folder's config.json (nothing else read)."""
+        if name in self._components:
+            return self._components[name].config
+        folder = self._folder(name, files="*.json")
+        return loading.model_config(MODELS[name], loading.read_config(folder), folder)
+
+    def missing_components(self, names) -> list[str]:
+        """Which of ``names`` a local pipeline folder lacks (a Hub source is asked when a component is used)."""
+        if self.source is None or not loading.is_local(self.source):
+            return [n for n in names if self.source is None and n not in self._components]
+        return [n for n in names if n not in self._components and not (Path(self.source) / n).is_dir()]
 
     def _get(self, name: str):
         if name not in self._components:
@@ -229,20 +237,31 @@ class GlmImagePipeline:
             raise ValueError(f"output_type must be 'pil', 'np', 'mx' or 'latent', got {output_type!r}")
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
+        check_prompt(prompt)
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found {unknown}")
+
+    @property
+    def max_side(self) -> int | None:
+        """The largest image side the AR model takes (its vision config's image_size), when there is one."""
+        if "vision_language_encoder" not in self._components and self.missing_components(["vision_language_encoder"]):
+            return None
+        try:
+            return self._model_config("vision_language_encoder").vision_config.image_size
+        except loading.WeightsError:
+            return None
 
     def image_size(self, images, height: int | None, width: int | None) -> tuple[int, int]:
         """The size to generate, checked: as asked, else the first condition image's rounded down to the size
         multiple, else 1024x1024."""
         m = self.size_multiple
-        if images is not None and (height is None or width is None):
+        if images is not None:
             w0, h0 = _image_size(images[0][0])
-            height, width = height or (h0 // m) * m, width or (w0 // m) * m
-        height, width = height or 1024, width or 1024
-        if height <= 0 or width <= 0 or height % m or width % m:
-            raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
+            height = (h0 // m) * m if height is None else height
+            width = (w0 // m) * m if width is None else width
+        height, width = 1024 if height is None else height, 1024 if width is None else width
+        check_size(height, width, m, self.max_side)
         return height, width
 
     # -- the call -------------------------------------------------------------------------------------------
@@ -283,8 +302,13 @@ class GlmImagePipeline:
         Returns ``GlmImagePipelineOutput`` or, with ``return_dict=False``, ``(images,)``."""
         self.check_inputs(prompt, prompt_embeds, prior_token_ids, prior_token_image_ids, source_image_grid_thw, image,
                           output_type, num_images_per_prompt, callback_on_step_end_tensor_inputs)
+        check_sampling(num_inference_steps if timesteps is None and sigmas is None else None, guidance_scale,
+                       temperature, top_p, top_k)
+        check_seed(generator if generator is not None and not isinstance(generator, mx.array) else seed)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         images = normalize_images(image, len(prompts) if prompts is not None else prompt_embeds.shape[0])
+        if images is not None and prior_token_ids is None:
+            images = self.prepare_condition_images(images)
         height, width = self.image_size(images, height, width)
         key = as_key(generator if generator is not None else seed)
         stages = _StageTimer(self._log)
@@ -310,6 +334,7 @@ class GlmImagePipeline:
             self.scheduler.set_timesteps(num_inference_steps, image_seq_len=(height // f) * (width // f) // self.patch_size**2,
                                          timesteps=timesteps, sigmas=sigmas)
             latents = self.denoise(latents, inputs, kv_caches, callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
+            _check_finite(latents, "denoising", "latents")
         if output_type == "latent":
             result = latents
         else:
@@ -358,6 +383,12 @@ class GlmImagePipeline:
         if do_cfg and negative_prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` are needed with `prompt_embeds` when guidance_scale > 1")
         return _repeat(mx.array(prompt_embeds), per_prompt), _repeat(negative_prompt_embeds, per_prompt) if do_cfg else None
+
+    def prepare_condition_images(self, images: list[list]) -> list[list]:
+        """RGB, resized once to what both the VAE and the AR model's vision encoder take (image_processor.py)."""
+        ip = self.processor.image_processor
+        return [[fit_condition_image(to_rgb(im), self.size_multiple, ip.shortest_edge, ip.longest_edge) for im in sample]
+                for sample in images]
 
     def encode_condition_images(self, images: list[list]) -> list[list[tuple[mx.array, tuple[int, int]]]]:
         """Per sample, each condition image as normalized VAE latents and its (height, width) in pixels."""
@@ -414,6 +445,7 @@ class GlmImagePipeline:
         vae = self.vae
         pixels = vae_codec.decode(vae, vae.denormalize_latents(latents.astype(vae.dtype)), tiled=self.vae_tiling)
         self._release("vae")
+        _check_finite(pixels, "vae decode", "pixels")
         return pixels
 
 
@@ -433,6 +465,15 @@ class _StageTimer:
         self.timings[name] = time.perf_counter() - t0
         self.peaks[name] = mx.get_peak_memory()
         self.log(f"{name}: {self.timings[name]:.1f} s, peak {self.peaks[name] / 1e9:.2f} GB")
+
+
+class NonFiniteError(RuntimeError):
+    """A stage produced NaN or infinite values (corrupt weights, an extreme guidance)."""
+
+
+def _check_finite(x: mx.array, stage: str, what: str):
+    if not mx.all(mx.isfinite(x)).item():
+        raise NonFiniteError(f"the {stage} stage produced non-finite {what} (NaN or inf): the weights may be corrupt")
 
 
 def _image_size(image) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import loading
+from .image_processor import to_rgb
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -52,20 +53,6 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 51
     return h_bar, w_bar
 
 
-def _to_rgb(image):
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
-
-
 @dataclass
 class ImageProcessor:
     patch_size: int = 16
@@ -94,7 +81,7 @@ class ImageProcessor:
         """One image -> (h*w patches of C*T*p*p values, (1, h, w))."""
         from PIL import Image
 
-        img = _to_rgb(image)
+        img = to_rgb(Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
         p, m, T = self.patch_size, self.merge_size, self.temporal_patch_size
         if self.do_resize:
             rh, rw = smart_resize(img.height, img.width, p * m, self.shortest_edge, self.longest_edge)

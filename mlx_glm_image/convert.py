@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import loading as L
+from .cli import Parser, fail
 from . import quantize as Q
 from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 
@@ -383,7 +384,7 @@ def print_summary(summary, spec, q_set, planned=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python convert.py",
         description="Convert a diffusers GLM-Image checkpoint (folder or Hugging Face repo id) to MLX, optionally quantized.",
         epilog="Example: python convert.py --hf-path zai-org/GLM-Image --mlx-path glm-image-4bit -q --q-bits 4",
@@ -421,12 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             quantize_components=args.quantize_components, force=args.force, dry_run=args.dry_run,
             shard_bytes=int(args.shard_size_gb * 2**30),
         )
-    except (ConvertError, L.WeightsError, Q.QuantizeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: the temporary folder is gone, the destination untouched
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
+    except (ConvertError, L.WeightsError, Q.QuantizeError, OSError) as e:  # OSError: disk full, permissions
+        return fail(e)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -16,15 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli import Parser, fail
+
 DESCRIPTION = __doc__
 # What a run reads besides tokenizer/ (optional: ByT5 needs no vocabulary file).
 COMPONENTS = ("transformer", "vae", "text_encoder", "scheduler", "vision_language_encoder", "processor")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other bad input
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,12 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except (ValueError, WeightsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: the PNG was written to a temporary file, which is gone
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
+    except (ValueError, WeightsError, RuntimeError, OSError) as e:  # OSError: disk full, permissions
+        return fail(e)
     except KeyboardInterrupt:
         print("interrupted; no image written", file=sys.stderr)
         return 130

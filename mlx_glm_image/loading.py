@@ -61,8 +61,10 @@ def fetch(repo_id: str, patterns: list[str] | None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # network, auth, missing repo: one line for the user
-        raise WeightsError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(e).__name__}: {e}") from None
+    except Exception as e:  # network, auth, missing repo: one line for the user, with what to do
+        detail = " ".join(str(e).split())[:300]
+        raise WeightsError(f"could not fetch {repo_id} from the Hugging Face Hub ({type(e).__name__}: {detail}); check "
+                           "the repo id and the network, or log in (hf auth login) for a gated repo") from None
 
 
 def component_folder(path_or_repo, component: str, subfolder: str | None = None, files: str = "*") -> Path:

@@ -304,3 +304,11 @@ def test_decompression_bomb_is_refused(model_dir, tmp_path):
 def test_help_explains():
     proc = cli("--help")
     assert proc.returncode == 0 and "--prompt" in proc.stdout and "quote the text" in proc.stdout
+
+
+def test_converting_a_source_without_its_vae_is_refused(model_dir, tmp_path):
+    model = copy_model(model_dir, tmp_path, drop="vae")
+    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(model), "--mlx-path",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert_one_line(proc, "lacks vae/, which model_index.json lists")
+    assert not (tmp_path / "out").exists()

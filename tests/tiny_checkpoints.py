@@ -107,7 +107,11 @@ def write_diffusion_side(folder, codebook=40):
     text_encoder.save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     scheduler.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
+    index = {"_class_name": "GlmImagePipeline", "_diffusers_version": "0.37.0.dev0",  # as the released one lists them
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "ByT5Tokenizer"], "transformer": ["diffusers", "GlmImageTransformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
     return TorchPipeline(tokenizer=tokenizer, processor=None, text_encoder=text_encoder, vision_language_encoder=None,
                          vae=vae, transformer=dit, scheduler=scheduler)
 
@@ -143,4 +147,8 @@ def write_pipeline(root):
     """A whole pipeline folder: the diffusion side and the AR side, as zai-org/GLM-Image lays it out."""
     write_diffusion_side(root, codebook=N_VISION)
     write_prior(root, eos_row_zero=True, vision_patch=16)
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(processor=["transformers", "GlmImageProcessor"],
+                 vision_language_encoder=["transformers", "GlmImageForConditionalGeneration"])
+    (root / "model_index.json").write_text(json.dumps(index))
     return root

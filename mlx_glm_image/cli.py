@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def prog_name(fallback: str) -> str:
+    """How the user invoked the command: the console script's name, else ``fallback`` (python -m ...)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and name != "-c" else fallback
 
 
 class Parser(argparse.ArgumentParser):

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import loading as L
-from .cli import Parser, fail
+from .cli import Parser, fail, prog_name
 from . import quantize as Q
 from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 
@@ -384,10 +384,11 @@ def print_summary(summary, spec, q_set, planned=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    prog = prog_name("python convert.py")
     p = Parser(
-        prog="python convert.py",
+        prog=prog,
         description="Convert a diffusers GLM-Image checkpoint (folder or Hugging Face repo id) to MLX, optionally quantized.",
-        epilog="Example: python convert.py --hf-path zai-org/GLM-Image --mlx-path glm-image-4bit -q --q-bits 4",
+        epilog=f"Example: {prog} --hf-path zai-org/GLM-Image --mlx-path glm-image-4bit -q --q-bits 4",
     )
     p.add_argument("--hf-path", required=True, help="diffusers pipeline folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")

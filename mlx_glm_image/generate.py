@@ -1,110 +1,114 @@
-"""Generate (or edit) an image with GLM-Image in MLX.
+"""Generate (or edit) images with GLM-Image in MLX.
 
-    python -m mlx_glm_image.generate --prompt 'A poster that says "Hello MLX"' --output hello.png
-    python -m mlx_glm_image.generate --model glm-image-4bit --prompt "..." --image photo.jpg   # editing
+    PROG --prompt 'A poster that says "Hello MLX"' --output hello.png
+    PROG -m glm-image-4bit --prompt "..." --image photo.jpg                  # editing
+    PROG --prompt "..." --seed 1 2 3 --output 'shot_{seed}.png' --metadata     # one image per seed
+    PROG --prompt-file prompts.txt --auto-seeds 2 --output 'run/{index}_{prompt}.png'
+    PROG --config-from-metadata shot_2.png --steps 30                        # again, with one change
 
-Text in quotes ('...', "...", \u201c...\u201d, \u300c...\u300d) is what GLM-Image renders as glyphs.
+Text in quotes ('...', "...", \u201c...\u201d, \u300c...\u300d) is what GLM-Image renders as glyphs. Each image has
+its own seed, used for both the AR sampling and the noise, so any image regenerates alone from its metadata.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import random
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from .cli import Parser, fail
+from .cli import Parser, fail, prog_name
+from .quantize import BITS
 
-DESCRIPTION = __doc__
 # What a run reads besides tokenizer/ (optional: ByT5 needs no vocabulary file).
 COMPONENTS = ("transformer", "vae", "text_encoder", "scheduler", "vision_language_encoder", "processor")
+DEFAULTS = dict(model="zai-org/GLM-Image", output="glm-image.png", steps=50, guidance=1.5, num_images=1,
+                dtype="bfloat16", memory="auto", vae_tiling="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m mlx_glm_image.generate", description=DESCRIPTION,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="what to draw; quote the text that must appear in the image")
-    p.add_argument("--model", default="zai-org/GLM-Image",
-                   help="pipeline folder (diffusers layout or converted by convert.py) or Hugging Face repo id (default: %(default)s)")
-    p.add_argument("--output", default="glm-image.png", help="PNG path; with several images, _1, _2... are added (default: %(default)s)")
-    p.add_argument("--image", action="append", metavar="PATH", help="condition image for editing (repeat for several)")
+    """Every option defaults to None, so a run knows what the user gave (it overrides --config-from-metadata);
+    DEFAULTS fills the rest."""
+    prog = prog_name("python -m mlx_glm_image.generate")
+    p = Parser(prog=prog, description=__doc__.replace("PROG", prog), formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to draw")
+    what.add_argument("--prompt", help="what to draw; quote the text that must appear in the image")
+    what.add_argument("--prompt-file", metavar="PATH",
+                      help="one prompt per line (.txt), or one JSON object per line (.jsonl): \"prompt\" and per-image "
+                           "\"seed\", \"size\" (WxH), \"steps\", \"guidance\", \"image\"")
+    what.add_argument("--image", action="append", metavar="PATH", help="condition image for editing (repeat for several)")
     size = ("pixels, a multiple of 32, at most the model's largest side (the released model: 512 to 2048, at most "
             "2^22 pixels in all; default: 1024, or the condition image's)")
-    p.add_argument("--height", type=int, help=size)
-    p.add_argument("--width", type=int, help=size)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps, 1 to 1000 (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=1.5,
-                   help="classifier-free guidance scale, >= 0; 1 or less turns it off (default: %(default)s)")
-    p.add_argument("--seed", type=int, help="random seed for the AR sampling and the noise, 0 to 2^64 - 1 (default: random, printed)")
-    p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default: %(default)s)")
+    what.add_argument("--height", type=int, help=size)
+    what.add_argument("--width", type=int, help=size)
+    what.add_argument("--steps", type=int, help=f"denoising steps, 1 to 1000 (default: {DEFAULTS['steps']})")
+    what.add_argument("--guidance", type=float,
+                      help=f"classifier-free guidance scale, >= 0; 1 or less turns it off (default: {DEFAULTS['guidance']})")
     gen = "(default: the checkpoint's generation_config.json, else GLM-Image's published 0.9 / 0.75 / off)"
-    p.add_argument("--temperature", type=float, help=f"AR sampling temperature, > 0 {gen}")
-    p.add_argument("--top-p", type=float, help=f"AR nucleus sampling, in (0, 1] {gen}")
-    p.add_argument("--top-k", type=int, help=f"AR top-k sampling, >= 0, 0 for off {gen}")
-    p.add_argument("--quantize", type=int, choices=[4, 8],
-                   help="quantize the DiT and the AR model at load time (a converted folder is used as it is)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: %(default)s)")
-    p.add_argument("--memory", choices=["auto", "resident", "staged"], default="auto",
-                   help="staged: load each model for its stage and free it after (peak = the largest stage); "
-                        "resident: keep every model loaded; auto: resident when the weights fit (default: %(default)s)")
-    p.add_argument("--vae-tiling", choices=["auto", "on", "off"], default="auto",
-                   help="decode in overlapping tiles to bound memory (auto: above 1024x1024 pixels)")
-    p.add_argument("--no-metadata", action="store_true", help="do not write the prompt and settings into the PNG")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or stage report")
+    what.add_argument("--temperature", type=float, help=f"AR sampling temperature, > 0 {gen}")
+    what.add_argument("--top-p", type=float, help=f"AR nucleus sampling, in (0, 1] {gen}")
+    what.add_argument("--top-k", type=int, help=f"AR top-k sampling, >= 0, 0 for off {gen}")
+    seeds = p.add_argument_group("how many")
+    seeds.add_argument("--seed", type=int, nargs="+", metavar="S",
+                       help="one image per seed, each 0 to 2^64 - 1 (default: a random one, printed)")
+    seeds.add_argument("--auto-seeds", type=int, metavar="N", help="N images with random seeds")
+    seeds.add_argument("--num-images", type=int, metavar="N", help="N images with consecutive seeds from --seed (default: 1)")
+    seeds.add_argument("--config-from-metadata", metavar="PATH",
+                       help="start from the settings recorded in a PNG or JSON written by this tool; flags given override them")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", help="PNG path; may hold {seed}, {index} (0-based over the run) and {prompt} (a short "
+                                      "slug); without them several images get _1, _2... (default: glm-image.png)")
+    out.add_argument("--overwrite", action="store_true", default=None,
+                     help="replace existing files (by default a numeric suffix is added, and printed)")
+    out.add_argument("--metadata", action="store_true", default=None, help="also write each image's settings as JSON beside it")
+    out.add_argument("--no-metadata", action="store_true", default=None, help="do not write the settings into the PNG")
+    out.add_argument("--print-config", action="store_true", default=None,
+                     help="print each image's resolved settings and path, and stop (no model is loaded)")
+    out.add_argument("--quiet", action="store_true", default=None, help="no progress bars or stage report")
+    model = p.add_argument_group("model")
+    model.add_argument("-m", "--model", help="pipeline folder (diffusers layout or converted by convert.py) or Hugging "
+                                             f"Face repo id (default: {DEFAULTS['model']})")
+    model.add_argument("-q", "--quantize", type=int, choices=BITS,
+                       help="quantize the DiT and the AR model at load time (a converted folder is used as it is)")
+    model.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: bfloat16)")
+    model.add_argument("--memory", choices=["auto", "resident", "staged"],
+                       help="staged: load each model for its stage and free it after (peak = the largest stage); "
+                            "resident: keep every model loaded; auto: resident when the weights fit (default: auto)")
+    model.add_argument("--vae-tiling", choices=["auto", "on", "off"],
+                       help="decode in overlapping tiles to bound memory (default: auto, above 1024x1024 pixels)")
     return p
 
 
-def png_metadata(args, seed: int):
-    from PIL.PngImagePlugin import PngInfo
+def plan(args) -> tuple[dict, list[dict]]:
+    """(the run's settings, one settings dict per image): recorded metadata, then the flags given, then defaults."""
+    from . import runs
 
-    from . import __version__
-
-    info = PngInfo()
-    info.add_text("prompt", args.prompt)
-    settings = f"model={args.model}, size={args.width}x{args.height}, steps={args.steps}, guidance={args.guidance}, seed={seed}"
-    if args.quantize:
-        settings += f", quantize={args.quantize}"
-    if args.image:
-        settings += f", images={','.join(Path(p).name for p in args.image)}"
-    info.add_text("parameters", settings)
-    info.add_text("Software", f"mlx-glm-image {__version__}")
-    return info
-
-
-def save_png(image, path: Path, pnginfo=None):
-    """Write next to the target and rename, so that an interrupted run never leaves half a file; the file's
-    mode follows the umask (a temporary file is created 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    recorded = runs.read_metadata(args.config_from_metadata) if args.config_from_metadata else {}
+    run = {**DEFAULTS, **{k: recorded[k] for k in runs.RUN_KEYS if k in recorded}, **given}
+    run.setdefault("quantize", None)
+    image = {k: recorded.get(k) for k in runs.IMAGE_KEYS if k not in ("prompt", "seed")}
+    image.update(steps=image["steps"] or DEFAULTS["steps"], guidance=DEFAULTS["guidance"] if image["guidance"] is None else image["guidance"])
+    image.update({k: given[k] for k in ("height", "width", "steps", "guidance", "temperature", "top_p", "top_k", "image") if k in given})
+    if args.prompt_file:
+        entries = runs.read_prompt_file(args.prompt_file)
+    elif args.prompt is not None or "prompt" in recorded:
+        entries = [{"prompt": args.prompt if args.prompt is not None else recorded["prompt"]}]
+    else:
+        raise ValueError("give --prompt, --prompt-file or --config-from-metadata")
+    if args.seed or args.auto_seeds or args.num_images or "seed" not in recorded:
+        seeds = runs.seeds_for(args.seed, args.auto_seeds, run["num_images"])
+    else:
+        seeds = [recorded["seed"]]
+    return run, runs.plan_images(entries, seeds, image)
 
 
-def output_paths(output: str, n: int) -> list[Path]:
-    path = Path(output).expanduser()
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--output must end in .png, got {output}")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i + 1}{path.suffix}") for i in range(n)]
-
-
-def check_output(paths: list[Path], height: int, width: int):
+def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
     """Each PNG can be written: not a folder, its folder exists or can be made and is writable, room on disk."""
     for path in paths:
-        if path.is_dir():
-            raise ValueError(f"--output {path} is a folder")
         folder = path.parent
         while not folder.exists():
             folder = folder.parent
@@ -112,59 +116,108 @@ def check_output(paths: list[Path], height: int, width: int):
             raise ValueError(f"--output {path}: {folder} is not a folder")
         if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise ValueError(f"--output {path}: no permission to write there")
-    need = len(paths) * (3 * height * width + (1 << 20))  # an uncompressed RGB image each, at most
+    need = sum(3 * h * w + (1 << 20) for h, w in sizes)  # an uncompressed RGB image each, at most
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise ValueError(f"--output: {folder} has {free >> 20} MB free; {len(paths)} image(s) of {width}x{height} "
-                         f"need up to {need >> 20} MB")
+        raise ValueError(f"--output: {folder} has {free >> 20} MB free; {len(paths)} image(s) need up to {need >> 20} MB")
 
 
-def check_arguments(args) -> tuple[list[Path], list | None]:
-    """Everything the user gave, before any model is loaded: (output paths, condition images)."""
+def prepare(pipe, run: dict, images: list[dict]) -> tuple[list[dict], list]:
+    """Check every image's settings and resolve them (size, sampling) before any weight is read; returns the
+    pipeline requests and the (path, moved-from) outputs."""
+    from . import runs
     from .pipeline.checks import check_prompt, check_sampling, check_seed
     from .pipeline.image_processor import load_image
 
-    check_prompt(args.prompt)
-    check_sampling(args.steps, args.guidance, args.temperature, args.top_p, args.top_k)
-    check_seed(args.seed)
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    paths = output_paths(args.output, args.num_images)
-    return paths, [load_image(p) for p in args.image] if args.image else None
+    outputs = runs.output_paths(run["output"], images, bool(run.get("overwrite")))
+    missing = pipe.missing_components(COMPONENTS)  # configs were read, no weights
+    if missing:
+        raise ValueError(f"{run['model']} lacks {', '.join(m + '/' for m in missing)}")
+    loaded, requests = {}, []
+    for image in images:
+        check_prompt(image["prompt"])
+        check_sampling(image["steps"], image["guidance"], image["temperature"], image["top_p"], image["top_k"])
+        check_seed(image["seed"])
+        for path in image["image"] or []:
+            loaded.setdefault(path, load_image(path))
+        condition = pipe.prepare_condition_images([[loaded[p] for p in image["image"]]]) if image["image"] else None
+        image["height"], image["width"] = pipe.image_size(condition, image["height"], image["width"])
+        image.update(pipe.sampling_settings(image["temperature"], image["top_p"], image["top_k"]))
+        requests.append(dict(prompt=image["prompt"], image=condition, height=image["height"], width=image["width"],
+                             num_inference_steps=image["steps"], guidance_scale=image["guidance"], generator=image["seed"],
+                             temperature=image["temperature"], top_p=image["top_p"], top_k=image["top_k"]))
+    check_output([p for p, _ in outputs], [(i["height"], i["width"]) for i in images])
+    return requests, outputs
 
 
 def run(args) -> list[Path]:
-    import mlx.core as mx
-
+    from . import runs
     from .pipeline import GlmImagePipeline
 
-    paths, images = check_arguments(args)
-    pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory,
-                                            verbose=not args.quiet,
-                                            vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling])
-    missing = pipe.missing_components(COMPONENTS)  # configs were read, no weights
-    if missing:
-        raise ValueError(f"{args.model} lacks {', '.join(m + '/' for m in missing)}")
-    images = pipe.prepare_condition_images([images]) if images else None
-    args.height, args.width = pipe.image_size(images, args.height, args.width)
-    check_output(paths, args.height, args.width)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    if not args.quiet:
-        print(f"seed {seed}", flush=True)
-    out = pipe(
-        prompt=args.prompt, image=images, height=args.height, width=args.width, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=seed, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, progress=not args.quiet,
-    )
-    info = None if args.no_metadata else png_metadata(args, seed)
-    for image, path in zip(out.images, paths):
-        save_png(image, path, info)
-    if not args.quiet:
-        total = sum(out.timings.values())
-        peak = max(out.peak_memory.values(), default=0)
-        print(f"saved {', '.join(map(str, paths))} in {total:.1f} s, peak memory {peak / 1e9:.2f} GB "
+    settings, images = plan(args)
+    pipe = GlmImagePipeline.from_pretrained(settings["model"], dtype=settings["dtype"], quantize=settings["quantize"],
+                                            memory=settings["memory"], verbose=not settings.get("quiet"),
+                                            vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]])
+    requests, outputs = prepare(pipe, settings, images)
+    loaded = dict(quantization=pipe.quantization(), revision=pipe.revision())
+    records = [runs.metadata(image, settings, loaded) for image in images]
+    if settings.get("print_config"):
+        for (path, _), record in zip(outputs, records):
+            print(json.dumps({"output": str(path), **record}, ensure_ascii=False))
+        return []
+    for (path, asked), image in zip(outputs, images):
+        if asked is not None:
+            print(f"{asked} exists: writing {path}", file=sys.stderr)
+    results, report = pipe.generate_batch(requests, progress=not settings.get("quiet"))
+    for i, ((path, _), result, record) in enumerate(zip(outputs, results, records)):
+        write_image(result.images[0], path, record, png_text=not settings.get("no_metadata"), sidecar=settings.get("metadata"))
+        if not settings.get("quiet"):
+            print(f"image {i + 1}/{len(outputs)}: {path} (seed {record['seed']})", flush=True)
+    if not settings.get("quiet"):
+        import mlx.core as mx
+
+        total = sum(report.timings.values()) + sum(report.load_seconds.values())
+        print(f"{len(outputs)} image(s) in {total:.1f} s, peak memory {max(report.peaks.values()) / 1e9:.2f} GB "
               f"(MLX {mx.__version__}, {mx.default_device()})")
-    return paths
+    return [p for p, _ in outputs]
+
+
+def png_info(record: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    from . import __version__, runs
+
+    info = PngInfo()
+    info.add_text("prompt", record["prompt"])
+    info.add_text("parameters", f"model={record['model']}, size={record['width']}x{record['height']}, steps={record['steps']}, "
+                                f"guidance={record['guidance']}, seed={record['seed']}")
+    info.add_text(runs.METADATA_CHUNK, json.dumps(record, ensure_ascii=False))
+    info.add_text("Software", f"mlx-glm-image {__version__}")
+    return info
+
+
+def write_image(image, path: Path, record: dict, png_text: bool, sidecar: bool):
+    save_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=png_info(record) if png_text else None))
+    if sidecar:
+        data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")
+        save_atomically(path.with_suffix(".json"), lambda f: Path(f).write_bytes(data))
+
+
+def save_atomically(path: Path, write):
+    """Write next to the target and rename, so that an interrupted run never leaves half a file; the file's
+    mode follows the umask (a temporary file is created 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

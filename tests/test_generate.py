@@ -144,13 +144,13 @@ def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
     assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
-    assert "MB free; 1 image(s) of 96x64 need up to" in capsys.readouterr().err
+    assert "MB free; 1 image(s) need up to" in capsys.readouterr().err
     monkeypatch.undo()
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "a.png"))
 
-    monkeypatch.setattr(generate, "save_png", disk_full)
+    monkeypatch.setattr(generate, "write_image", disk_full)
     assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: No space left on device: {tmp_path / 'a.png'}"]
@@ -288,10 +288,10 @@ def test_condition_images_of_any_kind(model_dir, tmp_path):
     assert load_image(images["exif-rotated"]).size == (64, 96)
     for kind, path in images.items():
         proc = cli("--model", model_dir, *BASE[:2], "--steps", "1", "--seed", "3", "--quiet", "--image", path,
-                   "--output", tmp_path / f"{kind}.png")
+                   "--output", tmp_path / f"out_{kind}.png")
         assert proc.returncode == 0, (kind, proc.stderr)
         want = {"exif-rotated": (64, 96), "large": (128, 64)}.get(kind, (96, 64))  # large: fitted to 128 px, x32
-        assert Image.open(tmp_path / f"{kind}.png").size == want, kind
+        assert Image.open(tmp_path / f"out_{kind}.png").size == want, kind
 
 
 def test_decompression_bomb_is_refused(model_dir, tmp_path):

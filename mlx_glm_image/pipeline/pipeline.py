@@ -27,7 +27,7 @@ from .checks import check_prompt, check_sampling, check_seed, check_size
 from .denoise import DenoiseInputs, denoise, prepare_latents, write_condition_cache
 from .glyphs import ByT5Tokenizer, get_glyph_embeds
 from .image_processor import VaeImageProcessor, fit_condition_image, to_rgb
-from .prior_tokens import as_key, generate_prior_tokens, normalize_images
+from .prior_tokens import as_key, generate_prior_tokens, normalize_images, sampling_settings
 from .processor import GlmImageProcessor
 
 DEFAULT_REPO = "zai-org/GLM-Image"
@@ -111,6 +111,7 @@ class GlmImagePipeline:
         self.vae_tiling = vae_tiling  # None: by size (pipeline/decode.py)
         self.verbose = verbose
         self.loads = 0  # models loaded from files so far
+        self.load_seconds = 0.0  # time spent loading them
         self.memory = self._resolve_memory(memory)
         vae_config = vae.config if vae is not None else self._model_config("vae")
         dit_config = transformer.config if transformer is not None else self._model_config("transformer")
@@ -173,7 +174,9 @@ class GlmImagePipeline:
         quantize = self.quantize if cls.quantize_by_default else None
         dtype = None if name == "text_encoder" else self.dtype  # ByT5 keeps its checkpoint's float32
         model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize)
+        mx.eval(model.parameters())  # read now, so that loading is timed apart from compute
         self.loads += 1
+        self.load_seconds += time.perf_counter() - t0
         self._loaded.add(name)
         self._log(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
         return model
@@ -211,6 +214,33 @@ class GlmImagePipeline:
     def _log(self, message: str):
         if self.verbose:
             print(message, flush=True)
+
+    def sampling_settings(self, temperature=None, top_p=None, top_k=None) -> dict:
+        """The AR sampling settings a call with these arguments uses (read from the checkpoint's files only)."""
+        if "vision_language_encoder" in self._components:
+            config = self._components["vision_language_encoder"].generation_config
+        else:
+            folder = self._folder("vision_language_encoder", files="*.json")
+            config = loading.read_config(folder, "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+        return sampling_settings(config, temperature, top_p, top_k)
+
+    def revision(self) -> str | None:
+        """The Hub commit the components come from (its snapshot folder's name); None for a local folder."""
+        if self.source is None or loading.is_local(self.source):
+            return None
+        return self._folder("transformer", files="*.json").parent.name
+
+    def quantization(self) -> dict:
+        """Per model: the quantization it runs with (a converted folder's, or load-time ``quantize``), or None."""
+        out = {}
+        for name, cls in MODELS.items():
+            if self.missing_components([name]):
+                continue
+            stored = loading.read_config(self._folder(name, files="*.json")).get("quantization")
+            if stored is None and self.quantize and cls.quantize_by_default:
+                stored = as_spec(self.quantize).as_config()
+            out[name] = {k: stored[k] for k in ("bits", "group_size", "mode") if k in stored} if stored else None
+        return out
 
     # -- checks ---------------------------------------------------------------------------------------------
 
@@ -300,6 +330,28 @@ class GlmImagePipeline:
         too) and drives both the AR sampling and the noise. ``callback_on_step_end(pipe, i, t, kwargs)`` gets
         the tensors named by ``callback_on_step_end_tensor_inputs`` after each step and may return replacements.
         Returns ``GlmImagePipelineOutput`` or, with ``return_dict=False``, ``(images,)``."""
+        job = self._job(**{k: v for k, v in locals().items() if k not in ("self", "return_dict", "progress")})
+        report = self._run_stages([job], progress)
+        if not return_dict:
+            return (job.result,)
+        return GlmImagePipelineOutput(job.result, job.prior_token_ids, report.timings, report.peaks)
+
+    def generate_batch(self, requests: list[dict], progress: bool = False):
+        """Many calls (each a dict of ``__call__``'s arguments), stage by stage: the AR model runs for every
+        request, then the glyph encoder, then the DiT, then the VAE, so each model is loaded once even with
+        staged memory. Each request gives the image ``__call__`` gives for it alone (same seed, same pixels).
+        Returns (one GlmImagePipelineOutput per request, the run's StageReport)."""
+        jobs = [self._job(**{k: v for k, v in r.items() if k not in ("return_dict", "progress")}) for r in requests]
+        report = self._run_stages(jobs, progress)
+        return [GlmImagePipelineOutput(j.result, j.prior_token_ids, report.timings, report.peaks) for j in jobs], report
+
+    def _job(self, prompt=None, image=None, height=None, width=None, num_inference_steps=50, timesteps=None, sigmas=None,
+             guidance_scale=1.5, num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None,
+             negative_prompt_embeds=None, prior_token_ids=None, prior_token_image_ids=None, source_image_grid_thw=None,
+             crops_coords_top_left=(0, 0), output_type="pil", callback_on_step_end=None,
+             callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=2048, seed=None, temperature=None,
+             top_p=None, top_k=None) -> "_Job":
+        """Check one call's arguments (before any model runs) and normalize them."""
         self.check_inputs(prompt, prompt_embeds, prior_token_ids, prior_token_image_ids, source_image_grid_thw, image,
                           output_type, num_images_per_prompt, callback_on_step_end_tensor_inputs)
         check_sampling(num_inference_steps if timesteps is None and sigmas is None else None, guidance_scale,
@@ -310,39 +362,67 @@ class GlmImagePipeline:
         if images is not None and prior_token_ids is None:
             images = self.prepare_condition_images(images)
         height, width = self.image_size(images, height, width)
-        key = as_key(generator if generator is not None else seed)
-        stages = _StageTimer(self._log)
+        return _Job(prompts, images, height, width, as_key(generator if generator is not None else seed), guidance_scale,
+                    num_images_per_prompt, crops_coords_top_left, num_inference_steps, timesteps, sigmas, temperature,
+                    top_p, top_k, max_sequence_length, output_type, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs, latents, prompt_embeds, negative_prompt_embeds,
+                    prior_token_ids, prior_token_image_ids, source_image_grid_thw)
 
-        with stages("prior"):
-            if prior_token_ids is None:
-                prior_token_ids, prior_token_image_ids, source_image_grid_thw = self.generate_prior_tokens(
-                    prompts, height, width, images, key, temperature, top_p, top_k, progress)
-            prior_token_ids = _as_ids(prior_token_ids)
-            mx.eval(prior_token_ids)
-        with stages("glyph encoder"):
-            prompt_embeds, negative_prompt_embeds = self._prompt_embeds(
-                prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, num_images_per_prompt, max_sequence_length)
-        with stages("denoising"):
-            inputs = self.denoise_inputs(prompt_embeds, negative_prompt_embeds, prior_token_ids, num_images_per_prompt,
-                                         height, width, crops_coords_top_left, guidance_scale)
-            f = self.vae_scale_factor
-            latents = prepare_latents((len(inputs.target_size), self.latent_channels, height // f, width // f), latents, key)
-            kv_caches = None
-            if images is not None:
-                kv_caches = write_condition_cache(self.transformer, self.encode_condition_images(images),
-                                                  prior_token_image_ids, source_image_grid_thw)
-            self.scheduler.set_timesteps(num_inference_steps, image_seq_len=(height // f) * (width // f) // self.patch_size**2,
-                                         timesteps=timesteps, sigmas=sigmas)
-            latents = self.denoise(latents, inputs, kv_caches, callback_on_step_end, callback_on_step_end_tensor_inputs, progress)
-            _check_finite(latents, "denoising", "latents")
-        if output_type == "latent":
-            result = latents
-        else:
-            with stages("vae decode"):
-                result = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
-        if not return_dict:
-            return (result,)
-        return GlmImagePipelineOutput(result, prior_token_ids, stages.timings, stages.peaks)
+    def _run_stages(self, jobs: list["_Job"], progress: bool) -> "StageReport":
+        """Each stage over every job, then its models are freed (staged memory)."""
+        report = StageReport(self._log)
+        with report("prior", self):
+            for job in jobs:
+                self._prior_stage(job, progress, report)
+        self._release("vision_language_encoder")
+        with report("glyph encoder", self):
+            for job in jobs:
+                self._glyph_stage(job)
+        self._release("text_encoder")
+        with report("denoising", self):
+            conditions = [self.encode_condition_images(j.images) if j.images is not None else None for j in jobs]
+            self._release("vae")
+            for job, condition in zip(jobs, conditions):
+                self._denoise_stage(job, condition, progress, report)
+        self._release("transformer")
+        decoded = [j for j in jobs if j.output_type != "latent"]
+        for job in jobs:
+            job.result = job.latents
+        if decoded:
+            with report("vae decode", self):
+                for job in decoded:
+                    job.result = self.image_processor.postprocess(self.decode_latents(job.latents), job.output_type)
+            self._release("vae")
+        return report
+
+    def _prior_stage(self, job: "_Job", progress: bool, report: "StageReport"):
+        if job.prior_token_ids is None:
+            job.prior_token_ids, job.prior_token_image_ids, job.source_image_grid_thw = self.generate_prior_tokens(
+                job.prompts, job.height, job.width, job.images, job.key, job.temperature, job.top_p, job.top_k, progress)
+            report.tokens += len(job.prompts) * _ar_tokens(job.height, job.width, job.images is not None)
+        job.prior_token_ids = _as_ids(job.prior_token_ids)
+        mx.eval(job.prior_token_ids)
+
+    def _glyph_stage(self, job: "_Job"):
+        job.prompt_embeds, job.negative_prompt_embeds = self._prompt_embeds(
+            job.prompts, job.prompt_embeds, job.negative_prompt_embeds, job.guidance_scale, job.per_prompt,
+            job.max_sequence_length)
+
+    def _denoise_stage(self, job: "_Job", conditions, progress: bool, report: "StageReport"):
+        inputs = self.denoise_inputs(job.prompt_embeds, job.negative_prompt_embeds, job.prior_token_ids, job.per_prompt,
+                                     job.height, job.width, job.crop, job.guidance_scale)
+        f = self.vae_scale_factor
+        latents = prepare_latents((len(inputs.target_size), self.latent_channels, job.height // f, job.width // f),
+                                  job.latents, job.key)
+        kv_caches = None
+        if conditions is not None:
+            kv_caches = write_condition_cache(self.transformer, conditions, job.prior_token_image_ids,
+                                              job.source_image_grid_thw)
+        tokens = (job.height // f) * (job.width // f) // self.patch_size**2
+        self.scheduler.set_timesteps(job.steps, image_seq_len=tokens, timesteps=job.timesteps, sigmas=job.sigmas)
+        job.latents = self.denoise(latents, inputs, kv_caches, job.callback, job.tensor_inputs, progress)
+        report.steps += len(self.scheduler.timesteps)
+        _check_finite(job.latents, "denoising", "latents")
 
     # -- stages ---------------------------------------------------------------------------------------------
 
@@ -353,8 +433,7 @@ class GlmImagePipeline:
         if progress:
             from tqdm import tqdm
 
-            th, tw, ph, pw = GlmImageProcessor._get_target_shape(height, width)
-            bar = tqdm(total=th * tw + 1 + (ph * pw if image is None else 0), desc="prior tokens", unit="tok")
+            bar = tqdm(total=len(prompt) * _ar_tokens(height, width, image is not None), desc="prior tokens", unit="tok")
             callback = lambda *a, **k: bar.update(1)  # noqa: E731
         try:
             return generate_prior_tokens(self.vision_language_encoder, self.processor, prompt, height, width,
@@ -363,7 +442,6 @@ class GlmImagePipeline:
         finally:
             if bar is not None:
                 bar.close()
-            self._release("vision_language_encoder")
 
     def encode_prompt(self, prompt: list[str], do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
                       max_sequence_length: int = 2048):
@@ -373,7 +451,6 @@ class GlmImagePipeline:
         negative = (get_glyph_embeds(encoder, [""] * len(prompt), max_sequence_length, tokenizer=tokenizer)
                     if do_classifier_free_guidance else None)
         mx.eval([e for e in (embeds, negative) if e is not None])
-        self._release("text_encoder")
         return _repeat(embeds, num_images_per_prompt), _repeat(negative, num_images_per_prompt)
 
     def _prompt_embeds(self, prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, per_prompt, max_length):
@@ -403,7 +480,6 @@ class GlmImagePipeline:
                 z = vae_codec.encode(vae, pixels.astype(vae.dtype), tiled=self.vae_tiling)
                 encoded.append((vae.normalize_latents(z), tuple(pixels.shape[-2:])))
             out.append(encoded)
-        self._release("vae")
         return out
 
     def denoise_inputs(self, prompt_embeds, negative_prompt_embeds, prior_token_ids, per_prompt: int, height: int,
@@ -420,12 +496,11 @@ class GlmImagePipeline:
 
     def denoise(self, latents, inputs: DenoiseInputs, kv_caches=None, callback=None, tensor_inputs=("latents",),
                 progress: bool = False) -> mx.array:
-        """The step loop over the scheduler's (set) timesteps; frees the DiT after it in staged memory."""
+        """The step loop over the scheduler's (set) timesteps."""
         on_step_end = self._step_callback(callback, tensor_inputs, inputs) if callback is not None else None
         latents = denoise(self.transformer, self.scheduler, latents, inputs, kv_caches, on_step_end, progress)
         if kv_caches is not None:
             kv_caches.clear()
-        self._release("transformer")
         return latents
 
     def _step_callback(self, callback, tensor_inputs, inputs: DenoiseInputs):
@@ -444,27 +519,69 @@ class GlmImagePipeline:
         """Denormalize and decode (B, C, h, w) latents to (B, 3, H, W) pixels in about [-1, 1]."""
         vae = self.vae
         pixels = vae_codec.decode(vae, vae.denormalize_latents(latents.astype(vae.dtype)), tiled=self.vae_tiling)
-        self._release("vae")
         _check_finite(pixels, "vae decode", "pixels")
         return pixels
 
 
-class _StageTimer:
-    """Times each stage (``with stages(name):``) and records MLX's peak memory during it."""
+@dataclass
+class _Job:
+    """One call's arguments, normalized, and what each stage leaves for the next."""
+
+    prompts: list | None
+    images: list | None
+    height: int
+    width: int
+    key: mx.array
+    guidance_scale: float
+    per_prompt: int
+    crop: tuple
+    steps: int | None
+    timesteps: list | None
+    sigmas: list | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    max_sequence_length: int
+    output_type: str
+    callback: Callable | None
+    tensor_inputs: list
+    latents: mx.array | None
+    prompt_embeds: mx.array | None
+    negative_prompt_embeds: mx.array | None
+    prior_token_ids: mx.array | None
+    prior_token_image_ids: list | None
+    source_image_grid_thw: list | None
+    result: object = None
+
+
+class StageReport:
+    """Per stage (``with report(name, pipe):``): compute seconds, model-loading seconds, MLX's peak memory; and
+    the AR tokens and DiT steps of the run."""
 
     def __init__(self, log):
-        self.log, self.timings, self.peaks = log, {}, {}
+        self.log, self.timings, self.load_seconds, self.peaks = log, {}, {}, {}
+        self.tokens = self.steps = 0
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, pipe: "GlmImagePipeline"):
         mx.synchronize()
         mx.reset_peak_memory()
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), pipe.load_seconds
         yield
         mx.synchronize()
-        self.timings[name] = time.perf_counter() - t0
+        self.load_seconds[name] = pipe.load_seconds - load0
+        self.timings[name] = time.perf_counter() - t0 - self.load_seconds[name]
         self.peaks[name] = mx.get_peak_memory()
-        self.log(f"{name}: {self.timings[name]:.1f} s, peak {self.peaks[name] / 1e9:.2f} GB")
+        self.log(self.line(name))
+
+    def line(self, name: str) -> str:
+        rate = ""
+        if name == "prior" and self.tokens:
+            rate = f", {self.tokens / max(self.timings[name], 1e-9):.1f} tokens/s"
+        if name == "denoising" and self.steps:
+            rate = f", {self.timings[name] / self.steps:.2f} s/step"
+        return (f"{name}: {self.timings[name]:.1f} s{rate} (+ {self.load_seconds[name]:.1f} s loading), "
+                f"peak {self.peaks[name] / 1e9:.2f} GB")
 
 
 class NonFiniteError(RuntimeError):
@@ -474,6 +591,12 @@ class NonFiniteError(RuntimeError):
 def _check_finite(x: mx.array, stage: str, what: str):
     if not mx.all(mx.isfinite(x)).item():
         raise NonFiniteError(f"the {stage} stage produced non-finite {what} (NaN or inf): the weights may be corrupt")
+
+
+def _ar_tokens(height: int, width: int, editing: bool) -> int:
+    """Tokens the AR model writes per prompt: the target grid (and the preview grid for text to image), then eos."""
+    th, tw, ph, pw = GlmImageProcessor._get_target_shape(height, width)
+    return th * tw + 1 + (0 if editing else ph * pw)
 
 
 def _image_size(image) -> tuple[int, int]:

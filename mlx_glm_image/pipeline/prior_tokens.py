@@ -205,15 +205,22 @@ def _add_source_images(model, prompt: PriorPrompt, n_src: int):
     prompt.source_image_grid_thw = [mx.array(up_grids[i * n_src:(i + 1) * n_src].astype(np.int32)) for i in range(batch)]
 
 
+def sampling_settings(generation_config: dict | None, temperature=None, top_p=None, top_k=None) -> dict:
+    """The AR sampling settings a run uses: the ones given, else the checkpoint's generation_config.json (with
+    transformers' defaults for what it leaves out), else GLM-Image's published ones."""
+    gen = dict(DEFAULTS if generation_config else PUBLISHED)
+    gen.update({k: v for k, v in (generation_config or {}).items() if k in DEFAULTS and v is not None})
+    gen.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
+    return gen
+
+
 def sample_prior_sequences(model, prompt: PriorPrompt, key=None, do_sample: bool = True, temperature=None, top_p=None,
                            top_k=None, callback=None) -> np.ndarray:
     """Run the AR model over ``prompt``: (B, L + n) token sequences. Sampling settings default to the
     checkpoint's generation_config.json (with transformers' defaults for what it leaves out), or to the published
     ones when it has none."""
     config = getattr(model, "generation_config", None) or {}
-    gen = dict(DEFAULTS if config else PUBLISHED)
-    gen.update({k: v for k, v in config.items() if k in DEFAULTS and v is not None})
-    gen.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None})
+    gen = sampling_settings(config, temperature, top_p, top_k)
     tc = model.config.text_config
     inputs = prompt.inputs
     eos = config.get("eos_token_id", tc.eos_token_id)

@@ -1,0 +1,161 @@
+"""Many images in one run, reproducibly: what each image is (prompt, seed, size, ...), where it goes, and the
+metadata that regenerates it. Used by the CLI; nothing here loads a model.
+
+An image's settings are one dict with the keys of ``IMAGE_KEYS``; a run's are ``RUN_KEYS``. Both go into each
+image's metadata, so that ``--config-from-metadata`` can start from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import re
+import string
+from pathlib import Path
+
+IMAGE_KEYS = ("prompt", "seed", "height", "width", "steps", "guidance", "temperature", "top_p", "top_k", "image")
+RUN_KEYS = ("model", "quantize", "dtype")
+TEMPLATE_FIELDS = {"seed", "index", "prompt"}
+METADATA_CHUNK = "glm-image"  # the PNG text chunk that holds the JSON metadata
+
+
+def read_prompt_file(path: str) -> list[dict]:
+    """A .txt file (one prompt per line) or .jsonl (one object per line: "prompt" and per-image overrides)."""
+    try:
+        lines = [line for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
+    if not lines:
+        raise ValueError(f"--prompt-file {path} has no prompt")
+    if not str(path).endswith(".jsonl"):
+        return [{"prompt": line.strip()} for line in lines]
+    entries = []
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompt-file {path} line {n} is not JSON: {e.msg}") from None
+        unknown = sorted(set(entry) - set(IMAGE_KEYS) - {"size"}) if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or "prompt" not in entry or unknown:
+            raise ValueError(f"--prompt-file {path} line {n}: an object with \"prompt\" and any of "
+                             f"{', '.join(k for k in IMAGE_KEYS if k != 'prompt')}, size" + (f"; not {unknown}" if unknown else ""))
+        if "size" in entry:  # "WxH"
+            w, _, h = str(entry.pop("size")).partition("x")
+            if not (w.isdigit() and h.isdigit()):
+                raise ValueError(f"--prompt-file {path} line {n}: size must be WIDTHxHEIGHT")
+            entry["width"], entry["height"] = int(w), int(h)
+        if isinstance(entry.get("image"), str):
+            entry["image"] = [entry["image"]]
+        entries.append(entry)
+    return entries
+
+
+def seeds_for(seeds: list[int] | None, auto_seeds: int | None, num_images: int) -> list[int]:
+    """One seed per image: the given ones; N random ones; or N consecutive from the given (or a random) one."""
+    if auto_seeds is not None:
+        if seeds:
+            raise ValueError("--auto-seeds and --seed do not go together")
+        if auto_seeds < 1:
+            raise ValueError(f"--auto-seeds must be at least 1, got {auto_seeds}")
+        return random.sample(range(2**31), auto_seeds)
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    if seeds and len(seeds) > 1 and num_images > 1:
+        raise ValueError("--num-images counts from one --seed; with several seeds, each gives one image")
+    start = seeds[0] if seeds else random.randrange(2**31)
+    return list(seeds) if seeds and len(seeds) > 1 else [start + i for i in range(num_images)]
+
+
+def plan_images(entries: list[dict], seeds: list[int], defaults: dict) -> list[dict]:
+    """Every image of the run: each prompt entry once per seed (an entry with its own seed: once)."""
+    images = []
+    for entry in entries:
+        for seed in [entry["seed"]] if "seed" in entry else seeds:
+            images.append({**defaults, **entry, "seed": seed})
+    return images
+
+
+def slug(text: str, length: int = 40) -> str:
+    """A short file-safe form of a prompt."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:length].strip("-").lower() or "image"
+
+
+def output_paths(template: str, images: list[dict], overwrite: bool) -> list[tuple[Path, Path | None]]:
+    """(path, the path it was asked as when it had to move aside) per image.
+
+    ``template`` may hold {seed}, {index} (0-based) and {prompt} (a slug); without fields, several images get
+    _1, _2, ... An existing file, or one written earlier in the run, is never overwritten unless ``overwrite``:
+    a numeric suffix is added instead."""
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    if fields - TEMPLATE_FIELDS:
+        raise ValueError(f"--output: unknown field {{{sorted(fields - TEMPLATE_FIELDS)[0]}}}; use {{seed}}, {{index}} or {{prompt}}")
+    if Path(template).suffix.lower() != ".png":
+        raise ValueError(f"--output must end in .png, got {template}")
+    taken, out = set(), []
+    for i, image in enumerate(images):
+        if fields:
+            path = Path(template.format(seed=image["seed"], index=i, prompt=slug(image["prompt"])))
+        else:
+            base = Path(template)
+            path = base if len(images) == 1 else base.with_name(f"{base.stem}_{i + 1}{base.suffix}")
+        path = path.expanduser()
+        if path.is_dir():
+            raise ValueError(f"--output {path} is a folder")
+        asked, k = path, 2
+        while path in taken or (path.exists() and not overwrite):
+            path = asked.with_name(f"{asked.stem}-{k}{asked.suffix}")
+            k += 1
+        taken.add(path)
+        out.append((path, asked if path != asked else None))
+    return out
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def metadata(image: dict, run: dict, loaded: dict) -> dict:
+    """Everything that changes an image's pixels, and what made it (``loaded``: the pipeline's facts)."""
+    import mlx.core as mx
+
+    from . import __version__
+
+    out = {k: image[k] for k in IMAGE_KEYS if k != "image"}
+    out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": file_sha256(p)} for p in image.get("image") or []]
+    out.update({k: run[k] for k in RUN_KEYS})
+    out.update(loaded)
+    out["versions"] = {"mlx-glm-image": __version__, "mlx": mx.__version__}
+    out["device"] = f"{mx.default_device()} ({platform.machine()}, {platform.system()})"
+    return out
+
+
+def read_metadata(path: str) -> dict:
+    """The settings recorded in a PNG (its text chunk) or in a JSON sidecar."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"--config-from-metadata {path} does not exist")
+    try:
+        if p.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(p) as im:
+                text = im.text.get(METADATA_CHUNK)
+            if text is None:
+                raise ValueError(f"--config-from-metadata {path} has no mlx-glm-image metadata")
+            data = json.loads(text)
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config-from-metadata {path} cannot be read: {e}") from None
+    if not isinstance(data, dict) or "prompt" not in data:
+        raise ValueError(f"--config-from-metadata {path} is not mlx-glm-image metadata")
+    data["image"] = [i["path"] if isinstance(i, dict) else i for i in data.get("image") or []] or None
+    return {k: data[k] for k in (*IMAGE_KEYS, *RUN_KEYS) if k in data}

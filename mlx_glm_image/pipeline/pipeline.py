@@ -105,9 +105,10 @@ class GlmImagePipeline:
                      tokenizer=tokenizer, processor=processor, vision_language_encoder=vision_language_encoder)
         self._components = {k: v for k, v in given.items() if v is not None}
         self._loaded: set[str] = set()  # the models this pipeline loaded itself (staged memory frees only those)
+        self._configs: dict = {}  # config dataclasses read from the source's json files
         self.source = source  # where components not given are loaded from: a folder or a Hub repo id
         self.dtype = loading.to_dtype(dtype)
-        self.quantize = quantize
+        self.quantize = as_spec(quantize) if quantize else None  # checked now, applied as each model loads
         self.vae_tiling = vae_tiling  # None: by size (pipeline/decode.py)
         self.verbose = verbose
         self.loads = 0  # models loaded from files so far
@@ -145,8 +146,10 @@ class GlmImagePipeline:
         """A model's config dataclass: the loaded model's, else its folder's config.json (nothing else read)."""
         if name in self._components:
             return self._components[name].config
-        folder = self._folder(name, files="*.json")
-        return loading.model_config(MODELS[name], loading.read_config(folder), folder)
+        if name not in self._configs:
+            folder = self._folder(name, files="*.json")
+            self._configs[name] = loading.model_config(MODELS[name], loading.read_config(folder), folder)
+        return self._configs[name]
 
     def missing_components(self, names) -> list[str]:
         """Which of ``names`` a local pipeline folder lacks (a Hub source is asked when a component is used)."""
@@ -196,7 +199,7 @@ class GlmImagePipeline:
         """A model's bytes once loaded, from its files (only the json files are fetched from the Hub)."""
         folder = self._folder(name, files="*.json")
         size = loading.weight_bytes(folder)
-        bits = as_spec(self.quantize).bits if self.quantize else None
+        bits = self.quantize.bits if self.quantize else None
         if bits and MODELS[name].quantize_by_default and not loading.read_config(folder).get("quantization"):
             size = size * bits // 16  # the released weights are bf16
         return size
@@ -238,7 +241,7 @@ class GlmImagePipeline:
                 continue
             stored = loading.read_config(self._folder(name, files="*.json")).get("quantization")
             if stored is None and self.quantize and cls.quantize_by_default:
-                stored = as_spec(self.quantize).as_config()
+                stored = self.quantize.as_config()
             out[name] = {k: stored[k] for k in ("bits", "group_size", "mode") if k in stored} if stored else None
         return out
 

@@ -203,8 +203,9 @@ def to_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path) -> Image.Image:
-    """Open an image file as upright RGB (EXIF orientation applied); one-line errors, decompression bombs refused."""
+def load_image(path, name: str | None = None) -> Image.Image:
+    """Open an image file (a path or a binary file object, called ``name`` in errors) as upright RGB (EXIF
+    orientation applied); one-line errors, decompression bombs refused."""
     import warnings
 
     from PIL import ImageOps, UnidentifiedImageError
@@ -216,12 +217,12 @@ def load_image(path) -> Image.Image:
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
-        raise ValueError(f"condition image {path} does not exist") from None
+        raise ValueError(f"condition image {name or path} does not exist") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"condition image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels; "
+        raise ValueError(f"condition image {name or path} has more than {Image.MAX_IMAGE_PIXELS} pixels; "
                          "refused as a possible decompression bomb") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read condition image {path}: {e}") from None
+        raise ValueError(f"cannot read condition image {name or path}: {str(e).split(' <_io')[0]}") from None
 
 
 def fit_condition_image(image: Image.Image, multiple: int, min_pixels: int, max_pixels: int) -> Image.Image:

@@ -348,6 +348,10 @@ class GlmImagePipeline:
         report = self._run_stages(jobs, progress)
         return [GlmImagePipelineOutput(j.result, j.prior_token_ids, report.timings, report.peaks) for j in jobs], report
 
+    def check_call(self, **kwargs) -> None:
+        """Check a call's arguments as ``__call__`` would, without running anything (a ValueError says what)."""
+        self._job(**kwargs)
+
     def _job(self, prompt=None, image=None, height=None, width=None, num_inference_steps=50, timesteps=None, sigmas=None,
              guidance_scale=1.5, num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None,
              negative_prompt_embeds=None, prior_token_ids=None, prior_token_image_ids=None, source_image_grid_thw=None,

@@ -1,0 +1,293 @@
+"""A local image server with the OpenAI Images API, backed by one resident GlmImagePipeline.
+
+    python -m mlx_glm_image.server -m glm-image-4bit            # http://127.0.0.1:8000/v1
+    python -m mlx_glm_image.server -m glm-image-4bit --host 0.0.0.0 --api-key SECRET
+
+POST /v1/images/generations (JSON) and /v1/images/edits (multipart), GET /v1/models and /health. GLM-Image's
+own settings go in the body: seed, num_inference_steps, guidance_scale, temperature, top_p, top_k; each image's
+seed comes back in its `seed` field (and `revised_prompt` is the prompt used), so a client can reproduce it.
+One generation runs on the device at a time, first come first served; at most --max-queue requests wait.
+Needs the server extra: pip install "mlx-glm-image[server]".
+"""
+
+
+import asyncio
+import base64
+import concurrent.futures
+import hmac
+import io
+import ipaddress
+import queue
+import random
+import sys
+import threading
+import time
+
+from .cli import Parser, fail, prog_name
+from .quantize import BITS
+
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MAX_IMAGES = 10  # per request, as OpenAI's API allows
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_exceeded", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class Worker:
+    """Runs generations one at a time on a daemon thread (so that a shutdown never waits on the device past its
+    grace period); at most ``max_queue`` requests are waiting or running."""
+
+    def __init__(self, pipe, max_queue: int):
+        self.pipe, self.max_queue, self.pending = pipe, max_queue, 0
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name="generation").start()
+
+    def _loop(self):
+        while True:
+            future, cancelled, requests = self.jobs.get()
+            if cancelled.is_set() or not future.set_running_or_notify_cancel():
+                continue  # its client went away while it waited: the slot is free, no work is done
+            try:
+                future.set_result(self.pipe.generate_batch(requests)[0])
+            except BaseException as e:  # noqa: BLE001 - handed to the request that asked
+                future.set_exception(e)
+
+    async def run(self, request, requests: list):
+        if self.pending >= self.max_queue:
+            raise ApiError(429, f"the server is busy: {self.pending} requests are queued (--max-queue "
+                                f"{self.max_queue}); retry later", code="queue_full")
+        self.pending += 1
+        cancelled, future = threading.Event(), concurrent.futures.Future()
+        self.jobs.put((future, cancelled, requests))
+        waiting = asyncio.wrap_future(future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=0.25)
+                if done:
+                    return waiting.result()
+                if await request.is_disconnected():
+                    cancelled.set()
+                    raise ApiError(499, "the client disconnected")
+        finally:
+            self.pending -= 1
+
+
+def parse_size(size) -> tuple[int | None, int | None]:
+    """OpenAI's "WIDTHxHEIGHT" (or "auto": the pipeline's default, or the first condition image's size)."""
+    if size in (None, "", "auto"):
+        return None, None
+    w, sep, h = str(size).partition("x")
+    if not sep or not (w.isdigit() and h.isdigit()):
+        raise ApiError(400, f"size must be WIDTHxHEIGHT in pixels (multiples of 32) or auto, got {size!r}", "size")
+    return int(h), int(w)
+
+
+def image_requests(pipe, body: dict, images=None) -> tuple[list[dict], list[int], str]:
+    """The pipeline calls for one API request, checked now (before it waits in the queue), and their seeds."""
+    prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format") or "png"
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt is required (a non-empty string)", "prompt")
+    n = _int(n, "n")
+    if not 1 <= n <= MAX_IMAGES:
+        raise ApiError(400, f"n must be from 1 to {MAX_IMAGES}, got {n}", "n")
+    if body.get("response_format", "b64_json") not in (None, "b64_json"):
+        raise ApiError(400, "response_format 'url' is not served: this server returns b64_json only", "response_format")
+    if fmt not in OUTPUT_FORMATS:
+        raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}", "output_format")
+    height, width = parse_size(body.get("size"))
+    seed = body.get("seed")
+    seed = random.randrange(2**31) if seed is None else _int(seed, "seed")
+    settings = {k: body[k] for k in ("num_inference_steps", "guidance_scale", "temperature", "top_p", "top_k")
+                if body.get(k) is not None}
+    calls = [dict(prompt=prompt, image=images, height=height, width=width, generator=seed + i, **settings) for i in range(n)]
+    try:
+        for call in calls:
+            pipe.check_call(**call)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return calls, [seed + i for i in range(n)], fmt
+
+
+def _int(value, param: str) -> int:
+    try:
+        return int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else int("x")
+    except ValueError:
+        raise ApiError(400, f"{param} must be an integer, got {value!r}", param) from None
+
+
+def encode_image(image, fmt: str) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=OUTPUT_FORMATS[fmt])
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def images_response(outputs, calls, seeds, fmt: str) -> dict:
+    first = outputs[0].images[0]
+    return {"created": int(time.time()), "output_format": fmt, "size": f"{first.width}x{first.height}",
+            "data": [{"b64_json": encode_image(out.images[0], fmt), "revised_prompt": call["prompt"], "seed": seed}
+                     for out, call, seed in zip(outputs, calls, seeds)]}
+
+
+async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
+    """A multipart edit request: its fields and its images (PIL, RGB), every upload checked."""
+    from .pipeline.image_processor import load_image
+
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes * (MAX_IMAGES + 1):
+        raise ApiError(413, f"the request is {int(length) >> 20} MB; uploads are limited to {max_bytes >> 20} MB an image")
+    form = await request.form()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and not isinstance(v, str)]
+    if not uploads:
+        raise ApiError(400, "an edit needs at least one image file (field image or image[])", "image")
+    images = []
+    for upload in uploads:
+        data = await upload.read()
+        if len(data) > max_bytes:
+            raise ApiError(413, f"{upload.filename} is {len(data) >> 20} MB; uploads are limited to {max_bytes >> 20} MB", "image")
+        try:
+            images.append(load_image(io.BytesIO(data), name=upload.filename or "upload"))
+        except ValueError as e:
+            raise ApiError(400, str(e), "image") from None
+    for key in ("n", "seed", "num_inference_steps", "top_k"):
+        if key in fields:
+            fields[key] = _int(fields[key], key)
+    for key in ("guidance_scale", "temperature", "top_p"):
+        if key in fields:
+            try:
+                fields[key] = float(fields[key])
+            except ValueError:
+                raise ApiError(400, f"{key} must be a number, got {fields[key]!r}", key) from None
+    return fields, images
+
+
+def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int = 8, max_upload_mb: int = 20):
+    """The FastAPI application around ``pipe`` (kept resident)."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="mlx-glm-image", version=_version())
+    worker = Worker(pipe, max_queue)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, error: Exception):
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return JSONResponse(ApiError(500, f"the generation failed: {error}").body(), status_code=500)
+
+    async def authenticate(request: Request):
+        # a dependency, not an HTTP middleware: those hide a client's disconnect from the endpoint
+        given = request.headers.get("authorization", "")
+        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    v1 = dict(dependencies=[Depends(authenticate)])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queued": worker.pending}
+
+    @app.get("/v1/models", **v1)
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlx-glm-image"}]}
+
+    @app.post("/v1/images/generations", **v1)
+    async def generations(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        calls, seeds, fmt = image_requests(pipe, body)
+        return images_response(await _generate(worker, request, calls), calls, seeds, fmt)
+
+    @app.post("/v1/images/edits", **v1)
+    async def edits(request: Request):
+        fields, images = await read_uploads(request, max_upload_mb << 20)
+        calls, seeds, fmt = image_requests(pipe, fields, images)
+        return images_response(await _generate(worker, request, calls), calls, seeds, fmt)
+
+    return app
+
+
+async def _generate(worker: Worker, request, calls):
+    try:
+        return await worker.run(request, calls)
+    except (ValueError, RuntimeError) as e:  # checks the pipeline makes late, non-finite outputs
+        raise ApiError(400 if isinstance(e, ValueError) else 500, " ".join(str(e).split())) from None
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def build_parser():
+    prog = prog_name("python -m mlx_glm_image.server")
+    p = Parser(prog=prog, description=__doc__.replace("python -m mlx_glm_image.server", prog),
+               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="pipeline folder (diffusers layout or converted) or Hugging Face repo id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (needed for a non-loopback --host)")
+    p.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without an API key")
+    p.add_argument("-q", "--quantize", type=int, choices=BITS, help="quantize the DiT and the AR model at load time")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: %(default)s)")
+    p.add_argument("--memory", default="auto", choices=["auto", "resident", "staged"],
+                   help="keep the models loaded between requests (resident) or per stage (staged); default: auto")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running before 429 (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=int, default=20, help="largest image upload for edits (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds SIGINT/SIGTERM waits for the request in progress before exiting (default: %(default)s)")
+    return p
+
+
+def check_host(host: str, api_key: str | None, no_auth: bool):
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key and not no_auth:
+        raise ValueError(f"--host {host} is reachable from other machines: set --api-key (or pass --no-auth)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from .pipeline import GlmImagePipeline
+
+        check_host(args.host, args.api_key, args.no_auth)
+        if args.max_queue < 1 or args.max_upload_mb < 1:
+            raise ValueError("--max-queue and --max-upload-mb must be at least 1")
+        pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory)
+        app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb)
+        print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (memory: {pipe.memory})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace)
+    except ModuleNotFoundError as e:
+        return fail(ValueError(f"{e.name} is missing: pip install 'mlx-glm-image[server]'"))
+    except (ValueError, RuntimeError, OSError) as e:
+        return fail(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

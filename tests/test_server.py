@@ -225,3 +225,16 @@ def test_a_client_that_disconnects_frees_its_slot(model_dir):
         assert outcome and decode(outcome[0].data[0]).shape == (128, 128, 3)
     finally:
         s.stop()
+
+
+def test_an_upload_over_the_limit_is_413(model_dir, tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1 << 20
+    s = Server(model_dir, "--max-upload-mb", 1)
+    try:
+        with open(big, "rb") as f, pytest.raises(openai.APIStatusError) as caught:
+            s.client().images.edit(image=f, prompt="x", extra_body=FAST)
+        assert caught.value.status_code == 413 and "limited to 1 MB" in str(caught.value)
+    finally:
+        s.stop()

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "resident: keep every model loaded; auto: resident when the weights fit (default: auto)")
     model.add_argument("--vae-tiling", choices=["auto", "on", "off"],
                        help="decode in overlapping tiles to bound memory (default: auto, above 1024x1024 pixels)")
+    par = p.add_argument_group("several processes or Macs (under mlx.launch)")
+    par.add_argument("--parallel", choices=["cfg", "data"],
+                     help="cfg: 2 processes, one runs the conditional and one the unconditional DiT passes of every "
+                          "step; data: the run's images divided over the processes")
+    par.add_argument("--parallel-timeout", type=float,
+                     help="seconds a process waits for the others before it stops with an error (default: 600)")
     return p
 
 
@@ -151,14 +157,29 @@ def prepare(pipe, run: dict, images: list[dict]) -> tuple[list[dict], list]:
 
 
 def run(args) -> list[Path]:
+    import mlx.core as mx
+
     from . import runs
     from .pipeline import GlmImagePipeline
 
     settings, images = plan(args)
     pipe = GlmImagePipeline.from_pretrained(settings["model"], dtype=settings["dtype"], quantize=settings["quantize"],
                                             memory=settings["memory"], verbose=not settings.get("quiet"),
-                                            vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]])
+                                            vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]],
+                                            parallel=settings.get("parallel"))
+    group = pipe.parallel
+    if group is not None:
+        group.timeout = settings.get("parallel_timeout") or group.timeout
+        settings["quiet"] = settings.get("quiet") or not group.leader
+        pipe.verbose = not settings["quiet"]
+        stop_with_the_others(group)
+        if args.seed is None:  # random seeds: rank 0's for everyone
+            seeds = group.broadcast(mx.array([i["seed"] for i in images], dtype=mx.int64)).tolist()
+            for image, seed in zip(images, seeds):
+                image["seed"] = seed
     requests, outputs = prepare(pipe, settings, images)
+    if group is not None:
+        group.barrier()  # every process has planned its output paths before any is written
     loaded = dict(quantization=pipe.quantization(), revision=pipe.revision())
     records = [runs.metadata(image, settings, loaded) for image in images]
     if settings.get("print_config"):
@@ -168,18 +189,37 @@ def run(args) -> list[Path]:
     for (path, asked), image in zip(outputs, images):
         if asked is not None:
             print(f"{asked} exists: writing {path}", file=sys.stderr)
-    results, report = pipe.generate_batch(requests, progress=not settings.get("quiet"))
+    try:
+        results, report = pipe.generate_batch(requests, progress=not settings.get("quiet"))
+    except RuntimeError as e:
+        if group is None:
+            raise
+        raise RuntimeError(f"rank {group.rank}: {e}; another process of the run stopped") from None
+    writer = group is None or group.mode == "data" or group.leader
     for i, ((path, _), result, record) in enumerate(zip(outputs, results, records)):
-        write_image(result.images[0], path, record, png_text=not settings.get("no_metadata"), sidecar=settings.get("metadata"))
-        if not settings.get("quiet"):
-            print(f"image {i + 1}/{len(outputs)}: {path} (seed {record['seed']})", flush=True)
+        if result is not None and writer:
+            write_image(result.images[0], path, record, png_text=not settings.get("no_metadata"), sidecar=settings.get("metadata"))
+    if group is not None:
+        group.barrier()
+        settings["quiet"] = settings.get("quiet") or not group.leader
     if not settings.get("quiet"):
-        import mlx.core as mx
-
+        for i, ((path, _), record) in enumerate(zip(outputs, records)):
+            print(f"image {i + 1}/{len(outputs)}: {path} (seed {record['seed']})", flush=True)
         total = sum(report.timings.values()) + sum(report.load_seconds.values())
         print(f"{len(outputs)} image(s) in {total:.1f} s, peak memory {max(report.peaks.values()) / 1e9:.2f} GB "
               f"(MLX {mx.__version__}, {mx.default_device()})")
     return [p for p, _ in outputs]
+
+
+def stop_with_the_others(group):
+    """Under mlx.launch a failing process makes the launcher stop the others (SIGTERM): say so in one line."""
+    import signal
+
+    def stop(signum, frame):
+        print(f"error: rank {group.rank}: another process of the run stopped; stopping too", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def png_info(record: dict):

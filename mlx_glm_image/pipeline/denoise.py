@@ -83,28 +83,40 @@ class DenoiseInputs:
     guidance_scale: float = 1.5
 
 
-def velocity(transformer, x, t, inputs: DenoiseInputs, kv_caches: GlmImageKVCache | None, in_flight: int) -> mx.array:
+def velocity(transformer, x, t, inputs: DenoiseInputs, kv_caches: GlmImageKVCache | None, in_flight: int,
+             split=None) -> mx.array:
     """The guided velocity of one step: conditional pass (reading the condition cache), then unconditional
-    (prior embeddings dropped, the cache skipped)."""
+    (prior embeddings dropped, the cache skipped). With ``split`` (parallel.Parallel, mode cfg), rank 0 runs the
+    first and rank 1 the second, and they exchange their halves."""
     cond = dict(hidden_states=x, prior_token_id=inputs.prior_token_ids, timestep=t, target_size=inputs.target_size,
                 crop_coords=inputs.crop_coords, kv_caches=kv_caches, return_dict=False)
-    if kv_caches is not None:
-        kv_caches.set_mode("read")
-    v = transformer(encoder_hidden_states=inputs.prompt_embeds, prior_token_drop=mx.zeros(inputs.prior_token_ids.shape, mx.bool_),
-                    step_hook=queued_steps(in_flight), **cond)[0].astype(mx.float32)
+    if split is not None:
+        mine = (_conditional if split.leader else _unconditional)(transformer, inputs, kv_caches, in_flight, cond)
+        return classifier_free_guidance(*split.guided(mine), inputs.guidance_scale)
+    v = _conditional(transformer, inputs, kv_caches, in_flight, cond)
     if inputs.negative_prompt_embeds is None:
         return v
+    return classifier_free_guidance(v, _unconditional(transformer, inputs, kv_caches, in_flight, cond), inputs.guidance_scale)
+
+
+def _conditional(transformer, inputs: DenoiseInputs, kv_caches, in_flight: int, cond: dict) -> mx.array:
+    if kv_caches is not None:
+        kv_caches.set_mode("read")
+    return transformer(encoder_hidden_states=inputs.prompt_embeds, prior_token_drop=mx.zeros(inputs.prior_token_ids.shape, mx.bool_),
+                       step_hook=queued_steps(in_flight), **cond)[0].astype(mx.float32)
+
+
+def _unconditional(transformer, inputs: DenoiseInputs, kv_caches, in_flight: int, cond: dict) -> mx.array:
     if kv_caches is not None:
         kv_caches.set_mode("skip")
-    v_uncond = transformer(encoder_hidden_states=inputs.negative_prompt_embeds,
-                           prior_token_drop=mx.ones(inputs.prior_token_ids.shape, mx.bool_),
-                           step_hook=queued_steps(in_flight), **cond)[0].astype(mx.float32)
-    return classifier_free_guidance(v, v_uncond, inputs.guidance_scale)
+    return transformer(encoder_hidden_states=inputs.negative_prompt_embeds,
+                       prior_token_drop=mx.ones(inputs.prior_token_ids.shape, mx.bool_),
+                       step_hook=queued_steps(in_flight), **cond)[0].astype(mx.float32)
 
 
 def denoise(transformer, scheduler, latents: mx.array, inputs: DenoiseInputs, kv_caches: GlmImageKVCache | None = None,
             on_step_end: Callable[[int, float, mx.array], mx.array] | None = None, progress: bool = False,
-            in_flight: int = STEPS_IN_FLIGHT) -> mx.array:
+            in_flight: int = STEPS_IN_FLIGHT, split=None) -> mx.array:
     """The Euler loop over ``scheduler``'s (already set) timesteps; evaluates the latents after every step.
 
     ``on_step_end(i, t, latents) -> latents`` runs after each step (the pipeline's callback protocol).
@@ -117,9 +129,12 @@ def denoise(transformer, scheduler, latents: mx.array, inputs: DenoiseInputs, kv
     batch = latents.shape[0]
     for i in steps:
         t = mx.full((batch,), scheduler.model_timestep(i), dtype=mx.float32)
-        v = velocity(transformer, latents.astype(transformer.dtype), t, inputs, kv_caches, in_flight)
+        v = velocity(transformer, latents.astype(transformer.dtype), t, inputs, kv_caches, in_flight, split)
         latents = scheduler.step(v, i, latents)
-        mx.eval(latents)
+        if split is not None:
+            split.evaluate(latents)
+        else:
+            mx.eval(latents)
         if on_step_end is not None:
             latents = on_step_end(i, float(scheduler.timesteps[i]), latents)
     return latents

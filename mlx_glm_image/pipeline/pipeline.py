@@ -23,6 +23,7 @@ from ..models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTr
 from ..quantize import as_spec
 from ..scheduler import FlowMatchEulerDiscreteScheduler
 from . import decode as vae_codec
+from .parallel import Parallel
 from .checks import check_prompt, check_sampling, check_seed, check_size
 from .denoise import DenoiseInputs, denoise, prepare_latents, write_condition_cache
 from .glyphs import ByT5Tokenizer, get_glyph_embeds
@@ -98,7 +99,7 @@ class GlmImagePipeline:
 
     def __init__(self, scheduler=None, transformer=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
                  vision_language_encoder=None, *, source=None, dtype="bfloat16", quantize=None, memory: str = "resident",
-                 vae_tiling: bool | None = None, verbose: bool = False):
+                 vae_tiling: bool | None = None, verbose: bool = False, parallel: str | None = None):
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         given = dict(scheduler=scheduler, transformer=transformer, vae=vae, text_encoder=text_encoder,
@@ -114,6 +115,7 @@ class GlmImagePipeline:
         self.loads = 0  # models loaded from files so far
         self.load_seconds = 0.0  # time spent loading them
         self.memory = self._resolve_memory(memory)
+        self.parallel = Parallel.join(parallel)  # None, or this process's place among mlx.launch's (parallel.py)
         vae_config = vae.config if vae is not None else self._model_config("vae")
         dit_config = transformer.config if transformer is not None else self._model_config("transformer")
         self.vae_scale_factor = vae_config.scale_factor
@@ -343,10 +345,16 @@ class GlmImagePipeline:
         """Many calls (each a dict of ``__call__``'s arguments), stage by stage: the AR model runs for every
         request, then the glyph encoder, then the DiT, then the VAE, so each model is loaded once even with
         staged memory. Each request gives the image ``__call__`` gives for it alone (same seed, same pixels).
+        With ``parallel="data"`` this process runs every size-th request from its rank (None for the others).
         Returns (one GlmImagePipelineOutput per request, the run's StageReport)."""
         jobs = [self._job(**{k: v for k, v in r.items() if k not in ("return_dict", "progress")}) for r in requests]
-        report = self._run_stages(jobs, progress)
-        return [GlmImagePipelineOutput(j.result, j.prior_token_ids, report.timings, report.peaks) for j in jobs], report
+        picked = range(self.parallel.rank, len(jobs), self.parallel.size) if self._mode("data") else range(len(jobs))
+        report = self._run_stages([jobs[i] for i in picked], progress)
+        return [GlmImagePipelineOutput(j.result, j.prior_token_ids, report.timings, report.peaks) if i in picked else None
+                for i, j in enumerate(jobs)], report
+
+    def _mode(self, mode: str) -> bool:
+        return self.parallel is not None and self.parallel.mode == mode
 
     def check_call(self, **kwargs) -> None:
         """Check a call's arguments as ``__call__`` would, without running anything (a ValueError says what)."""
@@ -364,6 +372,8 @@ class GlmImagePipeline:
         check_sampling(num_inference_steps if timesteps is None and sigmas is None else None, guidance_scale,
                        temperature, top_p, top_k)
         check_seed(generator if generator is not None and not isinstance(generator, mx.array) else seed)
+        if self._mode("cfg") and guidance_scale <= 1:
+            raise ValueError(f"--parallel cfg splits guidance: it needs guidance > 1, got {guidance_scale}")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         images = normalize_images(image, len(prompts) if prompts is not None else prompt_embeds.shape[0])
         if images is not None and prior_token_ids is None:
@@ -386,13 +396,14 @@ class GlmImagePipeline:
             for job in jobs:
                 self._glyph_stage(job)
         self._release("text_encoder")
+        leader = not self._mode("cfg") or self.parallel.leader  # cfg: only rank 0 needs the VAE
         with report("denoising", self):
-            conditions = [self.encode_condition_images(j.images) if j.images is not None else None for j in jobs]
+            conditions = [self.encode_condition_images(j.images) if j.images is not None and leader else None for j in jobs]
             self._release("vae")
             for job, condition in zip(jobs, conditions):
                 self._denoise_stage(job, condition, progress, report)
         self._release("transformer")
-        decoded = [j for j in jobs if j.output_type != "latent"]
+        decoded = [j for j in jobs if j.output_type != "latent" and leader]
         for job in jobs:
             job.result = job.latents
         if decoded:
@@ -403,11 +414,17 @@ class GlmImagePipeline:
         return report
 
     def _prior_stage(self, job: "_Job", progress: bool, report: "StageReport"):
-        if job.prior_token_ids is None:
+        split = self.parallel if self._mode("cfg") else None
+        if job.prior_token_ids is None and split is not None and not split.leader:  # rank 0's, broadcast below
+            m = self.vae_scale_factor * self.patch_size
+            job.prior_token_ids = mx.zeros((len(job.prompts), (job.height // m) * (job.width // m)), mx.int32)
+        elif job.prior_token_ids is None:
             job.prior_token_ids, job.prior_token_image_ids, job.source_image_grid_thw = self.generate_prior_tokens(
                 job.prompts, job.height, job.width, job.images, job.key, job.temperature, job.top_p, job.top_k, progress)
             report.tokens += len(job.prompts) * _ar_tokens(job.height, job.width, job.images is not None)
         job.prior_token_ids = _as_ids(job.prior_token_ids)
+        if split is not None:
+            job.prior_token_ids = split.broadcast(job.prior_token_ids)
         mx.eval(job.prior_token_ids)
 
     def _glyph_stage(self, job: "_Job"):
@@ -505,7 +522,8 @@ class GlmImagePipeline:
                 progress: bool = False) -> mx.array:
         """The step loop over the scheduler's (set) timesteps."""
         on_step_end = self._step_callback(callback, tensor_inputs, inputs) if callback is not None else None
-        latents = denoise(self.transformer, self.scheduler, latents, inputs, kv_caches, on_step_end, progress)
+        split = self.parallel if self._mode("cfg") else None
+        latents = denoise(self.transformer, self.scheduler, latents, inputs, kv_caches, on_step_end, progress, split=split)
         if kv_caches is not None:
             kv_caches.clear()
         return latents

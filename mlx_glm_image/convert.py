@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,17 @@ def make_partial(dst: Path) -> Path:
     os.chmod(tmp, 0o777 & ~umask())
     (tmp / PID_FILE).write_text(str(os.getpid()))
     return tmp
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP for the duration (they are delivered when it ends)."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def remove_stale_partials(dst: Path, verbose: bool) -> None:
@@ -342,7 +354,8 @@ def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, ve
 
     tmp, summary = None, []
     try:
-        tmp = make_partial(dst)
+        with signals_held():  # a signal arriving while the folder is made is delivered once `tmp` names it
+            tmp = make_partial(dst)
         total = sum(f.stat().st_size for p in plans for f in L.safetensors_files(p.folder))
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
             for plan in plans:
@@ -357,14 +370,15 @@ def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, ve
             index["_mlx_glm_image"] = {"converted_components": names, "quantization": spec.as_config() if spec else None}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / PID_FILE).unlink()
-        if dst.exists():  # --force: the old folder goes only once the new one is complete
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        with signals_held():  # the swap is never cut in half
+            if dst.exists():  # --force: the old folder goes only once the new one is complete
+                old = dst.with_name(f".{dst.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                dst.rename(old)
+                tmp.rename(dst)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(dst)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -157,8 +157,6 @@ def prepare(pipe, run: dict, images: list[dict]) -> tuple[list[dict], list]:
 
 
 def run(args) -> list[Path]:
-    import mlx.core as mx
-
     from . import runs
     from .pipeline import GlmImagePipeline
 
@@ -167,48 +165,58 @@ def run(args) -> list[Path]:
                                             memory=settings["memory"], verbose=not settings.get("quiet"),
                                             vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]],
                                             parallel=settings.get("parallel"))
-    group = pipe.parallel
-    if group is not None:
-        group.timeout = settings.get("parallel_timeout") or group.timeout
-        settings["quiet"] = settings.get("quiet") or not group.leader
-        pipe.verbose = not settings["quiet"]
-        stop_with_the_others(group)
-        if args.seed is None:  # random seeds: rank 0's for everyone
-            seeds = group.broadcast(mx.array([i["seed"] for i in images], dtype=mx.int64)).tolist()
-            for image, seed in zip(images, seeds):
-                image["seed"] = seed
+    if pipe.parallel is not None:
+        join_the_others(pipe, settings, images, random_seeds=args.seed is None)
     requests, outputs = prepare(pipe, settings, images)
-    if group is not None:
-        group.barrier()  # every process has planned its output paths before any is written
+    if pipe.parallel is not None:
+        pipe.parallel.barrier()  # every process has planned its output paths before any is written
     loaded = dict(quantization=pipe.quantization(), revision=pipe.revision())
     records = [runs.metadata(image, settings, loaded) for image in images]
     if settings.get("print_config"):
         for (path, _), record in zip(outputs, records):
             print(json.dumps({"output": str(path), **record}, ensure_ascii=False))
         return []
-    for (path, asked), image in zip(outputs, images):
+    for path, asked in outputs:
         if asked is not None:
             print(f"{asked} exists: writing {path}", file=sys.stderr)
     try:
         results, report = pipe.generate_batch(requests, progress=not settings.get("quiet"))
     except RuntimeError as e:
-        if group is None:
-            raise
-        raise RuntimeError(f"rank {group.rank}: {e}; another process of the run stopped") from None
-    writer = group is None or group.mode == "data" or group.leader
-    for i, ((path, _), result, record) in enumerate(zip(outputs, results, records)):
-        if result is not None and writer:
+        raise RuntimeError(f"rank {pipe.parallel.rank}: {e}" if pipe.parallel is not None else str(e)) from None
+    writes = pipe.parallel is None or pipe.parallel.mode == "data" or pipe.parallel.leader
+    for (path, _), result, record in zip(outputs, results, records):
+        if result is not None and writes:
             write_image(result.images[0], path, record, png_text=not settings.get("no_metadata"), sidecar=settings.get("metadata"))
-    if group is not None:
-        group.barrier()
-        settings["quiet"] = settings.get("quiet") or not group.leader
+    if pipe.parallel is not None:
+        pipe.parallel.barrier()
     if not settings.get("quiet"):
-        for i, ((path, _), record) in enumerate(zip(outputs, records)):
-            print(f"image {i + 1}/{len(outputs)}: {path} (seed {record['seed']})", flush=True)
-        total = sum(report.timings.values()) + sum(report.load_seconds.values())
-        print(f"{len(outputs)} image(s) in {total:.1f} s, peak memory {max(report.peaks.values()) / 1e9:.2f} GB "
-              f"(MLX {mx.__version__}, {mx.default_device()})")
+        print_report(outputs, records, report)
     return [p for p, _ in outputs]
+
+
+def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool):
+    """Under mlx.launch: rank 0 reports, random seeds are rank 0's, and a stopped peer stops this process too."""
+    import mlx.core as mx
+
+    group = pipe.parallel
+    group.timeout = settings.get("parallel_timeout") or group.timeout
+    settings["quiet"] = settings.get("quiet") or not group.leader
+    pipe.verbose = not settings["quiet"]
+    stop_with_the_others(group)
+    if random_seeds:
+        seeds = group.broadcast(mx.array([i["seed"] for i in images], dtype=mx.int64)).tolist()
+        for image, seed in zip(images, seeds):
+            image["seed"] = seed
+
+
+def print_report(outputs, records, report):
+    import mlx.core as mx
+
+    for i, ((path, _), record) in enumerate(zip(outputs, records)):
+        print(f"image {i + 1}/{len(outputs)}: {path} (seed {record['seed']})", flush=True)
+    total = sum(report.timings.values()) + sum(report.load_seconds.values())
+    print(f"{len(outputs)} image(s) in {total:.1f} s, peak memory {max(report.peaks.values()) / 1e9:.2f} GB "
+          f"(MLX {mx.__version__}, {mx.default_device()})")
 
 
 def stop_with_the_others(group):

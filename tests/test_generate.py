@@ -256,8 +256,6 @@ def _png_header_only(path, width, height):
 
 
 def _condition_images(tmp_path):
-    from PIL import ImageOps
-
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
     out = {}

@@ -84,9 +84,21 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
             cmd = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"MLX_RANK={rank}".encode() in env and b"mlx_glm_image.generate" in cmd:
+        if f"MLX_RANK={rank}".encode() in env and b"mlx_glm_image.generate" in cmd and _descends(int(proc.name), launcher_pid):
             return int(proc.name)
     return None
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    for _ in range(5):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if pid == ancestor:
+            return True
+    return False
 
 
 def test_a_killed_rank_stops_the_other_with_one_line(model_dir, tmp_path):
@@ -102,9 +114,9 @@ def test_a_killed_rank_stops_the_other_with_one_line(model_dir, tmp_path):
     t0 = time.time()
     subprocess.run(["kill", "-9", str(pid)])
     out, err = proc.communicate(timeout=60)
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 45  # at worst the watchdog's 20 s
     errors = [line for line in (out + err).splitlines() if line.startswith("error: ")]
-    assert errors and "rank 0" in errors[0] and "stop" in errors[0], out + err
+    assert errors and "rank 0" in errors[0] and ("stop" in errors[0] or "lost" in errors[0]), out + err
     # mlx.launch reports each process's exit code: 1 from the error, or SIGTERM when the launcher was first
     assert re.search(r"rank 0 exited with code (1|-15)\b", out + err), out + err
     assert "Traceback" not in out + err

@@ -105,7 +105,7 @@ def plan(args) -> tuple[dict, list[dict]]:
         entries = [{"prompt": args.prompt if args.prompt is not None else recorded["prompt"]}]
     else:
         raise ValueError("give --prompt, --prompt-file or --config-from-metadata")
-    if args.seed or args.auto_seeds or args.num_images or "seed" not in recorded:
+    if args.seed or args.auto_seeds is not None or args.num_images is not None or "seed" not in recorded:
         seeds = runs.seeds_for(args.seed, args.auto_seeds, run["num_images"])
     else:
         seeds = [recorded["seed"]]

@@ -121,10 +121,13 @@ def image_requests(pipe, body: dict, images=None) -> tuple[list[dict], list[int]
 
 
 def _int(value, param: str) -> int:
+    """An integer from JSON or a form field (a string); 400 otherwise."""
     try:
-        return int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else int("x")
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
     except ValueError:
-        raise ApiError(400, f"{param} must be an integer, got {value!r}", param) from None
+        pass
+    raise ApiError(400, f"{param} must be an integer, got {value!r}", param)
 
 
 def encode_image(image, fmt: str) -> str:

@@ -113,7 +113,8 @@ def plan(args) -> tuple[dict, list[dict]]:
 
 
 def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
-    """Each PNG can be written: not a folder, its folder exists or can be made and is writable, room on disk."""
+    """Each PNG can be written: its folder exists or can be made and is writable (runs.output_paths refuses a
+    path that is a folder), and the disk has room."""
     for path in paths:
         folder = path.parent
         while not folder.exists():

@@ -87,11 +87,19 @@ def test_existing_files_are_never_overwritten_silently(model_dir, tmp_path):
     assert np.array_equal(pixels(out), pixels(tmp_path / "x-2.png"))
 
 
-def test_print_config_loads_nothing(model_dir, tmp_path):
-    proc = cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 7, 8, "--output", tmp_path / "c_{seed}.png", "--print-config")
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+def test_print_config_loads_nothing(model_dir, tmp_path, monkeypatch, capsys):
+    import mlx_glm_image.loading as loading
+    from mlx_glm_image import generate
+
+    reads = []
+    monkeypatch.setattr(loading, "load_weights", lambda folder: reads.append(folder))
+    argv = ["-m", str(model_dir), "--prompt", "a cat", *ARGS, "--seed", "7", "8", "--output", str(tmp_path / "c_{seed}.png"),
+            "--print-config"]
+    assert generate.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["seed"] for r in rows] == [7, 8] and rows[0]["output"] == str(tmp_path / "c_7.png")
-    assert not list(tmp_path.glob("*.png"))
+    assert (rows[0]["temperature"], rows[0]["top_k"]) == (1.0, 50), "resolved: generation_config.json + transformers defaults"
+    assert reads == [] and not list(tmp_path.glob("*.png"))
 
 
 def test_a_run_of_four_images_loads_each_model_once(model_dir, tmp_path, monkeypatch):

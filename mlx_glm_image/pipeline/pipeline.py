@@ -155,9 +155,9 @@ class GlmImagePipeline:
 
     def missing_components(self, names) -> list[str]:
         """Which of ``names`` a local pipeline folder lacks (a Hub source is asked when a component is used)."""
-        if self.source is None or not loading.is_local(self.source):
-            return [n for n in names if self.source is None and n not in self._components]
-        return [n for n in names if n not in self._components and not (Path(self.source) / n).is_dir()]
+        if self.source is not None and not loading.is_local(self.source):
+            return []
+        return [n for n in names if n not in self._components and (self.source is None or not (Path(self.source) / n).is_dir())]
 
     def _get(self, name: str):
         if name not in self._components:

@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import signal
+import secrets
 import sys
-import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,29 +94,38 @@ def check_destination(src: Path, dst: Path):
         raise ConvertError(f"--mlx-path {dst} is the source, inside it or contains it; choose another folder")
 
 
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def partial_path(dst: Path) -> Path:
+    """A free name for the temporary folder beside ``dst``."""
+    return dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
 
 
-def make_partial(dst: Path) -> Path:
-    """A temporary folder beside ``dst`` (mode per the umask), with the owner's pid for stale-folder cleanup."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~umask())
+def make_partial(tmp: Path) -> None:
+    """The temporary folder (mode per the umask), with the owner's pid for stale-folder cleanup."""
+    os.mkdir(tmp)
     (tmp / PID_FILE).write_text(str(os.getpid()))
-    return tmp
 
 
 @contextmanager
 def signals_held():
-    """Hold SIGINT, SIGTERM and SIGHUP for the duration (they are delivered when it ends)."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Defer SIGINT, SIGTERM and SIGHUP to the end of the block, then meet them as before it.
+
+    A signal mask would not do: it holds a signal for this thread only, and another thread of the process (MLX's,
+    tqdm's) may take it, after which Python runs the handler here anyway. Handlers can only be set from the main
+    thread; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def remove_stale_partials(dst: Path, verbose: bool) -> None:
@@ -352,10 +362,10 @@ def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, ve
     ``dst`` (--force) is replaced only then. Any failure or interruption removes the temporary folder."""
     from tqdm import tqdm
 
-    tmp, summary = None, []
+    tmp, summary = partial_path(dst), []
     try:
-        with signals_held():  # a signal arriving while the folder is made is delivered once `tmp` names it
-            tmp = make_partial(dst)
+        with signals_held():  # the folder and its pid file, or nothing
+            make_partial(tmp)
         total = sum(f.stat().st_size for p in plans for f in L.safetensors_files(p.folder))
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
             for plan in plans:
@@ -380,8 +390,7 @@ def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, ve
             else:
                 tmp.rename(dst)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
 

@@ -404,6 +404,58 @@ def test_sigterm_and_sighup_leave_no_partial_folder(source, tmp_path):
     assert seen_partial, "no signal arrived while the output was being written"
 
 
+@pytest.mark.parametrize("moment", ["making the folder", "swapping folders"])
+def test_a_signal_another_thread_takes_waits_for_the_block(source, tmp_path, monkeypatch, moment):
+    """The kernel may hand a signal to any thread that does not block it (MLX and tqdm run threads); Python then
+    runs the handler in the main thread. Arriving while the temporary folder is made, or while --force swaps the
+    folders, it waits for the step to end: no partial folder, and the destination is the old one or the new one,
+    whole."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mlx_glm_image import convert as C
+
+    out = tmp_path / "out"
+    if moment == "swapping folders":
+        assert C.main(["--hf-path", str(source[0]), "--mlx-path", str(out)]) == 0
+    helper = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+    helper.start()
+
+    def signal_elsewhere():
+        signal.pthread_kill(helper.ident, signal.SIGTERM)
+        time.sleep(0.05)  # the main thread meets the handler at its next bytecode
+
+    real_mkdir, real_rename = os.mkdir, Path.rename
+    if moment == "making the folder":
+        def mkdir(path, *a, **k):
+            real_mkdir(path, *a, **k)
+            if str(path).endswith(".partial"):
+                signal_elsewhere()
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    else:
+        def rename(self, target):
+            moved = real_rename(self, target)
+            if str(target).endswith(".old"):
+                signal_elsewhere()
+            return moved
+        monkeypatch.setattr(Path, "rename", rename)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = C.main(["--hf-path", str(source[0]), "--mlx-path", str(out), "--force"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code == 130
+    assert not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".*.old"))
+    if moment == "making the folder":
+        assert not out.exists()
+    else:
+        assert json.loads((out / "model_index.json").read_text())["_mlx_glm_image"]
+        GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+
+
 def test_stale_partial_of_a_killed_run_is_removed(source, tmp_path):
     stale = tmp_path / ".out.abc123.partial"
     (stale / "transformer").mkdir(parents=True)

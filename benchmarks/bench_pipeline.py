@@ -1,12 +1,19 @@
-"""One whole generation (prompt -> AR prior tokens -> glyph encoder -> DiT steps -> VAE decode), MLX only.
+"""One whole text-to-image generation (prompt -> AR prior tokens -> glyph encoder -> DiT steps -> VAE decode):
+MLX's GlmImagePipeline against diffusers' GlmImagePipeline, each side in its own process, same machine.
 
-    # a tiny random checkpoint written here (needs torch + diffusers + transformers, as the tests do)
-    python benchmarks/bench_pipeline.py --device cpu
-    # the same run against another checkout of this package (before/after a change), in its own process
-    python benchmarks/bench_pipeline.py --device cpu --src /path/to/other/checkout
+    # CUDA machine: the released config, random bf16 weights built on the GPU, 1024x1024, 50 steps, guidance 1.5
+    python benchmarks/bench_pipeline.py --config released --device gpu --bits 0 4
+    # this CPU: the same run at a reduced width (fp32, 512x512, 8 steps)
+    python benchmarks/bench_pipeline.py --config reduced --device cpu
+    # the tiny test checkpoint, loaded from disk; --src times other checkouts of this package (before/after)
+    python benchmarks/bench_pipeline.py --config tiny --sides mlx --src . /path/to/other/checkout
 
-Each run is its own process. Prints the first call (from_pretrained included) and the following calls (median)
-in ms, and the highest of the stages' peak memory (MLX's allocator high-water mark) over all calls.
+Prints seconds and peak memory per stage: build (random weights made on the device; for "tiny", loading the
+folder), prior (the AR model generating its whole grid), glyph encoder, denoising, VAE decode. Each side first
+runs a warm-up generation (2 steps, same size) so that kernel compilation and allocator growth are not timed.
+Peak memory: MLX's allocator high-water mark per stage; torch's max_memory_allocated per stage on CUDA, the
+process's max RSS on the CPU. Both sides sample the AR grid with temperature 0.9 and top_p 0.75, and both
+complete the grid (no end token before its last token), so they do the same work.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import resource
 import subprocess
 import sys
 import tempfile
@@ -22,70 +29,330 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+STAGES = ["prior", "glyph encoder", "denoising", "vae decode"]
+PROMPT = 'A vintage poster with the title "GLM-Image" in bold red letters above a lighthouse at dusk'
+IMAGE_START, IMAGE_END = 16384, 16385
+SPECIALS = {"<pad>": 167841, "[gMASK]": 167842, "<|user|>": 167843, "<|assistant|>": 167844, "<sop>": 167845,
+            "<eop>": 167846, "<|image|>": 167855}
+# the released vae/config.json's
+LATENTS_MEAN = [-0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
+                0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625,
+                -0.255859375]
+LATENTS_STD = [3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125, 2.1875, 2.046875, 2.71875,
+               2.390625, 2.390625, 2.453125, 2.25, 2.15625]
+TEMPLATE = ("[gMASK]{% for message in messages %}<|{{ message.role }}|>{% for item in message.content %}"
+            "{% if item.type == 'text' %}{{ item.text }}{% endif %}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def worker(args):
-    sys.path.insert(0, str(args.src))
+def configs(name: str) -> dict:
+    """Model configs per component (diffusers / transformers keyword arguments)."""
+    from bench_prior import REDUCED as AR_REDUCED
+    from model_sizes import RELEASED
+
+    cfg = json.loads(json.dumps(RELEASED))
+    cfg["vae"].update(force_upcast=True, mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
+                      latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+    # random AR weights may sample any vision token (a trained model samples codes only): let the DiT take them all
+    cfg["transformer"]["prior_vq_quantizer_codebook_size"] = cfg["vision_language_encoder"]["text_config"][
+        "vision_vocab_size"]
+    if name == "reduced":  # every stage a few seconds on a laptop CPU
+        cfg["vision_language_encoder"] = json.loads(json.dumps(AR_REDUCED))
+        cfg["transformer"].update(num_layers=2, num_attention_heads=4)
+        cfg["text_encoder"].update(num_layers=2)
+        cfg["vae"].update(block_out_channels=[32, 64, 128, 128], layers_per_block=2)
+    return cfg
+
+
+def write_skeleton(folder: Path, cfg: dict) -> Path:
+    """The files that are not weights: model_index.json, scheduler/, tokenizer/ (ByT5), and processor/ with a
+    tokenizer laid out like the released one (the vision tokens at 0..16511, the specials at their ids)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
+    from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
+    from transformers.models.glm_image.processing_glm_image import GlmImageProcessor
+
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True, time_shift_type="linear",
+                                    base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                    max_image_seq_len=4096).save_pretrained(folder / "scheduler")
+    ByT5Tokenizer().save_pretrained(folder / "tokenizer")
+    n_vision = cfg["vision_language_encoder"]["text_config"]["vision_vocab_size"]
+    vocab = {f"<|dit_token_{i}|>": i for i in range(n_vision)}
+    words = ["<unk>"] + [str(i) for i in range(200)] + PROMPT.replace('"', " ").split()
+    vocab.update({w: 20000 + i for i, w in enumerate(dict.fromkeys(words))})
+    vocab.update(SPECIALS)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS]
+                           + [AddedToken(f"<|dit_token_{i}|>", special=True, normalized=False)
+                              for i in (IMAGE_START, IMAGE_END)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token=f"<|dit_token_{IMAGE_END}|>",
+        bos_token=f"<|dit_token_{IMAGE_START}|>", eos_token=f"<|dit_token_{IMAGE_END}|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"})
+    image_processor = GlmImageImageProcessorPil(patch_size=16, temporal_patch_size=1, merge_size=1)
+    GlmImageProcessor(image_processor=image_processor, tokenizer=fast, chat_template=TEMPLATE).save_pretrained(
+        folder / "processor")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
+    return folder
+
+
+def ar_tokens(height: int, width: int) -> int:
+    """New tokens of a text-to-image prompt: the preview grid, the target grid, the end token."""
+    import math
+
+    ratio = height / width
+    return int(math.sqrt(ratio) * 16) * int(math.sqrt(1 / ratio) * 16) + (height // 32) * (width // 32) + 1
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- MLX side ----------------------------------------------------------------------------------------------------
+def mlx_pipeline(args):
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from mlx_glm_image.pipeline import GlmImagePipeline
 
+    if args.config == "tiny":
+        t0 = time.perf_counter()
+        pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.bits or None,
+                                                memory="resident")
+        return pipe, time.perf_counter() - t0
+    from mlx_glm_image import quantize as Q
+    from mlx_glm_image.convert import COMPONENTS
+
+    cfg = configs(args.config)
+    t0 = time.perf_counter()
+    models = {}
+    for name in ("transformer", "vae", "text_encoder", "vision_language_encoder"):
+        cls = COMPONENTS[name]
+        model = cls(cls.config_class.from_dict(cfg[name]))
+        # the glyph encoder keeps its checkpoint's float32, as the pipeline loads it
+        model.set_dtype(mx.float32 if name == "text_encoder" else getattr(mx, args.dtype))
+        for _, p in tree_flatten(model.parameters()):
+            mx.eval(p)  # one tensor at a time: the peak stays at the weights
+        if args.bits and cls.quantize_by_default:
+            Q.quantize_model(model, Q.as_spec(args.bits))
+        model.after_load()
+        models[name] = model
+    mx.synchronize()
+    pipe = GlmImagePipeline(source=args.model, dtype=args.dtype, memory="resident", **models)
+    return pipe, time.perf_counter() - t0
+
+
+def run_mlx(args) -> dict:
+    import mlx.core as mx
+
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
-    kw = dict(prompt='a red cat "big"', height=args.height, width=args.width, num_inference_steps=args.steps,
-              seed=3, top_k=1)
+    pipe, build = mlx_pipeline(args)
+    kw = dict(prompt=PROMPT, height=args.height, width=args.width, guidance_scale=1.5, seed=0, output_type="np",
+              temperature=0.9, top_p=0.75, top_k=0)
+    if args.warmup:
+        pipe(num_inference_steps=2, **kw)
     t0 = time.perf_counter()
-    pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype)
-    out = pipe(**kw)
-    first = (time.perf_counter() - t0) * 1000
-    first_image = out.images[0]
-    times, peaks = [], [max(out.peak_memory.values())]
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        out = pipe(**kw)
-        times.append((time.perf_counter() - t0) * 1000)
-        peaks.append(max(out.peak_memory.values()))
+    out = pipe(num_inference_steps=args.steps, **kw)
+    total = time.perf_counter() - t0
+    build += pipe.load_seconds  # a folder's components load on first use
     import mlx_glm_image
 
-    print(json.dumps(dict(src=str(Path(mlx_glm_image.__file__).parents[1]), first_ms=first, median_ms=statistics.median(times),
-                          peak_mb=max(peaks) / 1e6, size=list(first_image.size))), flush=True)
+    src = Path(mlx_glm_image.__file__).parents[1]
+    note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", "" if src == ROOT else str(src)) if x)
+    return dict(side="mlx", note=note, device=str(mx.default_device()), build_s=build, total_s=total,
+                stages={k: out.timings.get(k, 0.0) for k in STAGES},
+                peaks={k: out.peak_memory.get(k, 0) for k in STAGES}, peak=max(out.peak_memory.values()),
+                max_rss=peak_rss())
+
+
+# ---- diffusers side ----------------------------------------------------------------------------------------------
+class TorchStages:
+    """Times (and on CUDA, peak memory of) the stages of diffusers' pipeline by wrapping the methods that start
+    them; denoising is what lies between the glyph encoder and the VAE decode."""
+
+    def __init__(self, torch, device):
+        self.torch, self.cuda = torch, device.type == "cuda"
+        self.stages, self.peaks, self.mark = {}, {}, None
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def close(self, name):
+        self.sync()
+        now = time.perf_counter()
+        self.stages[name] = now - self.mark
+        self.peaks[name] = self.torch.cuda.max_memory_allocated() if self.cuda else 0
+        self.mark = now
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def wrap(self, name, fn, before=None):
+        def timed(*a, **k):
+            if before is not None:
+                self.close(before)
+            else:
+                self.sync()
+                self.mark = time.perf_counter()
+                if self.cuda:
+                    self.torch.cuda.reset_peak_memory_stats()
+            out = fn(*a, **k)
+            self.close(name)
+            return out
+
+        return timed
+
+
+def torch_pipeline(args, torch, device):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline, GlmImageTransformer2DModel
+    from transformers import (ByT5Tokenizer, GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor,
+                              T5Config, T5EncoderModel)
+
+    dtype = getattr(torch, args.dtype)
+    if args.config == "tiny":
+        t0 = time.perf_counter()
+        pipe = GlmImagePipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+        return pipe, time.perf_counter() - t0
+    cfg = configs(args.config)
+    t0 = time.perf_counter()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with device:  # made on the device: no slow CPU initialisation, no copy
+        transformer = GlmImageTransformer2DModel(**cfg["transformer"])
+        vae = AutoencoderKL(**cfg["vae"])
+        text_encoder = T5EncoderModel(T5Config(**cfg["text_encoder"], dropout_rate=0.0))
+        ar = GlmImageForConditionalGeneration(GlmImageConfig(**cfg["vision_language_encoder"]))
+    torch.set_default_dtype(prev)
+    pipe = GlmImagePipeline(
+        tokenizer=ByT5Tokenizer.from_pretrained(args.model / "tokenizer"),
+        processor=GlmImageProcessor.from_pretrained(args.model / "processor"), text_encoder=text_encoder.eval(),
+        vision_language_encoder=ar.eval(), vae=vae.eval(), transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(args.model / "scheduler"))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return pipe, time.perf_counter() - t0
+
+
+def run_torch(args) -> dict:
+    import torch
+
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    pipe, build = torch_pipeline(args, torch, device)
+    # the same sampling as the MLX side, and a complete grid (no end token before its last token)
+    n = ar_tokens(args.height, args.width)
+    text = pipe.vision_language_encoder.config.text_config
+    pipe.vision_language_encoder.generation_config.update(
+        temperature=0.9, top_p=0.75, top_k=0, min_new_tokens=n - 1, forced_eos_token_id=text.eos_token_id,
+        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+    timer = TorchStages(torch, device)
+    pipe.generate_prior_tokens = timer.wrap("prior", pipe.generate_prior_tokens)
+    pipe.encode_prompt = timer.wrap("glyph encoder", pipe.encode_prompt, before="between")
+    pipe.vae.decode = timer.wrap("vae decode", pipe.vae.decode, before="denoising")
+    kw = dict(prompt=PROMPT, height=args.height, width=args.width, guidance_scale=1.5, output_type="np",
+              generator=torch.Generator(device).manual_seed(0))
+    with torch.inference_mode():
+        if args.warmup:
+            pipe(num_inference_steps=2, **kw)
+        timer.stages.clear()
+        t0 = time.perf_counter()
+        pipe(num_inference_steps=args.steps, **kw)
+        timer.sync()
+        total = time.perf_counter() - t0
+    timer.stages["prior"] += timer.stages.pop("between", 0.0)  # the processor's work after generate: diffusers'
+    peaks = {k: timer.peaks.get(k, 0) for k in STAGES}
+    import diffusers
+
+    return dict(side="diffusers", note=f"diffusers {diffusers.__version__}, torch {torch.__version__}",
+                device=str(device), build_s=build, total_s=total, stages={k: timer.stages.get(k, 0.0) for k in STAGES},
+                peaks=peaks, peak=max(peaks.values()), max_rss=peak_rss())
+
+
+# ---- driver ------------------------------------------------------------------------------------------------------
+def print_table(results, args):
+    print(f"\nWhole generation, {args.config} config, {args.dtype}, {args.height}x{args.width}, {args.steps} steps, "
+          f"guidance 1.5, {ar_tokens(args.height, args.width)} AR tokens; seconds (peak GB)")
+    head = ["side", "device", "build s"] + STAGES + ["total s", "peak GB", "max RSS GB", "note"]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for r in results:
+        stages = [f"{r['stages'][k]:.2f} ({r['peaks'][k] / 1e9:.2f})" if r["peaks"][k] else f"{r['stages'][k]:.2f}"
+                  for k in STAGES]
+        peak = f"{r['peak'] / 1e9:.2f}" if r["peak"] else "-"
+        print(f"| {r['side']} | {r['device']} | {r['build_s']:.1f} | " + " | ".join(stages)
+              + f" | {r['total_s']:.2f} | {peak} | {r['max_rss'] / 1e9:.2f} | {r['note']} |")
+    ref = [r for r in results if r["side"] == "diffusers"]
+    for r in results:
+        if r["side"] == "mlx" and ref:
+            mem = f", peak {r['peak'] / ref[0]['peak']:.2f}x" if ref[0]["peak"] else ""
+            print(f"MLX ({r['note'] or 'this checkout'}) / diffusers: time {r['total_s'] / ref[0]['total_s']:.2f}x{mem}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["tiny", "reduced", "released"], default="reduced")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--model", type=Path, help="pipeline folder (default: a tiny random one written to a temp folder)")
+    p.add_argument("--sides", default="mlx,diffusers")
     p.add_argument("--src", type=Path, nargs="+", default=[ROOT], help="checkouts of this package to time, in turn")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bits", type=int, nargs="+", default=[0], help="MLX runs: 0 (unquantized), 4, 8")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--dtype", help="default: float32 on the CPU, bfloat16 on the GPU")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    size = {"tiny": (64, 96), "reduced": (512, 512), "released": (1024, 1024)}[args.config]
+    args.height, args.width = args.height or size[0], args.width or size[1]
+    args.steps = args.steps or {"tiny": 10, "reduced": 8, "released": 50}[args.config]
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.worker:
-        args.src = args.src[0]
-        return worker(args)
+        sys.path.insert(0, str(args.src[0]))
+        args.bits = args.bits[0]
+        res = (run_mlx if args.worker == "mlx" else run_torch)(args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None:
+        if args.config == "tiny":
             sys.path.insert(0, str(ROOT / "tests"))
             from tiny_checkpoints import write_pipeline
 
             args.model = write_pipeline(Path(tmp) / "tiny-glm-image")
-        env = dict(os.environ)
-        if args.device == "cpu" and Path(OPENBLAS).exists():
-            env["LD_PRELOAD"] = OPENBLAS
-        for src in args.src:
-            cmd = [sys.executable, __file__, "--worker", "--src", str(src), "--model", str(args.model), "--device",
-                   args.device, "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),
-                   "--iters", str(args.iters), "--dtype", args.dtype]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-            for line in proc.stdout.splitlines():
-                if line.startswith("{"):
-                    print(line)
+        else:
+            args.model = write_skeleton(Path(tmp), configs(args.config))
+        runs = [("mlx", src, bits) for src in args.src for bits in args.bits] if "mlx" in args.sides else []
+        runs += [("diffusers", ROOT, 0)] if "diffusers" in args.sides else []
+        for side, src, bits in runs:
+            cmd = [sys.executable, __file__, "--worker", side, "--src", str(src), "--model", str(args.model),
+                   "--config", args.config, "--device", args.device, "--height", str(args.height), "--width",
+                   str(args.width), "--steps", str(args.steps), "--dtype", args.dtype, "--bits", str(bits)]
+            cmd += [] if args.warmup else ["--no-warmup"]
+            env = dict(os.environ)
+            env.pop("LD_PRELOAD", None)
+            if side == "mlx" and args.device == "cpu" and Path(OPENBLAS).exists():
+                env["LD_PRELOAD"] = OPENBLAS  # never for torch
+            print(f"running {side} {bits or ''}...", file=sys.stderr, flush=True)
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
+                                      cwd=tempfile.gettempdir())
+            except subprocess.TimeoutExpired:
+                print(f"{side}: timed out after {args.timeout} s", file=sys.stderr)
+                continue
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(lines[-1][7:]))
+    print_table(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

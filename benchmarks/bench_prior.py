@@ -2,10 +2,16 @@
 
 Each side runs in its own subprocess (random weights, the same prompt layout: a short text prompt followed by the
 1024x1024 grid suffix, so positions follow the real preview + target grids), sampling with temperature 0.9 and
-top_p 0.75 as the reference README. Decode rate = (N - 1) / (t(N tokens) - t(1 token)), prefill excluded.
+top_p 0.75 as the reference README. By default the whole 1024x1024 grid is generated (1281 tokens). Decode
+rate = (N - 1) / (t(N tokens) - t(1 token)), prefill excluded.
 
-    python benchmarks/bench_prior.py --config reduced --device cpu --tokens 32 --dtype float32
-    python benchmarks/bench_prior.py --config released --device gpu --tokens 256 --dtype bfloat16   # CUDA machine
+    python benchmarks/bench_prior.py --config reduced --device cpu
+    python benchmarks/bench_prior.py --config narrow --device cpu --sides mlx --profile   # per-token overhead
+    python benchmarks/bench_prior.py --config released --device gpu --bits 4   # CUDA machine, bf16 and 4-bit
+    python benchmarks/bench_prior.py --sides mlx --src . /path/to/other/checkout   # before/after a change
+
+``--profile`` also times one decode step of the MLX side, compiled (as generation runs it) and eager: the host
+time to issue it and its primitives (on the CPU backend, RMSNorm and attention are several primitives each).
 
 On the CPU the MLX side preloads a system OpenBLAS when present (the mlx wheel's reference BLAS is ~100x slower);
 the torch side never gets it. Also printed: the memory-bandwidth bound of a 1024x1024 prompt (1281 tokens) on
@@ -43,6 +49,12 @@ REDUCED["text_config"].update(hidden_size=1024, intermediate_size=3424, num_hidd
                               num_key_value_heads=2)
 REDUCED["vision_config"].update(depth=2, hidden_size=256, num_heads=4, intermediate_size=1024)
 REDUCED["vq_config"].update(latent_channels=256, embed_dim=256)
+# the released layer count, vocabularies and attention geometry at a narrow width: the weights are small, so the
+# per-token overhead (the host issuing a step, the kernels it launches) sets the pace, as on a fast GPU
+NARROW = json.loads(json.dumps(REDUCED))
+NARROW["text_config"].update(hidden_size=256, intermediate_size=512, num_hidden_layers=40, num_attention_heads=2,
+                             num_key_value_heads=2)
+CONFIGS = {"released": RELEASED, "reduced": REDUCED, "narrow": NARROW}
 
 GRIDS = [[1, 32, 32], [1, 16, 16]]  # 1024x1024: target 32x32, preview 16x16 -> 1281 new tokens
 SAMPLING = dict(temperature=0.9, top_p=0.75, top_k=50)
@@ -68,7 +80,7 @@ def peak_rss_gb() -> float:
 
 # ---- MLX side ------------------------------------------------------------------------------------------------
 def run_mlx(args) -> dict:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(args.src[0]))
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
@@ -79,7 +91,7 @@ def run_mlx(args) -> dict:
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
-    cfg = RELEASED if args.config == "released" else REDUCED
+    cfg = CONFIGS[args.config]
     dtype = getattr(mx, args.dtype)
     t0 = time.perf_counter()
     model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(cfg))
@@ -115,10 +127,57 @@ def run_mlx(args) -> dict:
     out = generate(model, ids, max_new_tokens=args.tokens, **kw)
     tn = time.perf_counter() - t
     n = out.shape[1] - ids.shape[1]
-    return dict(side="mlx", device=str(mx.default_device()), build_s=build_s, weights_gb=weight_gb, prefill_s=t1,
-                tokens=n, decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn,
-                peak_gb=mx.get_peak_memory() / 1e9, max_rss_gb=peak_rss_gb(),
-                note=f"{args.bits}-bit" if args.bits else "")
+    import mlx_glm_image
+
+    src = Path(mlx_glm_image.__file__).parents[1]
+    note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", "" if src == ROOT else str(src)) if x)
+    res = dict(side="mlx", device=str(mx.default_device()), build_s=build_s, weights_gb=weight_gb, prefill_s=t1,
+               tokens=n, decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn,
+               peak_gb=mx.get_peak_memory() / 1e9, max_rss_gb=peak_rss_gb(), note=note)
+    if args.profile:
+        res["profile"] = {mode: profile_step(model, ids, grids, compiled=mode == "compiled")
+                          for mode in ("compiled", "eager")}
+    return res
+
+
+def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
+    """Host ms to issue one decode step (median), device + host ms per step, and the step's primitives."""
+    import collections
+    import re
+    import tempfile
+
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_glm_image.models.ar.positions import decode_positions
+    from mlx_glm_image.pipeline.prior_tokens import Decoding
+
+    B, L = ids.shape
+    n = 1281
+    pos, table = model.get_rope_index(ids, grids, np.array([2]))
+    V = model.config.text_config.vision_vocab_size
+    run = Decoding(mx.array(decode_positions(table, 0, n, B, L)), None, mx.zeros((V,), mx.bool_), n, n - 1, None,
+                   dict(SAMPLING, do_sample=True))
+    cache = model.make_cache(L + n)
+    tok = run.prefill(model, mx.array(ids), mx.array(pos), cache, mx.random.key(0))
+    state, key = [c.state for c in cache], mx.random.key(1)
+    (mx.enable_compile if compiled else mx.disable_compile)()
+    step = run.step(model)
+    issue, total = [], []
+    for i in range(steps):
+        mx.eval(tok, key, state)
+        t0 = time.perf_counter()
+        tok, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state)
+        t1 = time.perf_counter()
+        mx.eval(tok, key, state)
+        issue.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    with tempfile.NamedTemporaryFile(suffix=".dot") as f:
+        mx.export_to_dot(f.name, step(tok, mx.array(steps, dtype=mx.int32), key, state)[0])
+        kinds = collections.Counter(re.findall(r'label ="([^"]+)"', Path(f.name).read_text()))
+    mx.enable_compile()
+    return dict(issue_ms=1000 * sorted(issue)[steps // 2], step_ms=1000 * sorted(total)[steps // 2],
+                primitives=sum(kinds.values()), top=kinds.most_common(8))
 
 
 # ---- transformers side ---------------------------------------------------------------------------------------
@@ -132,7 +191,7 @@ def run_torch(args) -> dict:
 
     dev = torch.device("cuda" if args.device == "gpu" else "cpu")
     dtype = getattr(torch, args.dtype)
-    cfg = RELEASED if args.config == "released" else REDUCED
+    cfg = CONFIGS[args.config]
     torch.manual_seed(0)
     t0 = time.perf_counter()
     config = GlmImageConfig(**cfg)
@@ -209,13 +268,15 @@ def bandwidth_table():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["reduced", "released"], default="reduced")
+    ap.add_argument("--config", choices=list(CONFIGS), default="reduced")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=1281, help="new tokens (default: the whole 1024x1024 grid)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default: float32 on cpu, bfloat16 on gpu")
     ap.add_argument("--bits", type=int, default=0, help="also quantize the MLX text model (4 or 8)")
     ap.add_argument("--sides", default="mlx,transformers")
+    ap.add_argument("--src", type=Path, nargs="+", default=[ROOT], help="checkouts of this package to time, in turn")
+    ap.add_argument("--profile", action="store_true", help="also profile one MLX decode step")
     ap.add_argument("--no-openblas", action="store_true")
     ap.add_argument("--timeout", type=int, default=3000)
     ap.add_argument("--worker", choices=["mlx", "transformers"], help=argparse.SUPPRESS)
@@ -228,9 +289,11 @@ def main():
         return
 
     results = []
-    for side in args.sides.split(","):
+    runs = [(side, src) for side in args.sides.split(",") for src in (args.src if side == "mlx" else [ROOT])]
+    for side, src in runs:
         cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--device", args.device,
-               "--tokens", str(args.tokens), "--dtype", args.dtype, "--bits", str(args.bits)]
+               "--tokens", str(args.tokens), "--dtype", args.dtype, "--bits", str(args.bits), "--src", str(src)]
+        cmd += ["--profile"] if args.profile else []
         env = dict(os.environ)
         env.pop("LD_PRELOAD", None)
         if side == "mlx" and args.device == "cpu" and not args.no_openblas and os.path.exists(OPENBLAS):
@@ -254,8 +317,15 @@ def main():
     for r in results:
         print(f"| {r['side']} | {r['device']} | {r['weights_gb']:.2f} | {r['build_s']:.1f} | {r['prefill_s']:.3f} | "
               f"{r['decode_tok_s']:.2f} | {r['peak_gb']:.2f} | {r['max_rss_gb']:.2f} | {r['note']} |")
-    if len(results) == 2:
-        print(f"\nMLX / transformers decode speed: {results[0]['decode_tok_s'] / results[1]['decode_tok_s']:.2f}x")
+    torch_rate = [r["decode_tok_s"] for r in results if r["side"] == "transformers"]
+    for r in results:
+        if r["side"] == "mlx" and torch_rate:
+            print(f"\nMLX ({r['note'] or 'this checkout'}) / transformers decode speed: "
+                  f"{r['decode_tok_s'] / torch_rate[0]:.2f}x")
+        for mode, prof in r.get("profile", {}).items():
+            print(f"\none decode step, {mode} ({r['note'] or 'this checkout'}): issued in {prof['issue_ms']:.2f} ms "
+                  f"(host), {prof['step_ms']:.2f} ms issued and run; {prof['primitives']} primitives, most: "
+                  + ", ".join(f"{k} {v}" for k, v in prof["top"]))
     bandwidth_table()
 
 

@@ -17,10 +17,10 @@ import mlx.nn as nn  # noqa: E402
 from conftest import assert_close, rel_err, to_mx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlx_glm_image.models.ar import GlmImageForConditionalGeneration, KVCache  # noqa: E402
+from mlx_glm_image.models.ar import GlmImageForConditionalGeneration  # noqa: E402
 from mlx_glm_image.models.ar.positions import decode_positions  # noqa: E402
 from mlx_glm_image.pipeline.processor import GlmImageProcessor  # noqa: E402
-from mlx_glm_image.pipeline.prior_tokens import apply_top_k, apply_top_p, generate, generate_prior_tokens  # noqa: E402
+from mlx_glm_image.pipeline.prior_tokens import apply_top_k, generate, generate_prior_tokens, top_p_candidates  # noqa: E402
 from mlx_glm_image.pipeline.prior_tokens import prior_prompt, prior_token_ids, sample, sample_prior_sequences  # noqa: E402
 
 from tiny_checkpoints import IMAGE_END, write_prior  # noqa: E402
@@ -196,17 +196,13 @@ def test_cached_decode_matches_full_recompute(tiny):
     rng = np.random.default_rng(0)
     n = 20
     new = rng.integers(0, 64, (B, n))
-    KVCache.step = 8  # force several chunk growths
-    try:
-        cache = model.make_cache()
-        am = inputs["attention_mask"].numpy()
-        outs = [np.array(model(ids, am, mx.array(pos), cache=cache))[:, -1]]
-        for i in range(n - 1):
-            am = np.concatenate([am, np.ones((B, 1), am.dtype)], 1)
-            p = decode_positions(table, i, 1, B, L)
-            outs.append(np.array(model(new[:, i:i + 1], am, mx.array(p), cache=cache))[:, -1])
-    finally:
-        KVCache.step = 256
+    cache = model.make_cache(L + n + 5)  # a buffer longer than the tokens written: the rest must stay masked
+    am = inputs["attention_mask"].numpy()
+    outs = [np.array(model(ids, am, mx.array(pos), cache=cache))[:, -1]]
+    for i in range(n - 1):
+        am = np.concatenate([am, np.ones((B, 1), am.dtype)], 1)
+        p = decode_positions(table, i, 1, B, L)
+        outs.append(np.array(model(new[:, i:i + 1], am, mx.array(p), cache=cache))[:, -1])
     full_ids = torch.tensor(np.concatenate([ids, new[:, : n - 1]], 1))
     full_pos = np.concatenate([pos, decode_positions(table, 0, n - 1, B, L)], axis=2)
     full_am = torch.tensor(np.concatenate([inputs["attention_mask"].numpy(), np.ones((B, n - 1), np.int64)], 1))
@@ -321,16 +317,25 @@ def test_greedy_editing(no_eos):
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------
+def _top_p_kept(logits: mx.array, p: float) -> np.ndarray:
+    """top_p_candidates' survivors, back in vocabulary order."""
+    cand, ids = top_p_candidates(logits, p)
+    kept = np.zeros(logits.shape, dtype=bool)
+    np.put_along_axis(kept, np.array(ids), ~np.isinf(np.array(cand)), axis=-1)
+    return kept
+
+
 def test_top_k_top_p_match_transformers():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(3, 200) * 3
-    for k in (1, 5, 50):
-        ref = TopKLogitsWarper(k)(None, logits.clone())
-        np.testing.assert_array_equal(np.isinf(np.array(apply_top_k(to_mx(logits), k))), torch.isinf(ref).numpy())
+    for scores in (logits, torch.round(logits)):  # rounded: many ties with the k-th logit, which stay
+        for k in (1, 5, 50):
+            ref = TopKLogitsWarper(k)(None, scores.clone())
+            np.testing.assert_array_equal(np.isinf(np.array(apply_top_k(to_mx(scores), k))), torch.isinf(ref).numpy())
     for p in (0.1, 0.75, 0.95):
         ref = TopPLogitsWarper(p)(None, logits.clone())
-        np.testing.assert_array_equal(np.isinf(np.array(apply_top_p(to_mx(logits), p))), torch.isinf(ref).numpy())
+        np.testing.assert_array_equal(~_top_p_kept(to_mx(logits), p), torch.isinf(ref).numpy())
 
 
 def test_sampling_seeded():
@@ -339,10 +344,26 @@ def test_sampling_seeded():
     b = [int(x) for x in np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(3)))]
     assert a == b
     # sampled tokens stay inside the top-p nucleus
-    kept = ~np.isinf(np.array(apply_top_p(apply_top_k(logits / 0.9, 50), 0.75)))
+    kept = _top_p_kept(apply_top_k(logits / 0.9, 50), 0.75)
     for _ in range(5):
         t = np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(_)))
         assert kept[np.arange(2), t].all()
+
+
+def test_sampling_follows_the_nucleus_distribution():
+    """Token frequencies over many draws match transformers' warped softmax (sampling reads ids through the
+    sorted order, so a wrong mapping would move the mass to other tokens)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40) * 2
+    warped = TopPLogitsWarper(0.75)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.9)(None, logits)))
+    want = torch.softmax(warped, -1)[0].numpy()
+    n = 20000
+    draws = np.array(sample(mx.broadcast_to(to_mx(logits), (n, 40)), 0.9, 20, 0.75, key=mx.random.key(1)))
+    freq = np.bincount(draws, minlength=40) / n
+    assert freq[want == 0].sum() == 0
+    np.testing.assert_allclose(freq, want, atol=0.015)
 
 
 def test_sampled_generation_reproducible(no_eos):

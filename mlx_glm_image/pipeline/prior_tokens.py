@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..models.ar.positions import decode_positions
+from ..models.ar.text_model import KVCache
 
 # transformers' GenerationConfig defaults, for the keys a generation_config.json leaves out
 DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -27,23 +28,24 @@ def as_key(key_or_seed=None) -> mx.array:
 
 
 def apply_top_k(logits: mx.array, k: int) -> mx.array:
-    if k <= 0 or k >= logits.shape[-1]:
+    """transformers' TopKLogitsWarper (ties with the k-th logit stay); the k-th logit from a partial sort."""
+    V = logits.shape[-1]
+    if k <= 0 or k >= V:
         return logits
-    kth = mx.sort(logits, axis=-1)[..., -k][..., None]
+    kth = mx.partition(logits, V - k, axis=-1)[..., V - k : V - k + 1]
     return mx.where(logits < kth, -mx.inf, logits)
 
 
-def apply_top_p(logits: mx.array, p: float) -> mx.array:
-    """transformers' TopPLogitsWarper: drop the smallest tokens whose cumulative probability is <= 1 - p."""
-    if p >= 1.0:
-        return logits
-    order = mx.argsort(logits, axis=-1)  # ascending
-    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-    cum = mx.cumsum(mx.softmax(sorted_logits, axis=-1), axis=-1)
-    remove = cum <= (1 - p)
-    remove[..., -1] = False  # keep at least one token
-    remove = mx.put_along_axis(mx.zeros_like(remove), order, remove, axis=-1)
-    return mx.where(remove, -mx.inf, logits)
+def top_p_candidates(logits: mx.array, p: float) -> tuple[mx.array, mx.array]:
+    """transformers' TopPLogitsWarper in sorted order: (logits, token ids), both ascending by logit, with the
+    smallest tokens whose cumulative probability is <= 1 - p at -inf. Sampling then picks a position here and
+    reads its id, so the mask never has to be scattered back to vocabulary order."""
+    order = mx.argsort(logits, axis=-1)
+    logits = mx.take_along_axis(logits, order, axis=-1)
+    cum = mx.cumsum(mx.softmax(logits, axis=-1), axis=-1)
+    n = logits.shape[-1]
+    remove = (cum <= (1 - p)) & (mx.arange(n) < n - 1)  # the most likely token always stays
+    return mx.where(remove, -mx.inf, logits), order
 
 
 def sample(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -55,8 +57,53 @@ def sample(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: fl
     if temperature != 1.0:
         logits = logits / temperature
     logits = apply_top_k(logits, int(top_k or 0))
-    logits = apply_top_p(logits, float(top_p if top_p is not None else 1.0))
-    return mx.random.categorical(logits, axis=-1, key=key)
+    if top_p is None or top_p >= 1.0:
+        return mx.random.categorical(logits, axis=-1, key=key)
+    logits, ids = top_p_candidates(logits, float(top_p))
+    choice = mx.random.categorical(logits, axis=-1, key=key)
+    return mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+
+
+@dataclass
+class Decoding:
+    """What every step of one generation shares: the sampling settings, the end-token rules and the on-device
+    tables (positions of every step, the padding mask over the whole cache)."""
+
+    positions: mx.array  # (3, B, max_new_tokens): the position of the token fed at each step
+    attention_mask: mx.array | None  # (B, L + max_new_tokens), None without left padding
+    is_eos: mx.array  # (V,) bool
+    max_new_tokens: int
+    min_new_tokens: int
+    forced_eos_token_id: int | None
+    sampling: dict  # temperature, top_k, top_p, do_sample
+
+    def pick(self, logits: mx.array, n_done, key: mx.array) -> mx.array:
+        """The next token after ``n_done`` new ones (an int, or an array inside the compiled step)."""
+        logits = mx.where(self.is_eos & (n_done < self.min_new_tokens), -mx.inf, logits)
+        if self.forced_eos_token_id is not None:
+            forced = mx.where(mx.arange(logits.shape[-1]) == self.forced_eos_token_id, 0.0, -mx.inf)
+            logits = mx.where(n_done == self.max_new_tokens - 1, forced, logits)
+        return sample(logits, key=key, **self.sampling)
+
+    def prefill(self, model, input_ids, position_ids, cache, key) -> mx.array:
+        am = self.attention_mask[:, : input_ids.shape[1]] if self.attention_mask is not None else None
+        logits = model(input_ids, attention_mask=am, position_ids=position_ids, cache=cache, logits_to_keep=1)
+        return self.pick(logits[:, -1], 0, key)
+
+    def step(self, model):
+        """One decode step as a pure function of arrays, ``(tokens, step, key, cache state) -> (next tokens,
+        key, cache state)``, compiled: its shapes never change, so it is traced once and then replayed without
+        building the graph op by op for every token."""
+
+        def step(tokens, i, key, state):
+            cache = [KVCache.from_state(s) for s in state]
+            pos = mx.take(self.positions, i, axis=2)[..., None]
+            logits = model(tokens[:, None], attention_mask=self.attention_mask, position_ids=pos, cache=cache,
+                           logits_to_keep=1)[:, -1]
+            key, sub = mx.random.split(key)
+            return self.pick(logits, i + 1, sub), key, [c.state for c in cache]
+
+        return mx.compile(step)
 
 
 def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_per_sample=None,
@@ -68,49 +115,39 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
 
     A finished sample (eos emitted) continues with ``pad_token_id`` until every sample has finished. As in
     transformers, ``min_new_tokens`` masks the eos tokens until that many tokens are out, and
-    ``forced_eos_token_id`` is the only choice for the last of ``max_new_tokens``.
+    ``forced_eos_token_id`` is the only choice for the last of ``max_new_tokens``. Each step is queued before
+    the previous token is read back, so the host's one round-trip per token overlaps the device's work.
     """
     input_ids = model.embed_prompt(input_ids, pixel_values, image_grid_thw, images_per_sample, image_token_ids)
     B, L = input_ids.shape
-    if attention_mask is None:
-        attention_mask = np.ones((B, L), dtype=np.int64)
-    attention_mask = np.asarray(attention_mask)
-    padded = bool((attention_mask == 0).any())
-    position_ids, table = model.get_rope_index(input_ids, image_grid_thw, images_per_sample, attention_mask)
+    padded = attention_mask is not None and bool((np.asarray(attention_mask) == 0).any())
+    position_ids, table = model.get_rope_index(input_ids, image_grid_thw, images_per_sample,
+                                               np.asarray(attention_mask) if padded else None)
     if image_grid_thw is None:
         # plain causal LM positions; left padding shifts nothing here (as transformers without grids)
         position_ids = np.broadcast_to(np.arange(L), (3, B, L))
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (next(iter(eos)) if eos else 0)
-
-    vocab = mx.arange(model.config.text_config.vision_vocab_size)
-    is_eos = mx.array(np.isin(np.arange(vocab.size), list(eos)))
+    V = model.config.text_config.vision_vocab_size
+    run = Decoding(
+        positions=mx.array(decode_positions(table, 0, max_new_tokens, B, L)),
+        attention_mask=mx.array(np.pad(np.asarray(attention_mask), [(0, 0), (0, max_new_tokens)], constant_values=1))
+        if padded else None,
+        is_eos=mx.array(np.isin(np.arange(V), list(eos))), max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, forced_eos_token_id=forced_eos_token_id,
+        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample))
     cache = model.make_cache(L + max_new_tokens)
-    key = as_key(key)
-    mask_full = mx.array(np.concatenate([attention_mask, np.ones((B, max_new_tokens), attention_mask.dtype)], 1))
-
-    def step(tokens, pos, n_done):
-        nonlocal key
-        am = mask_full[:, : L + n_done] if padded else None
-        logits = model(tokens, attention_mask=am, position_ids=pos, cache=cache, logits_to_keep=1)[:, -1]
-        if n_done < min_new_tokens:
-            logits = mx.where(is_eos, -mx.inf, logits)
-        if forced_eos_token_id is not None and n_done == max_new_tokens - 1:
-            logits = mx.where(vocab == forced_eos_token_id, 0.0, -mx.inf)[None]
-        key, sub = mx.random.split(key)
-        return sample(logits, temperature, top_k, top_p, sub, do_sample)
-
-    tok = step(mx.array(input_ids), mx.array(position_ids), 0)
+    key, sub = mx.random.split(as_key(key))
+    tok = run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
+    state = [c.state for c in cache]
+    step = run.step(model) if max_new_tokens > 1 else None
     out = []
     finished = np.zeros(B, dtype=bool)
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:
-            # queue the next step before reading this token back, so host and device overlap
-            pos = mx.array(decode_positions(table, i, 1, B, L))
-            nxt = step(tok[:, None], pos, i + 1)
+            nxt, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state)
             mx.async_eval(nxt)
-        t = np.array(tok).astype(np.int64)
-        t = np.where(finished, pad, t)
+        t = np.where(finished, pad, np.array(tok).astype(np.int64))
         out.append(t)
         if callback is not None:
             callback(i, t)

@@ -62,7 +62,8 @@ class GlmImageForConditionalGeneration(PretrainedModel):
         return isinstance(module, nn.Linear) or path.endswith("embed_tokens")
 
     # ---- pieces mirroring transformers ---------------------------------------------------------------------
-    def make_cache(self, max_size: int | None = None) -> list[KVCache]:
+    def make_cache(self, max_size: int) -> list[KVCache]:
+        """One cache per layer for a generation of ``max_size`` tokens, the prompt included."""
         return [KVCache(max_size) for _ in self.model.language_model.layers]
 
     def get_rope_index(self, input_ids, image_grid_thw=None, images_per_sample=None, attention_mask=None):

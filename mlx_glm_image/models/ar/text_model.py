@@ -14,38 +14,39 @@ from .config import TextConfig
 
 
 class KVCache:
-    """Keys/values of one layer, grown in ``step``-token chunks (never one concat per token).
+    """Keys/values of one layer in a buffer of the generation's final length, written at ``offset``.
 
-    ``max_size`` preallocates the whole generation at once when the final length is known.
+    The offset is an array and attention reads the whole buffer under a mask of the positions written so far:
+    every decode step then has the same shapes, so the loop can compile the step once (``mx.compile``) instead
+    of building its graph op by op for every token. The buffer is allocated at the first update.
     """
 
-    step = 256
-
-    def __init__(self, max_size: int | None = None):
-        self.keys = None
-        self.values = None
-        self.offset = 0
+    def __init__(self, max_size: int, keys: mx.array | None = None, values: mx.array | None = None,
+                 offset: mx.array | None = None):
         self.max_size = max_size
+        self.keys = keys
+        self.values = values
+        self.offset = mx.array(0, dtype=mx.int32) if offset is None else offset
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [self.keys, self.values, self.offset]
+
+    @classmethod
+    def from_state(cls, state: list[mx.array]) -> KVCache:
+        keys, values, offset = state
+        return cls(keys.shape[2], keys, values, offset)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        prev = self.offset
-        B, H, L, D = keys.shape
-        if self.keys is None or prev + L > self.keys.shape[2]:
-            if self.keys is None and self.max_size is not None and self.max_size >= L:
-                n = self.max_size
-            else:
-                n = ((L + self.step - 1) // self.step) * self.step
-            k_new = mx.zeros((B, H, n, D), keys.dtype)
-            v_new = mx.zeros((B, H, n, values.shape[-1]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = k_new, v_new
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], k_new], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], v_new], axis=2)
-        self.offset += L
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        if self.keys is None:
+            B, H, _, D = keys.shape
+            self.keys = mx.zeros((B, H, self.max_size, D), keys.dtype)
+            self.values = mx.zeros((B, H, self.max_size, values.shape[-1]), values.dtype)
+        start = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        self.offset = self.offset + keys.shape[2]
+        return self.keys, self.values
 
 
 class RMSNorm(nn.Module):
@@ -151,22 +152,28 @@ class GlmImageTextDecoderLayer(nn.Module):
         return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
 
 
-def attention_mask_for(attention_mask: mx.array | None, L: int, offset: int):
-    """The SDPA mask for L new queries after ``offset`` cached tokens.
+def attention_mask_for(attention_mask: mx.array | None, L: int, offset=0, S: int | None = None):
+    """The SDPA mask for L new queries at positions ``offset ..`` over S keys (a cache's whole buffer; without a
+    cache, the L queries themselves).
 
-    ``attention_mask`` (B, offset + L) is 1 for real tokens and 0 for left padding, as in transformers. Padded
-    queries keep their own key so that no row is fully masked (an all -inf row would turn into NaNs that then
-    leak through 0 * NaN into later layers); real queries never see padded keys, so their outputs are unaffected.
+    ``attention_mask`` (B, <= S) is 1 for real tokens and 0 for left padding, as in transformers; keys past it
+    count as real (causality hides them). Padded queries keep their own key so that no row is fully masked (an
+    all -inf row would turn into NaNs that then leak through 0 * NaN into later layers); real queries never see
+    padded keys, so their outputs are unaffected.
     """
-    if attention_mask is None:
-        return "causal" if L > 1 else None
-    S = offset + L
-    valid = attention_mask[:, None, None, :S].astype(mx.bool_)  # (B, 1, 1, S)
-    q_pos = mx.arange(offset, S)[:, None]
+    if S is None:
+        if attention_mask is None:
+            return "causal" if L > 1 else None
+        S = L
+    q_pos = offset + mx.arange(L)[:, None]
     k_pos = mx.arange(S)[None, :]
-    allowed = (k_pos <= q_pos) & valid
-    allowed = allowed | (k_pos == q_pos)
-    return allowed  # (B, 1, L, S)
+    allowed = k_pos <= q_pos
+    if attention_mask is None:
+        return allowed
+    valid = attention_mask[:, :S].astype(mx.bool_)
+    if valid.shape[1] < S:
+        valid = mx.pad(valid, [(0, 0), (0, S - valid.shape[1])], constant_values=True)
+    return (allowed & valid[:, None, None, :]) | (k_pos == q_pos)  # (B, 1, L, S)
 
 
 class GlmImageTextModel(nn.Module):
@@ -190,11 +197,11 @@ class GlmImageTextModel(nn.Module):
         B, L, _ = h.shape
         offset = cache[0].offset if cache is not None else 0
         if position_ids is None:
-            position_ids = mx.broadcast_to(mx.arange(offset, offset + L)[None, None], (3, B, L))
+            position_ids = mx.broadcast_to((offset + mx.arange(L))[None, None], (3, B, L))
         elif position_ids.ndim == 2:
             position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
         cos, sin = self.rotary_emb(position_ids)
-        mask = attention_mask_for(attention_mask, L, offset)
+        mask = attention_mask_for(attention_mask, L, offset, cache[0].max_size if cache is not None else None)
         if cache is None:
             cache = [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):

@@ -74,6 +74,12 @@ def prompt_ids(cfg: dict, n_text: int = 24):
     return np.array([ids], dtype=np.int64)
 
 
+def read_per_token(name: str) -> bool:
+    """Whether a decode step reads all of this parameter: the text model and lm_head do; the vision side and
+    VQ are not used, and the token table gives one row."""
+    return not ("visual" in name or "vqmodel" in name or "embed_tokens" in name)
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -107,12 +113,14 @@ def run_mlx(args) -> dict:
     model.update(tree_map_with_path(init, model.parameters()))
     for _, p in tree_flatten(model.parameters()):
         mx.eval(p)  # one tensor at a time keeps the peak at the weights
-    if args.bits:
-        nn.quantize(model.model.language_model, group_size=64, bits=args.bits)
-        nn.quantize(model, group_size=64, bits=args.bits, class_predicate=lambda p, m: p == "lm_head")
+    if args.bits:  # as the pipeline quantizes it: the model's own predicate
+        from mlx_glm_image import quantize as Q
+
+        Q.quantize_model(model, Q.as_spec(args.bits))
         mx.eval(model.parameters())
     build_s = time.perf_counter() - t0
     weight_gb = sum(p.nbytes for _, p in tree_flatten(model.parameters())) / 1e9
+    read_gb = sum(p.nbytes for k, p in tree_flatten(model.parameters()) if read_per_token(k)) / 1e9
 
     ids = prompt_ids(cfg)
     grids = np.array(GRIDS)
@@ -131,7 +139,8 @@ def run_mlx(args) -> dict:
 
     src = Path(mlx_glm_image.__file__).parents[1]
     note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", "" if src == ROOT else str(src)) if x)
-    res = dict(side="mlx", device=str(mx.default_device()), build_s=build_s, weights_gb=weight_gb, prefill_s=t1,
+    res = dict(side="mlx", device=str(mx.default_device()), build_s=build_s, weights_gb=weight_gb, read_gb=read_gb,
+               prefill_s=t1,
                tokens=n, decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn,
                peak_gb=mx.get_peak_memory() / 1e9, max_rss_gb=peak_rss_gb(), note=note)
     if args.profile:
@@ -156,9 +165,9 @@ def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
     n = 1281
     pos, table = model.get_rope_index(ids, grids, np.array([2]))
     V = model.config.text_config.vision_vocab_size
-    run = Decoding(mx.array(decode_positions(table, 0, n, B, L)), None, mx.zeros((V,), mx.bool_), n, n - 1, None,
+    run = Decoding(L, mx.array(decode_positions(table, 0, n, B, L)), None, mx.zeros((V,), mx.bool_), n, n - 1, None,
                    dict(SAMPLING, do_sample=True))
-    cache = model.make_cache(L + n)
+    cache = model.make_cache(L + n, window=L)
     tok = run.prefill(model, mx.array(ids), mx.array(pos), cache, mx.random.key(0))
     state, key = [c.state for c in cache], mx.random.key(1)
     (mx.enable_compile if compiled else mx.disable_compile)()
@@ -167,13 +176,13 @@ def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
     for i in range(steps):
         mx.eval(tok, key, state)
         t0 = time.perf_counter()
-        tok, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state)
+        tok, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state, run.window(i))
         t1 = time.perf_counter()
         mx.eval(tok, key, state)
         issue.append(t1 - t0)
         total.append(time.perf_counter() - t0)
     with tempfile.NamedTemporaryFile(suffix=".dot") as f:
-        mx.export_to_dot(f.name, step(tok, mx.array(steps, dtype=mx.int32), key, state)[0])
+        mx.export_to_dot(f.name, step(tok, mx.array(steps, dtype=mx.int32), key, state, run.window(steps))[0])
         kinds = collections.Counter(re.findall(r'label ="([^"]+)"', Path(f.name).read_text()))
     mx.enable_compile()
     return dict(issue_ms=1000 * sorted(issue)[steps // 2], step_ms=1000 * sorted(total)[steps // 2],
@@ -215,6 +224,7 @@ def run_torch(args) -> dict:
     sync()
     build_s = time.perf_counter() - t0
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    read_gb = sum(p.numel() * p.element_size() for k, p in model.named_parameters() if read_per_token(k)) / 1e9
 
     ids = torch.tensor(prompt_ids(cfg), device=dev)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=torch.tensor(GRIDS, device=dev),
@@ -237,7 +247,8 @@ def run_torch(args) -> dict:
     tn = time.perf_counter() - t
     n = out.shape[1] - ids.shape[1]
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
-    return dict(side="transformers", device=str(dev), build_s=build_s, weights_gb=weight_gb, prefill_s=t1, tokens=n,
+    return dict(side="transformers", device=str(dev), build_s=build_s, weights_gb=weight_gb, read_gb=read_gb,
+                prefill_s=t1, tokens=n,
                 decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn, peak_gb=peak, max_rss_gb=peak_rss_gb(),
                 note=f"torch {torch.__version__}")
 
@@ -273,7 +284,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=1281, help="new tokens (default: the whole 1024x1024 grid)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default: float32 on cpu, bfloat16 on gpu")
-    ap.add_argument("--bits", type=int, default=0, help="also quantize the MLX text model (4 or 8)")
+    ap.add_argument("--bits", type=int, default=0, help="quantize the MLX model (4 or 8), as the pipeline does")
+    ap.add_argument("--bandwidth", type=float, help="the device's memory bandwidth in GB/s: adds the bound's share")
     ap.add_argument("--sides", default="mlx,transformers")
     ap.add_argument("--src", type=Path, nargs="+", default=[ROOT], help="checkouts of this package to time, in turn")
     ap.add_argument("--profile", action="store_true", help="also profile one MLX decode step")
@@ -312,11 +324,15 @@ def main():
 
     print(f"\nAR prior decode, {args.config} config, {args.dtype}, prompt + {args.tokens} new tokens "
           f"(1024x1024 grid layout, temperature 0.9, top_p 0.75):")
-    print("| side | device | weights GB | build s | prefill s | decode tok/s | peak alloc GB | max RSS GB | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    bound = f" (of {args.bandwidth:.0f} GB/s)" if args.bandwidth else ""
+    print("| side | device | weights GB | GB read per token | build s | prefill s | decode tok/s | share of the "
+          f"bandwidth bound{bound} | peak alloc GB | max RSS GB | note |")
+    print("|---" * 11 + "|")
     for r in results:
-        print(f"| {r['side']} | {r['device']} | {r['weights_gb']:.2f} | {r['build_s']:.1f} | {r['prefill_s']:.3f} | "
-              f"{r['decode_tok_s']:.2f} | {r['peak_gb']:.2f} | {r['max_rss_gb']:.2f} | {r['note']} |")
+        share = f"{r['decode_tok_s'] * r['read_gb'] / args.bandwidth:.0%}" if args.bandwidth else "-"
+        print(f"| {r['side']} | {r['device']} | {r['weights_gb']:.2f} | {r['read_gb']:.2f} | {r['build_s']:.1f} | "
+              f"{r['prefill_s']:.3f} | {r['decode_tok_s']:.2f} | {share} | {r['peak_gb']:.2f} | {r['max_rss_gb']:.2f} | "
+              f"{r['note']} |")
     torch_rate = [r["decode_tok_s"] for r in results if r["side"] == "transformers"]
     for r in results:
         if r["side"] == "mlx" and torch_rate:

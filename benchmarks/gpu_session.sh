@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Benchmarks at the released configs on a CUDA machine that has torch but neither MLX nor diffusers and no
-# network, with wheels brought along in .gpu/ (see the developers' guide): phase "torch" installs diffusers
-# and times the references, phase "mlx" unpacks MLX's CUDA backend and times the port. Each phase writes
-# its tables under $OUT (or ./gpu-results).
+# network, with wheels brought along in .gpu/ (made here by benchmarks/gpu_wheels.sh): phase "torch" installs
+# diffusers and times the references, phase "mlx" unpacks MLX's CUDA backend and times the port. Each phase
+# writes its tables under $OUT (or ./gpu-results). One phase per device call, carrying .gpu/a or .gpu/b; the
+# second follows on the still-warm machine (/tmp/keep holds the first half).
 #   bash benchmarks/gpu_session.sh torch    # .gpu/a: first half of mlx-cuda + diffusers wheels
 #   bash benchmarks/gpu_session.sh mlx      # .gpu/b: second half of mlx-cuda + the mlx wheel
 #   bash benchmarks/gpu_session.sh stash    # .gpu/a only (then "dit" with .gpu/b): the MLX DiT variants alone
 #   bash benchmarks/gpu_session.sh keep     # .gpu/a only, no benchmark: for a second "exec" on a warm machine
 #   bash benchmarks/gpu_session.sh exec CMD...  # .gpu/b after stash or keep: set up MLX, then run CMD
+#   bash benchmarks/gpu_session.sh whole-torch  # .gpu/a: whole generation, AR decoding and VAE, the references
+#   bash benchmarks/gpu_session.sh whole-mlx    # .gpu/b, right after on the warm machine: the same, MLX
 set -uo pipefail
 phase=${1:?torch or mlx}
 out=${OUT:-gpu-results}
@@ -33,7 +36,27 @@ setup_mlx() {
   run $py -c "import mlx.core as mx; print(mx.__version__, mx.default_device())"
 }
 
-if [ "$phase" = keep ]; then  # only bring the first half over (the references were timed in this session)
+bandwidth() {  # GB/s of the GPU's memory, for the AR's share of its bound
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader)" in
+    *H200*) echo 4800 ;; *H100*PCIe*) echo 2000 ;; *H100*) echo 3350 ;; *) echo 0 ;;
+  esac
+}
+
+if [ "$phase" = whole-torch ]; then
+  keep_first_half
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$out/$phase.log"
+  run $py benchmarks/bench_pipeline.py --config released --device gpu --sides diffusers --json "$out/pipeline_torch.json"
+  run $py benchmarks/bench_prior.py --config released --device gpu --sides transformers --tokens 256 --bandwidth "$(bandwidth)"
+  run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides torch --repeats 1 --json "$out/vae_torch.json"
+elif [ "$phase" = whole-mlx ]; then
+  setup_mlx
+  run $py benchmarks/bench_pipeline.py --config released --device gpu --sides mlx --bits 0 4 --json "$out/pipeline_mlx.json"
+  run $py benchmarks/bench_prior.py --config released --device gpu --sides mlx --profile --bandwidth "$(bandwidth)"
+  run $py benchmarks/bench_prior.py --config released --device gpu --sides mlx --bits 4 --tokens 512 --bandwidth "$(bandwidth)"
+  run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides mlx --repeats 1 --json "$out/vae_mlx.json"
+  run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides mlx --mlx-variants eval-per-block --iters 3 --json "$out/dit_mlx.json"
+elif [ "$phase" = keep ]; then  # only bring the first half over (the references were timed in this session)
   keep_first_half
 elif [ "$phase" = stash ]; then
   keep_first_half

@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from mlx_glm_image.models.ar import GlmImageForConditionalGeneration  # noqa: E402
 from mlx_glm_image.models.ar.positions import decode_positions  # noqa: E402
 from mlx_glm_image.pipeline.processor import GlmImageProcessor  # noqa: E402
+from mlx_glm_image.pipeline import prior_tokens  # noqa: E402
 from mlx_glm_image.pipeline.prior_tokens import apply_top_k, generate, generate_prior_tokens, top_p_candidates  # noqa: E402
 from mlx_glm_image.pipeline.prior_tokens import prior_prompt, prior_token_ids, sample, sample_prior_sequences  # noqa: E402
 
@@ -240,8 +241,11 @@ def no_eos(tiny):
     tiny["model"].lm_head.weight = saved_m
 
 
-@pytest.mark.parametrize("prompts,h,w", [(["a red cat on the mat"], 64, 96), (PROMPTS2, 64, 64)])
-def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w):
+@pytest.mark.parametrize("prompts,h,w,window", [(["a red cat on the mat"], 64, 96, 256), (PROMPTS2, 64, 64, 256),
+                                                (PROMPTS2, 64, 64, 5)])
+def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w, window, monkeypatch):
+    """window 5: the decode step is retraced for a new attention window every few tokens."""
+    monkeypatch.setattr(prior_tokens, "WINDOW", window)
     tiny = no_eos
     inputs = _torch_inputs(tiny, prompts, h, w)
     grids = inputs["image_grid_thw"][: int(inputs["images_per_sample"][0])]
@@ -422,8 +426,6 @@ def test_chat_template_read_where_transformers_reads_it(tiny, tmp_path, place):
     ({"temperature": 0.7, "top_p": 0.5}, dict(temperature=0.7, top_p=0.5, top_k=50)),  # transformers' for the rest
 ])
 def test_sampling_defaults_from_the_checkpoint(tiny, monkeypatch, config, want):
-    from mlx_glm_image.pipeline import prior_tokens
-
     seen = {}
     monkeypatch.setattr(prior_tokens, "generate", lambda *a, **k: seen.update(k))
     monkeypatch.setattr(tiny["model"], "generation_config", config or {})

@@ -14,6 +14,9 @@ import numpy as np
 from ..models.ar.positions import decode_positions
 from ..models.ar.text_model import KVCache
 
+# attention windows grow in steps of this many positions: a compiled decode step per window, and a step never
+# reads more than this many positions past the ones written
+WINDOW = 256
 # transformers' GenerationConfig defaults, for the keys a generation_config.json leaves out
 DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # GLM-Image's published sampling settings (docs/checkpoint.md), for a checkpoint without generation_config.json
@@ -69,6 +72,7 @@ class Decoding:
     """What every step of one generation shares: the sampling settings, the end-token rules and the on-device
     tables (positions of every step, the padding mask over the whole cache)."""
 
+    prompt_length: int
     positions: mx.array  # (3, B, max_new_tokens): the position of the token fed at each step
     attention_mask: mx.array | None  # (B, L + max_new_tokens), None without left padding
     is_eos: mx.array  # (V,) bool
@@ -85,18 +89,22 @@ class Decoding:
             logits = mx.where(n_done == self.max_new_tokens - 1, forced, logits)
         return sample(logits, key=key, **self.sampling)
 
+    def window(self, i: int) -> int:
+        """The positions step ``i`` reads: the ones written by then, rounded up to a multiple of ``WINDOW``."""
+        return min(-(-(self.prompt_length + i + 1) // WINDOW) * WINDOW, self.prompt_length + self.max_new_tokens)
+
     def prefill(self, model, input_ids, position_ids, cache, key) -> mx.array:
         am = self.attention_mask[:, : input_ids.shape[1]] if self.attention_mask is not None else None
         logits = model(input_ids, attention_mask=am, position_ids=position_ids, cache=cache, logits_to_keep=1)
         return self.pick(logits[:, -1], 0, key)
 
     def step(self, model):
-        """One decode step as a pure function of arrays, ``(tokens, step, key, cache state) -> (next tokens,
-        key, cache state)``, compiled: its shapes never change, so it is traced once and then replayed without
-        building the graph op by op for every token."""
+        """One decode step as a pure function of arrays, ``(tokens, step, key, cache state, window) -> (next
+        tokens, key, cache state)``, compiled: its shapes change only with the window, so it is traced once per
+        window and then replayed without building the graph op by op for every token."""
 
-        def step(tokens, i, key, state):
-            cache = [KVCache.from_state(s) for s in state]
+        def step(tokens, i, key, state, window):
+            cache = [KVCache.from_state(s, window) for s in state]
             pos = mx.take(self.positions, i, axis=2)[..., None]
             logits = model(tokens[:, None], attention_mask=self.attention_mask, position_ids=pos, cache=cache,
                            logits_to_keep=1)[:, -1]
@@ -130,13 +138,13 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
     pad = pad_token_id if pad_token_id is not None else (next(iter(eos)) if eos else 0)
     V = model.config.text_config.vision_vocab_size
     run = Decoding(
-        positions=mx.array(decode_positions(table, 0, max_new_tokens, B, L)),
+        prompt_length=L, positions=mx.array(decode_positions(table, 0, max_new_tokens, B, L)),
         attention_mask=mx.array(np.pad(np.asarray(attention_mask), [(0, 0), (0, max_new_tokens)], constant_values=1))
         if padded else None,
         is_eos=mx.array(np.isin(np.arange(V), list(eos))), max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, forced_eos_token_id=forced_eos_token_id,
         sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample))
-    cache = model.make_cache(L + max_new_tokens)
+    cache = model.make_cache(L + max_new_tokens, window=L)
     key, sub = mx.random.split(as_key(key))
     tok = run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
     state = [c.state for c in cache]
@@ -145,7 +153,7 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
     finished = np.zeros(B, dtype=bool)
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:
-            nxt, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state)
+            nxt, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state, run.window(i))
             mx.async_eval(nxt)
         t = np.where(finished, pad, np.array(tok).astype(np.int64))
         out.append(t)

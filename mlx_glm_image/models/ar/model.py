@@ -62,9 +62,10 @@ class GlmImageForConditionalGeneration(PretrainedModel):
         return isinstance(module, nn.Linear) or path.endswith("embed_tokens")
 
     # ---- pieces mirroring transformers ---------------------------------------------------------------------
-    def make_cache(self, max_size: int) -> list[KVCache]:
-        """One cache per layer for a generation of ``max_size`` tokens, the prompt included."""
-        return [KVCache(max_size) for _ in self.model.language_model.layers]
+    def make_cache(self, max_size: int, window: int | None = None) -> list[KVCache]:
+        """One cache per layer for a generation of ``max_size`` tokens, the prompt included; attention reads the
+        first ``window`` positions (all by default)."""
+        return [KVCache(max_size, window=window) for _ in self.model.language_model.layers]
 
     def get_rope_index(self, input_ids, image_grid_thw=None, images_per_sample=None, attention_mask=None):
         """(position_ids (3, B, L), decode_position_ids (B, 3, T) or None), numpy, as transformers computes them."""

@@ -16,26 +16,28 @@ from .config import TextConfig
 class KVCache:
     """Keys/values of one layer in a buffer of the generation's final length, written at ``offset``.
 
-    The offset is an array and attention reads the whole buffer under a mask of the positions written so far:
-    every decode step then has the same shapes, so the loop can compile the step once (``mx.compile``) instead
-    of building its graph op by op for every token. The buffer is allocated at the first update.
+    The offset is an array, and attention reads the first ``window`` positions under a mask of those written so
+    far: the decode steps of one window have the same shapes, so the loop compiles a step once per window
+    (``mx.compile``) instead of building its graph op by op for every token. The buffer is allocated at the
+    first update.
     """
 
     def __init__(self, max_size: int, keys: mx.array | None = None, values: mx.array | None = None,
-                 offset: mx.array | None = None):
+                 offset: mx.array | None = None, window: int | None = None):
         self.max_size = max_size
         self.keys = keys
         self.values = values
         self.offset = mx.array(0, dtype=mx.int32) if offset is None else offset
+        self.window = window or max_size  # at least offset + the tokens of the next update
 
     @property
     def state(self) -> list[mx.array]:
         return [self.keys, self.values, self.offset]
 
     @classmethod
-    def from_state(cls, state: list[mx.array]) -> KVCache:
+    def from_state(cls, state: list[mx.array], window: int | None = None) -> KVCache:
         keys, values, offset = state
-        return cls(keys.shape[2], keys, values, offset)
+        return cls(keys.shape[2], keys, values, offset, window)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if self.keys is None:
@@ -46,7 +48,7 @@ class KVCache:
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
         self.offset = self.offset + keys.shape[2]
-        return self.keys, self.values
+        return self.keys[..., : self.window, :], self.values[..., : self.window, :]
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +63,11 @@ class RMSNorm(nn.Module):
 
 
 class MRoPE:
-    """cos/sin tables for M-RoPE, computed once per forward and shared by all layers."""
+    """M-RoPE tables, computed once per forward and shared by all layers, over the whole head: a head's output is
+    ``x * cos + x[..., perm] * sin``. ``perm`` swaps the halves of the first ``rotary_dim`` channels and
+    ``sin`` carries rotate-half's sign; past ``rotary_dim`` cos is 1 and sin 0, so those channels pass as they
+    are. Two kernels a head (a gather, then one fused elementwise), where slicing, negating and concatenating
+    take five, and the same arithmetic, so the same numbers."""
 
     def __init__(self, config: TextConfig):
         dim = config.rotary_dim
@@ -75,28 +81,24 @@ class MRoPE:
         for i, s in enumerate(section):
             axis += [i % 3] * s
         self.axis = mx.array(axis, dtype=mx.int32)
+        h, n_pass = dim // 2, config.head_dim - dim
+        self.perm = mx.array(list(range(h, dim)) + list(range(h)) + list(range(dim, config.head_dim)))
+        self.sign = mx.array([-1.0] * h + [1.0] * h + [0.0] * n_pass)
+        self.n_pass = n_pass
 
-    def __call__(self, position_ids: mx.array) -> tuple[mx.array, mx.array]:
-        # position_ids: (3, B, L) -> cos, sin: (B, 1, L, rotary_dim) in fp32
+    def __call__(self, position_ids: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        # position_ids: (3, B, L) -> cos, sin: (B, 1, L, head_dim) in fp32, and perm
         pos = position_ids.astype(mx.float32).transpose(1, 2, 0)  # (B, L, 3)
         pos = mx.take(pos, self.axis, axis=-1)  # (B, L, dim/2)
         freqs = pos * self.inv_freq
-        freqs = mx.concatenate([freqs, freqs], axis=-1)[:, None]
-        return mx.cos(freqs), mx.sin(freqs)
+        freqs = mx.concatenate([freqs, freqs, mx.zeros((*freqs.shape[:-1], self.n_pass))], axis=-1)[:, None]
+        return mx.cos(freqs), mx.sin(freqs) * self.sign, self.perm
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-
-
-def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    rot = cos.shape[-1]
-    x_rot = x[..., :rot].astype(mx.float32)
-    x_rot = (x_rot * cos + _rotate_half(x_rot) * sin).astype(x.dtype)
-    if rot == x.shape[-1]:
-        return x_rot
-    return mx.concatenate([x_rot, x[..., rot:]], axis=-1)
+def apply_rotary(x: mx.array, rope: tuple[mx.array, mx.array, mx.array]) -> mx.array:
+    cos, sin, perm = rope
+    swapped = mx.take(x, perm, axis=-1)
+    return (x.astype(mx.float32) * cos + swapped.astype(mx.float32) * sin).astype(x.dtype)
 
 
 class GlmImageTextAttention(nn.Module):
@@ -112,13 +114,13 @@ class GlmImageTextAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def __call__(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+    def __call__(self, x, rope, mask=None, cache: KVCache | None = None):
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q = apply_rotary(q, rope)
+        k = apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -147,14 +149,14 @@ class GlmImageTextDecoderLayer(nn.Module):
         self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None):
-        h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+    def __call__(self, x, rope, mask=None, cache=None):
+        h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
         return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
 
 
 def attention_mask_for(attention_mask: mx.array | None, L: int, offset=0, S: int | None = None):
-    """The SDPA mask for L new queries at positions ``offset ..`` over S keys (a cache's whole buffer; without a
-    cache, the L queries themselves).
+    """The SDPA mask for L new queries at positions ``offset ..`` over S keys (a cache's window; without a cache,
+    the L queries themselves).
 
     ``attention_mask`` (B, <= S) is 1 for real tokens and 0 for left padding, as in transformers; keys past it
     count as real (causality hides them). Padded queries keep their own key so that no row is fully masked (an
@@ -200,10 +202,10 @@ class GlmImageTextModel(nn.Module):
             position_ids = mx.broadcast_to((offset + mx.arange(L))[None, None], (3, B, L))
         elif position_ids.ndim == 2:
             position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
-        cos, sin = self.rotary_emb(position_ids)
-        mask = attention_mask_for(attention_mask, L, offset, cache[0].max_size if cache is not None else None)
+        rope = self.rotary_emb(position_ids)
+        mask = attention_mask_for(attention_mask, L, offset, cache[0].window if cache is not None else None)
         if cache is None:
             cache = [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, cos, sin, mask, c)
+            h = layer(h, rope, mask, c)
         return self.norm(h)

@@ -170,6 +170,7 @@ def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
     cache = model.make_cache(L + n, window=L)
     tok = run.prefill(model, mx.array(ids), mx.array(pos), cache, mx.random.key(0))
     state, key = [c.state for c in cache], mx.random.key(1)
+    del cache
     (mx.enable_compile if compiled else mx.disable_compile)()
     step = run.step(model)
     issue, total = [], []

@@ -148,6 +148,7 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
     key, sub = mx.random.split(as_key(key))
     tok = run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
     state = [c.state for c in cache]
+    del cache  # the steps take the buffers over; a reference kept here would make the first step copy them
     step = run.step(model) if max_new_tokens > 1 else None
     out = []
     finished = np.zeros(B, dtype=bool)

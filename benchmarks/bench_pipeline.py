@@ -3,13 +3,14 @@ MLX's GlmImagePipeline against diffusers' GlmImagePipeline, each side in its own
 
     # CUDA machine: the released config, random bf16 weights built on the GPU, 1024x1024, 50 steps, guidance 1.5
     python benchmarks/bench_pipeline.py --config released --device gpu --bits 0 4
+    python benchmarks/bench_pipeline.py --config released --device gpu --sides mlx --memory staged   # 16-32 GB Macs
     # this CPU: the same run at a reduced width (fp32, 512x512, 8 steps)
     python benchmarks/bench_pipeline.py --config reduced --device cpu
     # the tiny test checkpoint, loaded from disk; --src times other checkouts of this package (before/after)
     python benchmarks/bench_pipeline.py --config tiny --sides mlx --src . /path/to/other/checkout
 
-Prints seconds and peak memory per stage: build (random weights made on the device; for "tiny", loading the
-folder), prior (the AR model generating its whole grid), glyph encoder, denoising, VAE decode. Each side first
+Prints seconds and peak memory per stage: build (random weights made on the device; for "tiny" and for MLX's
+staged memory, writing and first loading the folder), prior (the AR model generating its whole grid), glyph encoder, denoising, VAE decode. Each side first
 runs a warm-up generation (2 steps, at most 512x512) so that kernel compilation and allocator growth are not timed.
 Peak memory: MLX's allocator high-water mark per stage; torch's max_memory_allocated per stage on CUDA, the
 process's max RSS on the CPU. Both sides sample the AR grid with temperature 0.9 and top_p 0.75, and both
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 STAGES = ["prior", "glyph encoder", "denoising", "vae decode"]
+COMPONENT_NAMES = ("transformer", "vae", "text_encoder", "vision_language_encoder")
 PROMPT = 'A vintage poster with the title "GLM-Image" in bold red letters above a lighthouse at dusk'
 IMAGE_START, IMAGE_END = 16384, 16385
 SPECIALS = {"<pad>": 167841, "[gMASK]": 167842, "<|user|>": 167843, "<|assistant|>": 167844, "<sop>": 167845,
@@ -119,36 +121,55 @@ def peak_rss() -> int:
 
 # ---- MLX side ----------------------------------------------------------------------------------------------------
 def mlx_pipeline(args):
+    """The pipeline and the seconds it took to make. Resident: random models built in memory and handed over.
+    Staged: the pipeline frees only the models it loaded itself, so the random weights are written to the
+    folder first (each model alone in memory) and loaded from there, stage by stage, as a user's folder is."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from mlx_glm_image.pipeline import GlmImagePipeline
 
-    if args.config == "tiny":
-        t0 = time.perf_counter()
-        pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.bits or None,
-                                                memory="resident")
-        return pipe, time.perf_counter() - t0
-    from mlx_glm_image import quantize as Q
-    from mlx_glm_image.convert import COMPONENTS
-
-    cfg = configs(args.config)
     t0 = time.perf_counter()
-    models = {}
-    for name in ("transformer", "vae", "text_encoder", "vision_language_encoder"):
-        cls = COMPONENTS[name]
-        model = cls(cls.config_class.from_dict(cfg[name]))
-        # the glyph encoder keeps its checkpoint's float32, as the pipeline loads it
-        model.set_dtype(mx.float32 if name == "text_encoder" else getattr(mx, args.dtype))
-        for _, p in tree_flatten(model.parameters()):
-            mx.eval(p)  # one tensor at a time: the peak stays at the weights
-        if args.bits and cls.quantize_by_default:
-            Q.quantize_model(model, Q.as_spec(args.bits))
-        model.after_load()
-        models[name] = model
+    if args.config == "tiny" or args.memory == "staged":
+        if args.config != "tiny":
+            for name in COMPONENT_NAMES:
+                write_random_component(args, name)
+        pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.bits or None,
+                                                memory=args.memory)
+        return pipe, time.perf_counter() - t0
+    models = {name: random_component(args, name) for name in COMPONENT_NAMES}
     mx.synchronize()
     pipe = GlmImagePipeline(source=args.model, dtype=args.dtype, memory="resident", **models)
     return pipe, time.perf_counter() - t0
+
+
+def random_component(args, name: str, quantize: bool = True):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_glm_image import quantize as Q
+    from mlx_glm_image.convert import COMPONENTS
+
+    cls = COMPONENTS[name]
+    model = cls(cls.config_class.from_dict(configs(args.config)[name]))
+    # the glyph encoder keeps its checkpoint's float32, as the pipeline loads it
+    model.set_dtype(mx.float32 if name == "text_encoder" else getattr(mx, args.dtype))
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)  # one tensor at a time: the peak stays at the weights
+    if quantize and args.bits and cls.quantize_by_default:
+        Q.quantize_model(model, Q.as_spec(args.bits))
+    model.after_load()
+    return model
+
+
+def write_random_component(args, name: str):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    folder = args.model / name
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(configs(args.config)[name]))
+    weights = dict(tree_flatten(random_component(args, name, quantize=False).parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
 
 
 def run_mlx(args) -> dict:
@@ -161,15 +182,17 @@ def run_mlx(args) -> dict:
               temperature=0.9, top_p=0.75, top_k=0)
     if args.warmup:
         pipe(num_inference_steps=2, **warmup_size(kw))
+    loaded = pipe.load_seconds
     t0 = time.perf_counter()
     out = pipe(num_inference_steps=args.steps, **kw)
     total = time.perf_counter() - t0
-    build += pipe.load_seconds  # a folder's components load on first use
     import mlx_glm_image
 
     src = Path(mlx_glm_image.__file__).parents[1]
-    note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", "" if src == ROOT else str(src)) if x)
-    return dict(side="mlx", note=note, device=str(mx.default_device()), build_s=build, total_s=total,
+    note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", args.memory,
+                                "" if src == ROOT else str(src)) if x)
+    return dict(side="mlx", note=note, device=str(mx.default_device()), build_s=build + loaded,
+                load_s=pipe.load_seconds - loaded, total_s=total,
                 stages={k: out.timings.get(k, 0.0) for k in STAGES},
                 peaks={k: out.peak_memory.get(k, 0) for k in STAGES}, peak=max(out.peak_memory.values()),
                 max_rss=peak_rss())
@@ -273,7 +296,7 @@ def run_torch(args) -> dict:
     import diffusers
 
     return dict(side="diffusers", note=f"diffusers {diffusers.__version__}, torch {torch.__version__}",
-                device=str(device), build_s=build, total_s=total, stages={k: timer.stages.get(k, 0.0) for k in STAGES},
+                device=str(device), build_s=build, load_s=0.0, total_s=total, stages={k: timer.stages.get(k, 0.0) for k in STAGES},
                 peaks=peaks, peak=max(peaks.values()), max_rss=peak_rss())
 
 
@@ -281,14 +304,14 @@ def run_torch(args) -> dict:
 def print_table(results, args):
     print(f"\nWhole generation, {args.config} config, {args.dtype}, {args.height}x{args.width}, {args.steps} steps, "
           f"guidance 1.5, {ar_tokens(args.height, args.width)} AR tokens; seconds (peak GB)")
-    head = ["side", "device", "build s"] + STAGES + ["total s", "peak GB", "max RSS GB", "note"]
+    head = ["side", "device", "build s"] + STAGES + ["of which loading", "total s", "peak GB", "max RSS GB", "note"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for r in results:
         stages = [f"{r['stages'][k]:.2f} ({r['peaks'][k] / 1e9:.2f})" if r["peaks"][k] else f"{r['stages'][k]:.2f}"
                   for k in STAGES]
         peak = f"{r['peak'] / 1e9:.2f}" if r["peak"] else "-"
         print(f"| {r['side']} | {r['device']} | {r['build_s']:.1f} | " + " | ".join(stages)
-              + f" | {r['total_s']:.2f} | {peak} | {r['max_rss'] / 1e9:.2f} | {r['note']} |")
+              + f" | {r['load_s']:.2f} | {r['total_s']:.2f} | {peak} | {r['max_rss'] / 1e9:.2f} | {r['note']} |")
     ref = [r for r in results if r["side"] == "diffusers"]
     for r in results:
         if r["side"] == "mlx" and ref:
@@ -303,6 +326,9 @@ def main():
     p.add_argument("--sides", default="mlx,diffusers")
     p.add_argument("--src", type=Path, nargs="+", default=[ROOT], help="checkouts of this package to time, in turn")
     p.add_argument("--bits", type=int, nargs="+", default=[0], help="MLX runs: 0 (unquantized), 4, 8")
+    p.add_argument("--memory", nargs="+", choices=["resident", "staged"], default=["resident"],
+                   help="MLX runs: every model kept (built in memory), or each loaded for its stage and freed "
+                        "after it (random weights written to disk first)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--steps", type=int)
@@ -319,7 +345,7 @@ def main():
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.worker:
         sys.path.insert(0, str(args.src[0]))
-        args.bits = args.bits[0]
+        args.bits, args.memory = args.bits[0], args.memory[0]
         res = (run_mlx if args.worker == "mlx" else run_torch)(args)
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -332,12 +358,14 @@ def main():
             args.model = write_pipeline(Path(tmp) / "tiny-glm-image")
         else:
             args.model = write_skeleton(Path(tmp), configs(args.config))
-        runs = [("mlx", src, bits) for src in args.src for bits in args.bits] if "mlx" in args.sides else []
-        runs += [("diffusers", ROOT, 0)] if "diffusers" in args.sides else []
-        for side, src, bits in runs:
+        runs = [("mlx", src, bits, memory) for src in args.src for bits in args.bits for memory in args.memory]
+        runs = (runs if "mlx" in args.sides else []) + ([("diffusers", ROOT, 0, "resident")]
+                                                         if "diffusers" in args.sides else [])
+        for side, src, bits, memory in runs:
             cmd = [sys.executable, __file__, "--worker", side, "--src", str(src), "--model", str(args.model),
                    "--config", args.config, "--device", args.device, "--height", str(args.height), "--width",
-                   str(args.width), "--steps", str(args.steps), "--dtype", args.dtype, "--bits", str(bits)]
+                   str(args.width), "--steps", str(args.steps), "--dtype", args.dtype, "--bits", str(bits),
+                   "--memory", memory]
             cmd += [] if args.warmup else ["--no-warmup"]
             env = dict(os.environ)
             env.pop("LD_PRELOAD", None)

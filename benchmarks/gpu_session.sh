@@ -56,6 +56,7 @@ elif [ "$phase" = whole-mlx ]; then
   run $py benchmarks/bench_prior.py --config released --device gpu --sides mlx --bits 4 --tokens 512 --bandwidth "$(bandwidth)"
   run $py benchmarks/bench_vae.py --device gpu --sizes 1024,2048 --sides mlx --repeats 1 --json "$out/vae_mlx.json"
   run $py benchmarks/bench_transformer.py --device gpu --config released --sizes 1024 --sides mlx --mlx-variants eval-per-block --iters 3 --json "$out/dit_mlx.json"
+  run $py benchmarks/bench_pipeline.py --config released --device gpu --sides mlx --memory staged --json "$out/pipeline_mlx_staged.json"
 elif [ "$phase" = keep ]; then  # only bring the first half over (the references were timed in this session)
   keep_first_half
 elif [ "$phase" = stash ]; then

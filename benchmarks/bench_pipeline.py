@@ -291,13 +291,14 @@ def run_torch(args) -> dict:
         pipe(num_inference_steps=args.steps, **kw)
         timer.sync()
         total = time.perf_counter() - t0
-    timer.stages["prior"] += timer.stages.pop("between", 0.0)  # the processor's work after generate: diffusers'
+    timer.stages["prior"] += timer.stages.pop("between", 0.0)  # diffusers' bookkeeping after the AR stage
     peaks = {k: timer.peaks.get(k, 0) for k in STAGES}
     import diffusers
 
     return dict(side="diffusers", note=f"diffusers {diffusers.__version__}, torch {torch.__version__}",
-                device=str(device), build_s=build, load_s=0.0, total_s=total, stages={k: timer.stages.get(k, 0.0) for k in STAGES},
-                peaks=peaks, peak=max(peaks.values()), max_rss=peak_rss())
+                device=str(device), build_s=build, load_s=0.0, total_s=total,
+                stages={k: timer.stages.get(k, 0.0) for k in STAGES}, peaks=peaks, peak=max(peaks.values()),
+                max_rss=peak_rss())
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------

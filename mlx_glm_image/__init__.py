@@ -5,7 +5,7 @@ from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageKVC
 from .models import T5EncoderModel
 from .pipeline import GlmImagePipeline, GlmImagePipelineOutput
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutoencoderKL",

@@ -66,8 +66,8 @@ class MRoPE:
     """M-RoPE tables, computed once per forward and shared by all layers, over the whole head: a head's output is
     ``x * cos + x[..., perm] * sin``. ``perm`` swaps the halves of the first ``rotary_dim`` channels and
     ``sin`` carries rotate-half's sign; past ``rotary_dim`` cos is 1 and sin 0, so those channels pass as they
-    are. Two kernels a head (a gather, then one fused elementwise), where slicing, negating and concatenating
-    take five, and the same arithmetic, so the same numbers."""
+    are. Under ``mx.compile`` that is a gather and one fused elementwise kernel, where slices, a negation and
+    concatenations each took their own; the arithmetic is the same, so the numbers are too."""
 
     def __init__(self, config: TextConfig):
         dim = config.rotary_dim

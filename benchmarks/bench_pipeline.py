@@ -74,8 +74,13 @@ def write_skeleton(folder: Path, cfg: dict) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
-    from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
     from transformers.models.glm_image.processing_glm_image import GlmImageProcessor
+
+    try:  # no torchvision needed; older transformers have only the torchvision one
+        from transformers.models.glm_image.image_processing_pil_glm_image import (
+            GlmImageImageProcessorPil as ImageProcessor)
+    except ImportError:
+        from transformers.models.glm_image.image_processing_glm_image import GlmImageImageProcessor as ImageProcessor
 
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True, time_shift_type="linear",
                                     base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
@@ -95,7 +100,7 @@ def write_skeleton(folder: Path, cfg: dict) -> Path:
         tokenizer_object=tok, unk_token="<unk>", pad_token=f"<|dit_token_{IMAGE_END}|>",
         bos_token=f"<|dit_token_{IMAGE_START}|>", eos_token=f"<|dit_token_{IMAGE_END}|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"})
-    image_processor = GlmImageImageProcessorPil(patch_size=16, temporal_patch_size=1, merge_size=1)
+    image_processor = ImageProcessor(patch_size=16, temporal_patch_size=1, merge_size=1)
     GlmImageProcessor(image_processor=image_processor, tokenizer=fast, chat_template=TEMPLATE).save_pretrained(
         folder / "processor")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))

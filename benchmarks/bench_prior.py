@@ -88,7 +88,6 @@ def peak_rss_gb() -> float:
 def run_mlx(args) -> dict:
     sys.path.insert(0, str(args.src[0]))
     import mlx.core as mx
-    import mlx.nn as nn
     import numpy as np
     from mlx.utils import tree_flatten, tree_map_with_path
 
@@ -140,8 +139,7 @@ def run_mlx(args) -> dict:
     src = Path(mlx_glm_image.__file__).parents[1]
     note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", "" if src == ROOT else str(src)) if x)
     res = dict(side="mlx", device=str(mx.default_device()), build_s=build_s, weights_gb=weight_gb, read_gb=read_gb,
-               prefill_s=t1,
-               tokens=n, decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn,
+               prefill_s=t1, tokens=n, decode_tok_s=(n - 1) / max(tn - t1, 1e-9), total_s=tn,
                peak_gb=mx.get_peak_memory() / 1e9, max_rss_gb=peak_rss_gb(), note=note)
     if args.profile:
         res["profile"] = {mode: profile_step(model, ids, grids, compiled=mode == "compiled")

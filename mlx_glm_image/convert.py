@@ -45,6 +45,13 @@ class ConvertError(Exception):
     """A conversion that cannot go on; its message is the one line the user sees."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP) that arrived once the output was complete and in place: it stays."""
+
+    def __init__(self, dst: Path):
+        super().__init__(f"interrupted; the conversion had finished: {dst} is complete")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Source access: local folder or a Hugging Face repo id (only the needed files are fetched).
 
@@ -341,8 +348,11 @@ def convert(
     copied = [root / n for n in COPIED if (root / n).is_dir()]
     check_free_space(dst, sum(p[2] for p in planned) + sum(f.stat().st_size for c in copied for f in c.rglob("*") if f.is_file()))
     summary = write_output(plans, root, names, spec, dst, shard_bytes, verbose)
-    if verbose:
-        print_summary(summary, spec, q_set)
+    try:
+        if verbose:
+            print_summary(summary, spec, q_set)
+    except KeyboardInterrupt:
+        raise Interrupted(dst) from None
     return summary
 
 
@@ -380,15 +390,18 @@ def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, ve
             index["_mlx_glm_image"] = {"converted_components": names, "quantization": spec.as_config() if spec else None}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / PID_FILE).unlink()
-        with signals_held():  # the swap is never cut in half
-            if dst.exists():  # --force: the old folder goes only once the new one is complete
-                old = dst.with_name(f".{dst.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                dst.rename(old)
-                tmp.rename(dst)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(dst)
+        try:
+            with signals_held():  # the swap is never cut in half
+                if dst.exists():  # --force: the old folder goes only once the new one is complete
+                    old = dst.with_name(f".{dst.name}.old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    dst.rename(old)
+                    tmp.rename(dst)
+                    shutil.rmtree(old)
+                else:
+                    tmp.rename(dst)
+        except KeyboardInterrupt:  # held during the swap, met after it: the output is whole
+            raise Interrupted(dst) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -448,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConvertError, L.WeightsError, Q.QuantizeError, OSError) as e:  # OSError: disk full, permissions
         return fail(e)
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(e.args[0] if isinstance(e, Interrupted) else "interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0
 

@@ -41,6 +41,25 @@ def assert_close(actual, expected, tol=1e-4, what="output"):
     return err
 
 
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, refusing attributes of MLX modules: a module keeps dict, list and array attributes as
+    its own items, not in ``__dict__``, and pytest >= 9.2 restores from ``__dict__``, so its undo would delete
+    them. Set and restore those by hand."""
+    import mlx.nn as nn
+
+    real = monkeypatch.setattr
+
+    def setattr(target, *args, **kwargs):
+        if isinstance(target, nn.Module):
+            raise TypeError(f"do not monkeypatch an attribute of the MLX module {type(target).__name__}: set and "
+                            "restore it by hand (see conftest.monkeypatch)")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr = setattr
+    return monkeypatch
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -428,9 +428,15 @@ def test_chat_template_read_where_transformers_reads_it(tiny, tmp_path, place):
 def test_sampling_defaults_from_the_checkpoint(tiny, monkeypatch, config, want):
     seen = {}
     monkeypatch.setattr(prior_tokens, "generate", lambda *a, **k: seen.update(k))
-    monkeypatch.setattr(tiny["model"], "generation_config", config or {})
-    prompt = prior_prompt(tiny["model"], tiny["proc"], ["a cat"], 64, 64)
-    sample_prior_sequences(tiny["model"], prompt)
-    assert {k: seen[k] for k in want} == want and seen["do_sample"] is True
-    sample_prior_sequences(tiny["model"], prompt, temperature=0.3, top_k=5)
-    assert seen["temperature"] == 0.3 and seen["top_k"] == 5
+    model = tiny["model"]
+    # set and restored by hand: an MLX module keeps a dict attribute as its own item, which monkeypatch cannot restore
+    saved = model.generation_config
+    model.generation_config = config or {}
+    try:
+        prompt = prior_prompt(model, tiny["proc"], ["a cat"], 64, 64)
+        sample_prior_sequences(model, prompt)
+        assert {k: seen[k] for k in want} == want and seen["do_sample"] is True
+        sample_prior_sequences(model, prompt, temperature=0.3, top_k=5)
+        assert seen["temperature"] == 0.3 and seen["top_k"] == 5
+    finally:
+        model.generation_config = saved

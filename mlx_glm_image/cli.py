@@ -29,3 +29,32 @@ def fail(error: BaseException) -> int:
         message = " ".join(str(error).split())  # one line, whatever the message held
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = False, fill_defaults: bool = True):
+    """The options of every command that loads a pipeline (mflux's add_*_arguments): -m, -q, --dtype, --memory.
+    Without ``fill_defaults`` each option defaults to None, so that the command knows what the user gave (the
+    CLI: a flag overrides --config-from-metadata); --help shows the defaults either way."""
+    from .loading import DTYPES
+    from .pipeline.components import MEMORY_MODES
+    from .pipeline.pipeline import DEFAULT_REPO
+    from .quantize import BITS
+
+    defaults = model_defaults()
+    parser.set_defaults(**(defaults if fill_defaults else dict.fromkeys(defaults)))
+    parser.add_argument("-m", "--model", required=model_required,
+                        help="pipeline folder (diffusers layout or converted by convert.py) or Hugging Face repo id"
+                             + ("" if model_required else f" (default: {DEFAULT_REPO})"))
+    parser.add_argument("-q", "--quantize", type=int, choices=BITS,
+                        help="quantize the DiT and the AR model at load time (a converted folder is used as it is)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: bfloat16)")
+    parser.add_argument("--memory", choices=list(MEMORY_MODES),
+                        help="staged: load each model for its stage and free it after (peak = the largest stage); "
+                             "resident: keep every model loaded; auto: resident when the weights fit (default: auto)")
+
+
+def model_defaults() -> dict:
+    """What -m, --dtype and --memory are when not given."""
+    from .pipeline.pipeline import DEFAULT_REPO
+
+    return {"model": DEFAULT_REPO, "dtype": "bfloat16", "memory": "auto"}

@@ -11,15 +11,11 @@ source shard plus one output shard, not the model.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
 import signal
-import secrets
 import sys
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,29 +23,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import atomic
 from . import loading as L
 from .cli import Parser, fail, prog_name
 from . import quantize as Q
-from .models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
+from .pipeline.components import COMPONENTS as ALL_COMPONENTS
+from .pipeline.components import MODELS
 
-# Component folders that are copied as they are (no weights to convert).
-COPIED = ("scheduler", "tokenizer", "processor")
+# The models by folder name (each says which of its layers may be quantized and whether -q picks it by default),
+# and the component folders copied as they are (no weights to convert).
+COMPONENTS = MODELS
+COPIED = tuple(c.name for c in ALL_COMPONENTS if c.model is None)
 DEFAULT_SHARD_BYTES = 4 << 30
-PID_FILE = ".converting.pid"
-# The models by folder name; each says which of its layers may be quantized and whether -q picks it by default.
-COMPONENTS = {cls.component: cls for cls in (GlmImageTransformer2DModel, GlmImageForConditionalGeneration,
-                                             T5EncoderModel, AutoencoderKL)}
 
 
 class ConvertError(Exception):
     """A conversion that cannot go on; its message is the one line the user sees."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM/SIGHUP) that arrived once the output was complete and in place: it stays."""
-
-    def __init__(self, dst: Path):
-        super().__init__(f"interrupted; the conversion had finished: {dst} is complete")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,50 +90,9 @@ def check_destination(src: Path, dst: Path):
         raise ConvertError(f"--mlx-path {dst} is the source, inside it or contains it; choose another folder")
 
 
-def partial_path(dst: Path) -> Path:
-    """A free name for the temporary folder beside ``dst``."""
-    return dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-
-
-def make_partial(tmp: Path) -> None:
-    """The temporary folder (mode per the umask), with the owner's pid for stale-folder cleanup."""
-    os.mkdir(tmp)
-    (tmp / PID_FILE).write_text(str(os.getpid()))
-
-
-@contextmanager
-def signals_held():
-    """Defer SIGINT, SIGTERM and SIGHUP to the end of the block, then meet them as before it.
-
-    A signal mask would not do: it holds a signal for this thread only, and another thread of the process (MLX's,
-    tqdm's) may take it, after which Python runs the handler here anyway. Handlers can only be set from the main
-    thread; elsewhere the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
-           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if got:
-            signal.raise_signal(got[0])
-
-
 def remove_stale_partials(dst: Path, verbose: bool) -> None:
     """Folders a killed run left beside ``dst``: removed when their owner process is gone."""
-    for old in dst.parent.glob(f".{glob.escape(dst.name)}.*.partial"):
-        try:
-            pid = int((old / PID_FILE).read_text())
-            os.kill(pid, 0)
-            continue  # another conversion is running there
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(old, ignore_errors=True)
+    for old in atomic.remove_stale(dst):
         if verbose:
             print(f"removed {old}, left by an interrupted conversion", file=sys.stderr)
 
@@ -352,7 +300,7 @@ def convert(
         if verbose:
             print_summary(summary, spec, q_set)
     except KeyboardInterrupt:
-        raise Interrupted(dst) from None
+        raise atomic.InterruptedAfterCommit(dst) from None
     return summary
 
 
@@ -368,14 +316,12 @@ def check_component_names(components, quantize_components, quantize: bool):
 
 
 def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, verbose: bool):
-    """Convert into a temporary folder beside ``dst`` and rename it into place only when complete; an existing
-    ``dst`` (--force) is replaced only then. Any failure or interruption removes the temporary folder."""
+    """Convert into a temporary folder beside ``dst`` and rename it into place only when complete (atomic.py); an
+    existing ``dst`` (--force) is replaced only then. Any failure or interruption removes the temporary folder."""
     from tqdm import tqdm
 
-    tmp, summary = partial_path(dst), []
-    try:
-        with signals_held():  # the folder and its pid file, or nothing
-            make_partial(tmp)
+    summary = []
+    with atomic.replacing(dst, folder=True) as tmp:
         total = sum(f.stat().st_size for p in plans for f in L.safetensors_files(p.folder))
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
             for plan in plans:
@@ -389,22 +335,6 @@ def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, ve
             index = L.read_config(root, "model_index.json")
             index["_mlx_glm_image"] = {"converted_components": names, "quantization": spec.as_config() if spec else None}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        (tmp / PID_FILE).unlink()
-        try:
-            with signals_held():  # the swap is never cut in half
-                if dst.exists():  # --force: the old folder goes only once the new one is complete
-                    old = dst.with_name(f".{dst.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    dst.rename(old)
-                    tmp.rename(dst)
-                    shutil.rmtree(old)
-                else:
-                    tmp.rename(dst)
-        except KeyboardInterrupt:  # held during the swap, met after it: the output is whole
-            raise Interrupted(dst) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -461,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConvertError, L.WeightsError, Q.QuantizeError, OSError) as e:  # OSError: disk full, permissions
         return fail(e)
-    except KeyboardInterrupt as e:
-        print(e.args[0] if isinstance(e, Interrupted) else "interrupted; nothing was written", file=sys.stderr)
+    except atomic.InterruptedAfterCommit as e:
+        print(f"interrupted; the conversion had finished: {e.dst} is complete", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0
 

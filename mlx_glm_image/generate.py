@@ -17,43 +17,31 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .cli import Parser, fail, prog_name
-from .quantize import BITS
+from .cli import Parser, add_model_arguments, fail, model_defaults, prog_name
 
-# What a run reads besides tokenizer/ (optional: ByT5 needs no vocabulary file).
-COMPONENTS = ("transformer", "vae", "text_encoder", "scheduler", "vision_language_encoder", "processor")
-DEFAULTS = dict(model="zai-org/GLM-Image", output="glm-image.png", steps=50, guidance=1.5, num_images=1,
-                dtype="bfloat16", memory="auto", vae_tiling="auto")
+# The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
+RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
+VAE_TILING = {"auto": None, "on": True, "off": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None, so a run knows what the user gave (it overrides --config-from-metadata);
-    DEFAULTS fills the rest."""
+    the defaults fill the rest. The image settings come from the name table (pipeline/request.py)."""
+    from .pipeline.parallel import MODES
+    from .pipeline.request import SETTINGS
+
     prog = prog_name("python -m mlx_glm_image.generate")
     p = Parser(prog=prog, description=__doc__.replace("PROG", prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to draw")
-    what.add_argument("--prompt", help="what to draw; quote the text that must appear in the image")
+    for s in SETTINGS:
+        many = {"image": dict(action="append", metavar="PATH"), "seed": dict(nargs="+", metavar="S")}.get(s.name, {})
+        what.add_argument(s.flag, dest=s.key, type=None if s.type is str else s.type, help=s.help, **many)
     what.add_argument("--prompt-file", metavar="PATH",
                       help="one prompt per line (.txt), or one JSON object per line (.jsonl): \"prompt\" and per-image "
-                           "\"seed\", \"size\" (WxH), \"steps\", \"guidance\", \"image\"")
-    what.add_argument("--image", action="append", metavar="PATH", help="condition image for editing (repeat for several)")
-    size = ("pixels, a multiple of 32, at most the model's largest side (the released model: 512 to 2048, at most "
-            "2^22 pixels in all; default: 1024, or the condition image's)")
-    what.add_argument("--height", type=int, help=size)
-    what.add_argument("--width", type=int, help=size)
-    what.add_argument("--steps", type=int, help=f"denoising steps, 1 to 1000 (default: {DEFAULTS['steps']})")
-    what.add_argument("--guidance", type=float,
-                      help=f"classifier-free guidance scale, >= 0; 1 or less turns it off (default: {DEFAULTS['guidance']})")
-    gen = "(default: the checkpoint's generation_config.json, else GLM-Image's published 0.9 / 0.75 / off)"
-    what.add_argument("--temperature", type=float, help=f"AR sampling temperature, > 0 {gen}")
-    what.add_argument("--top-p", type=float, help=f"AR nucleus sampling, in (0, 1] {gen}")
-    what.add_argument("--top-k", type=int, help=f"AR top-k sampling, >= 0, 0 for off {gen}")
+                           "\"seed\", \"size\" (WxH), \"steps\", \"guidance\", \"image\", \"temperature\", \"top_p\", \"top_k\"")
     seeds = p.add_argument_group("how many")
-    seeds.add_argument("--seed", type=int, nargs="+", metavar="S",
-                       help="one image per seed, each 0 to 2^64 - 1 (default: a random one, printed)")
     seeds.add_argument("--auto-seeds", type=int, metavar="N", help="N images with random seeds")
     seeds.add_argument("--num-images", type=int, metavar="N", help="N images with consecutive seeds from --seed (default: 1)")
     seeds.add_argument("--config-from-metadata", metavar="PATH",
@@ -69,18 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print each image's resolved settings and path, and stop (no model is loaded)")
     out.add_argument("--quiet", action="store_true", default=None, help="no progress bars or stage report")
     model = p.add_argument_group("model")
-    model.add_argument("-m", "--model", help="pipeline folder (diffusers layout or converted by convert.py) or Hugging "
-                                             f"Face repo id (default: {DEFAULTS['model']})")
-    model.add_argument("-q", "--quantize", type=int, choices=BITS,
-                       help="quantize the DiT and the AR model at load time (a converted folder is used as it is)")
-    model.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: bfloat16)")
-    model.add_argument("--memory", choices=["auto", "resident", "staged"],
-                       help="staged: load each model for its stage and free it after (peak = the largest stage); "
-                            "resident: keep every model loaded; auto: resident when the weights fit (default: auto)")
-    model.add_argument("--vae-tiling", choices=["auto", "on", "off"],
+    add_model_arguments(model, fill_defaults=False)
+    model.add_argument("--vae-tiling", choices=list(VAE_TILING),
                        help="decode in overlapping tiles to bound memory (default: auto, above 1024x1024 pixels)")
     par = p.add_argument_group("several processes or Macs (under mlx.launch)")
-    par.add_argument("--parallel", choices=["cfg", "data"],
+    par.add_argument("--parallel", choices=list(MODES),
                      help="cfg: 2 processes, one runs the conditional and one the unconditional DiT passes of every "
                           "step; data: the run's images divided over the processes")
     par.add_argument("--parallel-timeout", type=float,
@@ -89,16 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan(args) -> tuple[dict, list[dict]]:
-    """(the run's settings, one settings dict per image): recorded metadata, then the flags given, then defaults."""
-    from . import runs
+    """(the run's settings, one settings dict per image, by metadata key): recorded metadata, then the flags
+    given, then the defaults."""
+    from . import metadata, runs
+    from .pipeline.request import SETTINGS
 
     given = {k: v for k, v in vars(args).items() if v is not None}
-    recorded = runs.read_metadata(args.config_from_metadata) if args.config_from_metadata else {}
-    run = {**DEFAULTS, **{k: recorded[k] for k in runs.RUN_KEYS if k in recorded}, **given}
+    recorded = metadata.read(args.config_from_metadata) if args.config_from_metadata else {}
+    run = {**model_defaults(), **RUN_DEFAULTS, **{k: recorded[k] for k in metadata.RUN_KEYS if k in recorded}, **given}
     run.setdefault("quantize", None)
-    image = {k: recorded.get(k) for k in runs.IMAGE_KEYS if k not in ("prompt", "seed")}
-    image.update(steps=image["steps"] or DEFAULTS["steps"], guidance=DEFAULTS["guidance"] if image["guidance"] is None else image["guidance"])
-    image.update({k: given[k] for k in ("height", "width", "steps", "guidance", "temperature", "top_p", "top_k", "image") if k in given})
+    image = {s.key: recorded.get(s.key) for s in SETTINGS if s.key not in ("prompt", "seed")}
+    image.update({s.key: given[s.key] for s in SETTINGS if s.key in given and s.key not in ("prompt", "seed")})
     if args.prompt_file:
         entries = runs.read_prompt_file(args.prompt_file)
     elif args.prompt is not None or "prompt" in recorded:
@@ -110,6 +92,13 @@ def plan(args) -> tuple[dict, list[dict]]:
     else:
         seeds = [recorded["seed"]]
     return run, runs.plan_images(entries, seeds, image)
+
+
+def call_arguments(image: dict) -> dict:
+    """One image's settings (by metadata key) as the pipeline's call arguments; unset ones take its defaults."""
+    from .pipeline.request import SETTINGS
+
+    return {s.name: image[s.key] for s in SETTINGS if image.get(s.key) is not None}
 
 
 def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
@@ -129,78 +118,81 @@ def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
         raise ValueError(f"--output: {folder} has {free >> 20} MB free; {len(paths)} image(s) need up to {need >> 20} MB")
 
 
-def prepare(pipe, run: dict, images: list[dict]) -> tuple[list[dict], list]:
-    """Check every image's settings and resolve them (size, sampling) before any weight is read; returns the
-    pipeline requests and the (path, moved-from) outputs."""
+def prepare(pipe, run: dict, images: list[dict]) -> tuple[list, list]:
+    """Every image's request, checked and resolved (size, sampling) before any weight is read, and the
+    (path, moved-from) outputs."""
     from . import runs
-    from .pipeline.checks import check_prompt, check_sampling, check_seed
-    from .pipeline.image_processor import load_image
 
     outputs = runs.output_paths(run["output"], images, bool(run.get("overwrite")))
-    missing = pipe.missing_components(COMPONENTS)  # configs were read, no weights
+    missing = pipe.components.missing()  # configs were read, no weights
     if missing:
         raise ValueError(f"{run['model']} lacks {', '.join(m + '/' for m in missing)}")
-    loaded, requests = {}, []
-    for image in images:
-        check_prompt(image["prompt"])
-        check_sampling(image["steps"], image["guidance"], image["temperature"], image["top_p"], image["top_k"])
-        check_seed(image["seed"])
-        for path in image["image"] or []:
-            loaded.setdefault(path, load_image(path))
-        condition = pipe.prepare_condition_images([[loaded[p] for p in image["image"]]]) if image["image"] else None
-        image["height"], image["width"] = pipe.image_size(condition, image["height"], image["width"])
-        image.update(pipe.sampling_settings(image["temperature"], image["top_p"], image["top_k"]))
-        requests.append(dict(prompt=image["prompt"], image=condition, height=image["height"], width=image["width"],
-                             num_inference_steps=image["steps"], guidance_scale=image["guidance"], generator=image["seed"],
-                             temperature=image["temperature"], top_p=image["top_p"], top_k=image["top_k"]))
-    check_output([p for p, _ in outputs], [(i["height"], i["width"]) for i in images])
+    requests = [pipe.request(**call_arguments(image)) for image in images]
+    check_output([p for p, _ in outputs], [(r.height, r.width) for r in requests])
     return requests, outputs
 
 
 def run(args) -> list[Path]:
-    from . import runs
     from .pipeline import GlmImagePipeline
 
     settings, images = plan(args)
     pipe = GlmImagePipeline.from_pretrained(settings["model"], dtype=settings["dtype"], quantize=settings["quantize"],
                                             memory=settings["memory"], verbose=not settings.get("quiet"),
-                                            vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]],
-                                            parallel=settings.get("parallel"))
-    if pipe.parallel is not None:
+                                            vae_tiling=VAE_TILING[settings["vae_tiling"]], parallel=settings.get("parallel"),
+                                            parallel_timeout=settings.get("parallel_timeout") or 600.0)
+    if pipe.placement.distributed:
         join_the_others(pipe, settings, images, random_seeds=args.seed is None)
     requests, outputs = prepare(pipe, settings, images)
-    if pipe.parallel is not None:
-        pipe.parallel.barrier()  # every process has planned its output paths before any is written
-    loaded = dict(quantization=pipe.quantization(), revision=pipe.revision())
-    records = [runs.metadata(image, settings, loaded) for image in images]
+    pipe.placement.barrier()  # every process has planned its output paths before any is written
     if settings.get("print_config"):
-        for (path, _), record in zip(outputs, records):
-            print(json.dumps({"output": str(path), **record}, ensure_ascii=False))
+        for (path, _), request in zip(outputs, requests):
+            print(json.dumps({"output": str(path), **pipe.record(request)}, ensure_ascii=False))
         return []
     for path, asked in outputs:
         if asked is not None:
             print(f"{asked} exists: writing {path}", file=sys.stderr)
-    try:
-        results, report = pipe.generate_batch(requests, progress=not settings.get("quiet"))
-    except RuntimeError as e:
-        raise RuntimeError(f"rank {pipe.parallel.rank}: {e}" if pipe.parallel is not None else str(e)) from None
-    writes = pipe.parallel is None or pipe.parallel.mode == "data" or pipe.parallel.leader
-    for (path, _), result, record in zip(outputs, results, records):
-        if result is not None and writes:
-            write_image(result.images[0], path, record, png_text=not settings.get("no_metadata"), sidecar=settings.get("metadata"))
-    if pipe.parallel is not None:
-        pipe.parallel.barrier()
+    report = generate(pipe, requests, [p for p, _ in outputs], settings)
+    pipe.placement.barrier()
     if not settings.get("quiet"):
-        print_report(outputs, records, report)
+        print_report(outputs, requests, report)
     return [p for p, _ in outputs]
+
+
+def generate(pipe, requests: list, paths: list[Path], settings: dict):
+    """Consume the run's events: the bars, the stage report, and each image written as soon as it is made."""
+    from . import metadata
+    from .pipeline.report import ProgressBars, StageReport
+
+    report, bars = StageReport(pipe._log), ProgressBars(not settings.get("quiet"))
+    written = 0
+    try:
+        for event in pipe.stream_batch(requests):
+            report.observe(event)
+            bars.observe(event)
+            if event.kind == "image":
+                metadata.write(event.image, paths[event.request], event.metadata,
+                               png_text=not settings.get("no_metadata"), sidecar=bool(settings.get("metadata")))
+                written += 1
+    except RuntimeError as e:
+        rank = pipe.placement
+        raise RuntimeError(f"rank {rank.rank}: {e}" if rank.distributed else str(e)) from None
+    except KeyboardInterrupt:
+        raise Interrupted(written, len(paths)) from None
+    finally:
+        bars.close()
+    return report
+
+
+class Interrupted(KeyboardInterrupt):
+    def __init__(self, written: int, planned: int):
+        super().__init__(f"interrupted; {written} of {planned} image(s) written" if written else "interrupted; no image written")
 
 
 def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool):
     """Under mlx.launch: rank 0 reports, random seeds are rank 0's, and a stopped peer stops this process too."""
     import mlx.core as mx
 
-    group = pipe.parallel
-    group.timeout = settings.get("parallel_timeout") or group.timeout
+    group = pipe.placement
     settings["quiet"] = settings.get("quiet") or not group.leader
     pipe.verbose = not settings["quiet"]
     stop_with_the_others(group)
@@ -210,13 +202,12 @@ def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool
             image["seed"] = seed
 
 
-def print_report(outputs, records, report):
+def print_report(outputs, requests, report):
     import mlx.core as mx
 
-    for i, ((path, _), record) in enumerate(zip(outputs, records)):
-        print(f"image {i + 1}/{len(outputs)}: {path} (seed {record['seed']})", flush=True)
-    total = sum(report.timings.values()) + sum(report.load_seconds.values())
-    print(f"{len(outputs)} image(s) in {total:.1f} s, peak memory {max(report.peaks.values()) / 1e9:.2f} GB "
+    for i, ((path, _), request) in enumerate(zip(outputs, requests)):
+        print(f"image {i + 1}/{len(outputs)}: {path} (seed {request.seed})", flush=True)
+    print(f"{len(outputs)} image(s) in {report.total_seconds:.1f} s, peak memory {report.peak_memory / 1e9:.2f} GB "
           f"(MLX {mx.__version__}, {mx.default_device()})")
 
 
@@ -231,44 +222,6 @@ def stop_with_the_others(group):
     signal.signal(signal.SIGTERM, stop)
 
 
-def png_info(record: dict):
-    from PIL.PngImagePlugin import PngInfo
-
-    from . import __version__, runs
-
-    info = PngInfo()
-    info.add_text("prompt", record["prompt"])
-    info.add_text("parameters", f"model={record['model']}, size={record['width']}x{record['height']}, steps={record['steps']}, "
-                                f"guidance={record['guidance']}, seed={record['seed']}")
-    info.add_text(runs.METADATA_CHUNK, json.dumps(record, ensure_ascii=False))
-    info.add_text("Software", f"mlx-glm-image {__version__}")
-    return info
-
-
-def write_image(image, path: Path, record: dict, png_text: bool, sidecar: bool):
-    save_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=png_info(record) if png_text else None))
-    if sidecar:
-        data = json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8")
-        save_atomically(path.with_suffix(".json"), lambda f: Path(f).write_bytes(data))
-
-
-def save_atomically(path: Path, write):
-    """Write next to the target and rename, so that an interrupted run never leaves half a file; the file's
-    mode follows the umask (a temporary file is created 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .loading import WeightsError
@@ -277,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (ValueError, WeightsError, RuntimeError, OSError) as e:  # OSError: disk full, permissions
         return fail(e)
-    except KeyboardInterrupt:
-        print("interrupted; no image written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(e.args[0] if isinstance(e, Interrupted) else "interrupted; no image written", file=sys.stderr)
         return 130
     return 0
 

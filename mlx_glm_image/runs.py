@@ -1,24 +1,21 @@
-"""Many images in one run, reproducibly: what each image is (prompt, seed, size, ...), where it goes, and the
-metadata that regenerates it. Used by the CLI; nothing here loads a model.
+"""Many images in one run, reproducibly: what each image is (prompt, seed, size, ...) and where it goes. Used by
+the CLI; nothing here loads a model.
 
-An image's settings are one dict with the keys of ``IMAGE_KEYS``; a run's are ``RUN_KEYS``. Both go into each
-image's metadata, so that ``--config-from-metadata`` can start from them.
+An image's settings are one dict keyed by the name table's metadata keys (pipeline/request.py: prompt, seed,
+height, width, steps, guidance, ...): the keys of prompt files and of the metadata (metadata.py) alike.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import random
 import re
 import string
 from pathlib import Path
 
-IMAGE_KEYS = ("prompt", "seed", "height", "width", "steps", "guidance", "temperature", "top_p", "top_k", "image")
-RUN_KEYS = ("model", "quantize", "dtype")
+from .pipeline.request import BY_KEY
+
 TEMPLATE_FIELDS = {"seed", "index", "prompt"}
-METADATA_CHUNK = "glm-image"  # the PNG text chunk that holds the JSON metadata
 
 
 def read_prompt_file(path: str) -> list[dict]:
@@ -39,10 +36,10 @@ def read_prompt_file(path: str) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"--prompt-file {path} line {n} is not JSON: {e.msg}") from None
-        unknown = sorted(set(entry) - set(IMAGE_KEYS) - {"size"}) if isinstance(entry, dict) else None
+        unknown = sorted(set(entry) - set(BY_KEY) - {"size"}) if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or "prompt" not in entry or unknown:
             raise ValueError(f"--prompt-file {path} line {n}: an object with \"prompt\" and any of "
-                             f"{', '.join(k for k in IMAGE_KEYS if k != 'prompt')}, size" + (f"; not {unknown}" if unknown else ""))
+                             f"{', '.join(k for k in BY_KEY if k != 'prompt')}, size" + (f"; not {unknown}" if unknown else ""))
         if "size" in entry:  # "WxH"
             w, _, h = str(entry.pop("size")).partition("x")
             if not (w.isdigit() and h.isdigit()):
@@ -112,50 +109,3 @@ def output_paths(template: str, images: list[dict], overwrite: bool) -> list[tup
         taken.add(path)
         out.append((path, asked if path != asked else None))
     return out
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def metadata(image: dict, run: dict, loaded: dict) -> dict:
-    """Everything that changes an image's pixels, and what made it (``loaded``: the pipeline's facts)."""
-    import mlx.core as mx
-
-    from . import __version__
-
-    out = {k: image[k] for k in IMAGE_KEYS if k != "image"}
-    out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": file_sha256(p)} for p in image.get("image") or []]
-    out.update({k: run[k] for k in RUN_KEYS})
-    out.update(loaded)
-    out["versions"] = {"mlx-glm-image": __version__, "mlx": mx.__version__}
-    out["device"] = f"{mx.default_device()} ({platform.machine()}, {platform.system()})"
-    return out
-
-
-def read_metadata(path: str) -> dict:
-    """The settings recorded in a PNG (its text chunk) or in a JSON sidecar."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"--config-from-metadata {path} does not exist")
-    try:
-        if p.suffix.lower() == ".png":
-            from PIL import Image
-
-            with Image.open(p) as im:
-                text = im.text.get(METADATA_CHUNK)
-            if text is None:
-                raise ValueError(f"--config-from-metadata {path} has no mlx-glm-image metadata")
-            data = json.loads(text)
-        else:
-            data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config-from-metadata {path} cannot be read: {e}") from None
-    if not isinstance(data, dict) or "prompt" not in data:
-        raise ValueError(f"--config-from-metadata {path} is not mlx-glm-image metadata")
-    data["image"] = [i["path"] if isinstance(i, dict) else i for i in data.get("image") or []] or None
-    return {k: data[k] for k in (*IMAGE_KEYS, *RUN_KEYS) if k in data}

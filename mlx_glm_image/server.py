@@ -23,8 +23,7 @@ import sys
 import threading
 import time
 
-from .cli import Parser, fail, prog_name
-from .quantize import BITS
+from .cli import Parser, add_model_arguments, fail, prog_name
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_IMAGES = 10  # per request, as OpenAI's API allows
@@ -47,7 +46,8 @@ class ApiError(Exception):
 
 class Worker:
     """Runs generations one at a time on a daemon thread (so that a shutdown never waits on the device past its
-    grace period); at most ``max_queue`` requests are waiting or running."""
+    grace period); at most ``max_queue`` requests are waiting or running. A generation is the pipeline's event
+    stream, consumed here: a request whose client went away is closed at the next token or step."""
 
     def __init__(self, pipe, max_queue: int):
         self.pipe, self.max_queue, self.pending = pipe, max_queue, 0
@@ -60,9 +60,23 @@ class Worker:
             if cancelled.is_set() or not future.set_running_or_notify_cancel():
                 continue  # its client went away while it waited: the slot is free, no work is done
             try:
-                future.set_result(self.pipe.generate_batch(requests)[0])
+                future.set_result(self._generate(requests, cancelled))
             except BaseException as e:  # noqa: BLE001 - handed to the request that asked
                 future.set_exception(e)
+
+    def _generate(self, requests: list, cancelled: threading.Event) -> list:
+        """The images of ``requests`` (one each), or None when the client left before they were done."""
+        images = [None] * len(requests)
+        events = self.pipe.stream_batch(requests)
+        try:
+            for event in events:
+                if cancelled.is_set():
+                    return None
+                if event.kind == "image":
+                    images[event.request] = event.image
+        finally:
+            events.close()  # a cancelled run stops here and frees what it loaded
+        return images
 
     async def run(self, request, requests: list):
         if self.pending >= self.max_queue:
@@ -94,8 +108,11 @@ def parse_size(size) -> tuple[int | None, int | None]:
     return int(h), int(w)
 
 
-def image_requests(pipe, body: dict, images=None) -> tuple[list[dict], list[int], str]:
-    """The pipeline calls for one API request, checked now (before it waits in the queue), and their seeds."""
+def image_requests(pipe, body: dict, images=None) -> tuple[list, str]:
+    """The pipeline requests for one API request (``n`` of them, seeds seed, seed + 1, ...), checked now, before
+    it waits in the queue. Body fields are the name table's (pipeline/request.py); a form sends them as text."""
+    from .pipeline.request import SETTINGS
+
     prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format") or "png"
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "prompt is required (a non-empty string)", "prompt")
@@ -104,20 +121,24 @@ def image_requests(pipe, body: dict, images=None) -> tuple[list[dict], list[int]
         raise ApiError(400, f"n must be from 1 to {MAX_IMAGES}, got {n}", "n")
     if body.get("response_format", "b64_json") not in (None, "b64_json"):
         raise ApiError(400, "response_format 'url' is not served: this server returns b64_json only", "response_format")
-    if fmt not in OUTPUT_FORMATS:
+    if not isinstance(fmt, str) or fmt not in OUTPUT_FORMATS:
         raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}", "output_format")
     height, width = parse_size(body.get("size"))
-    seed = body.get("seed")
-    seed = random.randrange(2**31) if seed is None else _int(seed, "seed")
-    settings = {k: body[k] for k in ("num_inference_steps", "guidance_scale", "temperature", "top_p", "top_k")
-                if body.get(k) is not None}
-    calls = [dict(prompt=prompt, image=images, height=height, width=width, generator=seed + i, **settings) for i in range(n)]
+    call = dict(prompt=prompt, image=images, height=height, width=width)
+    for s in SETTINGS:
+        if s.body and s.name != "prompt" and body.get(s.body) is not None:
+            try:
+                call[s.name] = s.coerce(body[s.body])
+                if s.check is not None:
+                    s.check(call[s.name])
+            except ValueError as e:
+                raise ApiError(400, str(e), s.body) from None
+    seed = call.pop("seed", None)
+    seed = random.randrange(2**31) if seed is None else seed
     try:
-        for call in calls:
-            pipe.check_call(**call)
+        return [pipe.request(**call, seed=seed + i) for i in range(n)], fmt
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    return calls, [seed + i for i in range(n)], fmt
 
 
 def _int(value, param: str) -> int:
@@ -136,11 +157,11 @@ def encode_image(image, fmt: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def images_response(outputs, calls, seeds, fmt: str) -> dict:
-    first = outputs[0].images[0]
+def images_response(images, requests, fmt: str) -> dict:
+    first = images[0]
     return {"created": int(time.time()), "output_format": fmt, "size": f"{first.width}x{first.height}",
-            "data": [{"b64_json": encode_image(out.images[0], fmt), "revised_prompt": call["prompt"], "seed": seed}
-                     for out, call, seed in zip(outputs, calls, seeds)]}
+            "data": [{"b64_json": encode_image(image, fmt), "revised_prompt": request.prompt[0], "seed": request.seed}
+                     for image, request in zip(images, requests)]}
 
 
 async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
@@ -164,15 +185,6 @@ async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
             images.append(load_image(io.BytesIO(data), name=upload.filename or "upload"))
         except ValueError as e:
             raise ApiError(400, str(e), "image") from None
-    for key in ("n", "seed", "num_inference_steps", "top_k"):
-        if key in fields:
-            fields[key] = _int(fields[key], key)
-    for key in ("guidance_scale", "temperature", "top_p"):
-        if key in fields:
-            try:
-                fields[key] = float(fields[key])
-            except ValueError:
-                raise ApiError(400, f"{key} must be a number, got {fields[key]!r}", key) from None
     return fields, images
 
 
@@ -217,21 +229,21 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
             raise ApiError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        calls, seeds, fmt = image_requests(pipe, body)
-        return images_response(await _generate(worker, request, calls), calls, seeds, fmt)
+        requests, fmt = image_requests(pipe, body)
+        return images_response(await _generate(worker, request, requests), requests, fmt)
 
     @app.post("/v1/images/edits", **v1)
     async def edits(request: Request):
         fields, images = await read_uploads(request, max_upload_mb << 20)
-        calls, seeds, fmt = image_requests(pipe, fields, images)
-        return images_response(await _generate(worker, request, calls), calls, seeds, fmt)
+        requests, fmt = image_requests(pipe, fields, images)
+        return images_response(await _generate(worker, request, requests), requests, fmt)
 
     return app
 
 
-async def _generate(worker: Worker, request, calls):
+async def _generate(worker: Worker, request, requests):
     try:
-        return await worker.run(request, calls)
+        return await worker.run(request, requests)
     except (ValueError, RuntimeError) as e:  # checks the pipeline makes late, non-finite outputs
         raise ApiError(400 if isinstance(e, ValueError) else 500, " ".join(str(e).split())) from None
 
@@ -246,15 +258,11 @@ def build_parser():
     prog = prog_name("python -m mlx_glm_image.server")
     p = Parser(prog=prog, description=__doc__.replace("python -m mlx_glm_image.server", prog),
                formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, help="pipeline folder (diffusers layout or converted) or Hugging Face repo id")
+    add_model_arguments(p, model_required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (needed for a non-loopback --host)")
     p.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without an API key")
-    p.add_argument("-q", "--quantize", type=int, choices=BITS, help="quantize the DiT and the AR model at load time")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: %(default)s)")
-    p.add_argument("--memory", default="auto", choices=["auto", "resident", "staged"],
-                   help="keep the models loaded between requests (resident) or per stage (staged); default: auto")
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running before 429 (default: %(default)s)")
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest image upload for edits (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0,

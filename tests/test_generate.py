@@ -140,7 +140,7 @@ def test_bad_output_place_fails_before_any_model_loads(model_dir, tmp_path):
 def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from mlx_glm_image import generate
+    from mlx_glm_image import generate, metadata
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
     assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
@@ -150,7 +150,7 @@ def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "a.png"))
 
-    monkeypatch.setattr(generate, "write_image", disk_full)
+    monkeypatch.setattr(metadata, "write", disk_full)
     assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: No space left on device: {tmp_path / 'a.png'}"]
@@ -209,7 +209,7 @@ def test_nan_weights_stop_at_the_stage_without_a_png(model_dir, tmp_path):
         tensors = load_file(shard)
         save_file({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in tensors.items()}, shard)
     proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
-    assert_one_line(proc, "the denoising stage produced non-finite latents")
+    assert_one_line(proc, "the denoise stage produced non-finite latents")
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
 
 

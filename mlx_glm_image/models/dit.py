@@ -4,8 +4,11 @@ Parameter names equal diffusers', so a diffusers ``transformer/`` folder loads w
 Inside, tokens are (B, S, D) and attention runs on (B, H, S, Dh); the public call takes and returns NCHW
 latents like diffusers. Text (glyph) tokens come first in the joint sequence and get no rotary embedding.
 
-The forward never evaluates: without a ``step_hook`` it builds one lazy graph (and runs under ``mx.compile``);
-the denoising loop passes a hook that decides when each step is evaluated.
+The forward is three public, pure pieces: ``embed`` (the joint token sequence and what every block reads),
+``block(i, ...)`` (one transformer block, callable on its own) and ``head`` (back to NCHW latents); ``__call__`` is
+their composition. Nothing evaluates: without a ``step_hook`` a forward is one lazy graph (and runs under
+``mx.compile``); the denoising loop passes a hook that decides when each step is evaluated, and may run the
+blocks itself (a step cache skips some).
 """
 
 from __future__ import annotations
@@ -220,19 +223,21 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = [nn.Linear(inner, dim)]
 
-    def __call__(self, x, cos, sin, mask=None, kv_cache: "GlmImageLayerKVCache | None" = None):
+    def __call__(self, x, cos, sin, mask=None, kv_cache: "GlmImageLayerKVCache | None" = None,
+                 kv_cache_mode: str | None = None):
         """x: (B, S, D) text then image tokens; cos/sin: (S, 1, 2, Dh/2) as _qk_norm_rope takes them, with
-        identity rows for the text."""
+        identity rows for the text. ``kv_cache_mode`` ("write", "read", "skip") overrides the cache's own mode."""
         b, s, _ = x.shape
         q = _qk_norm_rope(self.to_q(x).reshape(b, s, self.heads, -1), cos, sin)
         k = _qk_norm_rope(self.to_k(x).reshape(b, s, self.heads, -1), cos, sin)
         v = self.to_v(x).reshape(b, s, self.heads, -1)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, S, Dh)
 
+        mode = kv_cache_mode or (kv_cache.mode if kv_cache is not None else None)
         if kv_cache is not None:
-            if kv_cache.mode == "write":
+            if mode == "write":
                 kv_cache.store(k, v)
-            elif kv_cache.mode == "read":
+            elif mode == "read":
                 k, v = kv_cache.get(k, v)
                 if mask is not None:  # cached condition keys count as real tokens
                     extra = mx.broadcast_to(mask[..., -1:], (*mask.shape[:-1], k.shape[2] - s))
@@ -250,12 +255,12 @@ class GlmImageTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
         self.ff = FeedForward(dim, dim, activation_fn="gelu-approximate")
 
-    def __call__(self, x, is_text, temb, cos, sin, mask=None, kv_cache=None):
-        for step in self.steps(is_text, temb, cos, sin, mask, kv_cache):
+    def __call__(self, x, is_text, temb, cos, sin, mask=None, kv_cache=None, kv_cache_mode=None):
+        for step in self.steps(is_text, temb, cos, sin, mask, kv_cache, kv_cache_mode):
             x = step(x)
         return x
 
-    def steps(self, is_text, temb, cos, sin, mask=None, kv_cache=None):
+    def steps(self, is_text, temb, cos, sin, mask=None, kv_cache=None, kv_cache_mode=None):
         """The block as its two residual steps, attention then feed-forward, each a function of x: the model
         evaluates them one at a time to bound memory.
 
@@ -268,7 +273,8 @@ class GlmImageTransformerBlock(nn.Module):
         ) = self.norm1(temb)  # fmt: skip
 
         def attention(x):
-            attn = self.attn1(_modulate_joint(x, is_text, shift_msa, c_shift_msa, scale_msa, c_scale_msa), cos, sin, mask, kv_cache)
+            attn = self.attn1(_modulate_joint(x, is_text, shift_msa, c_shift_msa, scale_msa, c_scale_msa), cos, sin, mask,
+                              kv_cache, kv_cache_mode)
             return _gated_add_joint(x, attn, is_text, gate_msa, c_gate_msa)
 
         def feed_forward(x):
@@ -350,8 +356,9 @@ class GlmImageLayerKVCache:
 
 
 class GlmImageKVCache:
-    """All layers' caches. set_mode("write") for the condition pass, "read" for the conditional
-    denoising pass, "skip" for the unconditional one; next_sample() after each sample's condition images."""
+    """All layers' caches. The mode is "write" for the condition pass, "read" for the conditional denoising
+    pass, "skip" for the unconditional one: given per call (the forward's ``kv_cache_mode``, as the pipeline
+    does), or set on the cache with diffusers' ``set_mode``. next_sample() after each sample's condition images."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -453,6 +460,7 @@ class GlmImageTransformer2DModel(PretrainedModel):
         kv_caches: GlmImageKVCache | None = None,
         return_dict: bool = True,
         step_hook: Callable[[mx.array], mx.array] | None = None,
+        kv_cache_mode: str | None = None,
     ):
         """Velocity for latents ``hidden_states`` (B, C, H, W): (B, C, H, W) in the model's dtype, as
         ``Transformer2DModelOutput(sample=...)`` or, with ``return_dict=False``, the tuple ``(sample,)``.
@@ -460,31 +468,24 @@ class GlmImageTransformer2DModel(PretrainedModel):
         encoder_hidden_states: (B, L, text_embed_dim) glyph embeddings (L may be 0); prior_token_id: (B, N), (N,)
         or (1,) ids on the token grid; prior_token_drop: bool, same shape (True zeroes that prior embedding
         before the projector) or per sample; timestep: (B,) or scalar; target_size, crop_coords: (B, 2);
-        attention_mask: (B, L) with 1 for real text tokens. ``step_hook(x) -> x`` is called on the joint
-        token sequence after each of a block's two steps (attention, feed-forward): the caller's place to
-        evaluate. The forward itself evaluates nothing.
+        attention_mask: (B, L) with 1 for real text tokens. ``kv_cache_mode`` ("write", "read", "skip") is the
+        mode of ``kv_caches`` for this call (default: the cache's own, diffusers' ``set_mode``). ``step_hook(x) ->
+        x`` is called on the joint token sequence after each of a block's two steps (attention, feed-forward): the
+        caller's place to evaluate. The forward itself evaluates nothing: it is ``head(block(... block(embed(...))))``.
         """
-        c = self.config
-        x, text_len, temb, cos, sin, is_text, mask = self._embed(
-            hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
-            crop_coords, attention_mask,
-        )
-        for i, block in enumerate(self.transformer_blocks):
-            cache = kv_caches[i] if kv_caches is not None else None
-            for step in block.steps(is_text, temb, cos, sin, mask, cache):
-                x = step(x)
-                if step_hook is not None:
-                    x = step_hook(x)
-        x = self.proj_out(self.norm_out(x[:, text_len:], temb))  # (B, N, p*p*C_out)
-        b, _, h, w = hidden_states.shape
-        p = c.patch_size
-        gh, gw = h // p, w // p
-        x = x.reshape(b, gh, gw, -1, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(b, -1, gh * p, gw * p)
-        return Transformer2DModelOutput(sample=x) if return_dict else (x,)
+        if kv_cache_mode is not None and kv_cache_mode not in CACHE_MODES:
+            raise ValueError(f"Invalid mode: {kv_cache_mode}, must be one of 'write', 'read', 'skip'")
+        x, context = self.embed(hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep,
+                                target_size, crop_coords, attention_mask)
+        for i in range(len(self.transformer_blocks)):
+            x = self.block(i, x, context, kv_caches[i] if kv_caches is not None else None, kv_cache_mode, step_hook)
+        sample = self.head(x, context)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
-    def _embed(self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
-               crop_coords, attention_mask):
-        """The joint token sequence (text then image tokens) and what every block reads."""
+    def embed(self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
+              crop_coords, attention_mask=None) -> tuple[mx.array, "DitContext"]:
+        """The joint token sequence (B, L + N, D), text then image tokens, and what every block and the head read.
+        Takes ``__call__``'s inputs."""
         dtype = self.dtype
         hidden_states = _as_array(hidden_states, dtype)
         encoder_hidden_states = _as_array(encoder_hidden_states, dtype)
@@ -520,7 +521,28 @@ class GlmImageTransformer2DModel(PretrainedModel):
             # scores of pairs of real tokens instead of hiding padding. Matched as is (see README).
             valid = mx.concatenate([(attention_mask > 0).astype(dtype), mx.ones((b, x.shape[1]), dtype)], axis=1)
             mask = valid[:, None, :, None] * valid[:, None, None, :]  # (B, 1, S, S)
-        return mx.concatenate([text, x], axis=1), text_len, temb, cos, sin, is_text, mask
+        context = DitContext(text_len=text_len, temb=temb, cos=cos, sin=sin, is_text=is_text, mask=mask,
+                             grid=(h // c.patch_size, w // c.patch_size))
+        return mx.concatenate([text, x], axis=1), context
+
+    def block(self, index: int, x: mx.array, context: "DitContext", kv_cache: "GlmImageLayerKVCache | None" = None,
+              kv_cache_mode: str | None = None, step_hook: Callable[[mx.array], mx.array] | None = None) -> mx.array:
+        """Transformer block ``index`` on the joint sequence ``x``; ``step_hook`` sees x after its attention and
+        after its feed-forward step."""
+        c = context
+        for step in self.transformer_blocks[index].steps(c.is_text, c.temb, c.cos, c.sin, c.mask, kv_cache, kv_cache_mode):
+            x = step(x)
+            if step_hook is not None:
+                x = step_hook(x)
+        return x
+
+    def head(self, x: mx.array, context: "DitContext") -> mx.array:
+        """The image tokens of the joint sequence -> (B, out_channels, H, W) latents, as diffusers unpatchifies."""
+        x = self.proj_out(self.norm_out(x[:, context.text_len:], context.temb))  # (B, N, p*p*C_out)
+        b = x.shape[0]
+        p = self.config.patch_size
+        gh, gw = context.grid
+        return x.reshape(b, gh, gw, -1, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(b, -1, gh * p, gw * p)
 
     def _rope(self, text_len: int, gh: int, gw: int):
         """cos/sin for the joint sequence as _qk_norm_rope takes them: text tokens get the identity rotation
@@ -531,6 +553,19 @@ class GlmImageTransformer2DModel(PretrainedModel):
         cos = mx.concatenate([mx.ones((text_len, cos.shape[1])), cos]).reshape(-1, 1, 2, half)
         sin = mx.concatenate([mx.zeros((text_len, sin.shape[1])), sin]).reshape(-1, 1, 2, half)
         return cos, sin * mx.array([-1.0, 1.0])[:, None]  # rotate-half: the first half takes -x2 * sin
+
+
+@dataclass(frozen=True)
+class DitContext:
+    """What every block and the head of one forward read besides the token sequence (made by ``embed``)."""
+
+    text_len: int  # glyph tokens at the front of the joint sequence
+    temb: mx.array  # (B, time_embed_dim) timestep and size conditioning
+    cos: mx.array  # rotary tables of the joint sequence, identity for the text
+    sin: mx.array
+    is_text: mx.array  # (L + N, 1) bool
+    mask: mx.array | None  # (B, 1, S, S), only with an attention_mask
+    grid: tuple[int, int]  # the image's token grid (latent height / patch, latent width / patch)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Checks of what a user asks for, shared by the Python API, the CLI and any other front end: one message each,
-before any model runs."""
+"""Checks of what a user asks for, one function per setting: each raises ValueError with the one line the user
+sees (the CLI prints it, the server answers it as a 400). The name table (request.SETTINGS) says which check a
+setting has; nothing here loads a model."""
 
 from __future__ import annotations
 
@@ -10,45 +11,71 @@ MAX_STEPS = 1000
 SEED_LIMIT = 2**64
 
 
-def check_sampling(num_inference_steps=None, guidance_scale=None, temperature=None, top_p=None, top_k=None):
-    """Denoising steps 1..1000, guidance finite >= 0, temperature finite > 0, top-p in (0, 1], top-k >= 0."""
-    if num_inference_steps is not None and not (_is_int(num_inference_steps) and 1 <= num_inference_steps <= MAX_STEPS):
-        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps}")
-    if guidance_scale is not None and not (_is_number(guidance_scale) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0, got {guidance_scale}")
-    if temperature is not None and not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
-    if top_k is not None and not (_is_int(top_k) and top_k >= 0):
-        raise ValueError(f"top-k must be an integer >= 0 (0: off), got {top_k}")
+def shown(value) -> str:
+    """A value as a message shows it: a string quoted, so that "7" is not mistaken for 7."""
+    return repr(value) if isinstance(value, str) else str(value)
 
 
-def check_seed(seed):
-    if seed is not None and not (_is_int(seed) and 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed}")
+def check_steps(value):
+    if not (is_int(value) and 1 <= value <= MAX_STEPS):
+        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {shown(value)}")
+
+
+def check_guidance(value):
+    if not (is_number(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {shown(value)}")
+
+
+def check_temperature(value):
+    if not (is_number(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {shown(value)}")
+
+
+def check_top_p(value):
+    if not (is_number(value) and 0 < value <= 1):
+        raise ValueError(f"top-p must be in (0, 1], got {shown(value)}")
+
+
+def check_top_k(value):
+    if not (is_int(value) and value >= 0):
+        raise ValueError(f"top-k must be an integer >= 0 (0: off), got {shown(value)}")
+
+
+def check_seed(value):
+    if not (is_int(value) and 0 <= value < SEED_LIMIT):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {shown(value)}")
+
+
+def check_side(value):
+    """One side alone is an integer (its range and multiple are checked with both sides, by check_size)."""
+    if not is_int(value):
+        raise ValueError(f"height and width must be integers, got {shown(value)}")
 
 
 def check_size(height: int, width: int, multiple: int, max_side: int | None = None):
     """Positive multiples of ``multiple``; at most ``max_side`` pixels per side (so max_side**2 in all)."""
-    if not (_is_int(height) and _is_int(width)) or height <= 0 or width <= 0 or height % multiple or width % multiple:
+    if not (is_int(height) and is_int(width)) or height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
     if max_side is not None and max(height, width) > max_side:
         raise ValueError(f"height and width must be at most {max_side} pixels each ({max_side * max_side} pixels in "
                          f"all) for this model, got {height}x{width}")
 
 
-def check_prompt(prompt):
-    for p in [prompt] if isinstance(prompt, str) else prompt or []:
+def check_prompt(value):
+    """A string, or a list of strings, each valid UTF-8 text."""
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"the prompt must be text, got {type(value).__name__}")
+    for p in prompts:
         try:
             p.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("the prompt is not valid UTF-8 text") from None
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)

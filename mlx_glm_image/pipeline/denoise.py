@@ -1,21 +1,26 @@
-"""The denoising stage: initial latents, the condition images' KV cache, and the step loop with CFG.
+"""The denoising stage: initial latents, the condition images' KV cache, and the ``Stepper``: the loop over the
+scheduler's steps, each step one DiT pass per ``Pass`` (conditional, unconditional) and classifier-free guidance.
 
-The loop owns evaluation. Each DiT forward gets a step hook that schedules every block step (attention, then
-feed-forward) with ``mx.async_eval`` and waits for the one ``STEPS_IN_FLIGHT - 1`` steps back: memory stays
-bounded to a few steps' activations while the device never waits for the host to encode the next step
-(README, "Speed and memory"). The condition pass that writes the KV cache gets no hook: it stays lazy and
-is computed by the first step that reads it, once.
+The loop owns evaluation. Each pass runs the DiT's pieces (``embed``, ``block`` by block, ``head``) with a step
+hook that schedules every block step (attention, then feed-forward) with ``mx.async_eval`` and waits for the one
+``STEPS_IN_FLIGHT - 1`` steps back: memory stays bounded to a few steps' activations while the device never waits
+for the host to encode the next step (benchmarks/README.md). The condition pass that writes the KV cache gets no
+hook: it stays lazy and is computed by the first step that reads it, once.
+
+Each pass keeps its own state across steps (``Pass.state``), and which blocks a pass computes at a step is the
+``blocks`` policy's choice (``every_block``: all of them), so a step cache is one policy, in one module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from ..models.dit import GlmImageKVCache, GlmImageTransformer2DModel
+from .parallel import Single
 
 STEPS_IN_FLIGHT = 2
 
@@ -58,7 +63,6 @@ def write_condition_cache(transformer: GlmImageTransformer2DModel, conditions: l
     dtype = transformer.dtype
     text_dim = transformer.config.text_embed_dim
     kv_caches = GlmImageKVCache(transformer.config.num_layers)
-    kv_caches.set_mode("write")
     for sample, images in enumerate(conditions):
         ids = mx.array(prior_token_image_ids[sample]).astype(mx.int32).reshape(-1)
         sizes = [int(np.prod(g)) for g in np.asarray(source_image_grid_thw[sample]).reshape(-1, 3)]
@@ -66,14 +70,14 @@ def write_condition_cache(transformer: GlmImageTransformer2DModel, conditions: l
         for i, (z, pixels_hw) in enumerate(images):
             transformer(z.astype(dtype), mx.zeros((1, 0, text_dim), dtype), ids[int(starts[i]) : int(starts[i + 1])],
                         mx.zeros((sizes[i],), dtype=mx.bool_), mx.zeros((1,)), mx.array([pixels_hw], dtype=mx.float32),
-                        mx.zeros((1, 2)), kv_caches=kv_caches, return_dict=False)
+                        mx.zeros((1, 2)), kv_caches=kv_caches, kv_cache_mode="write", return_dict=False)
         kv_caches.next_sample()
     return kv_caches
 
 
 @dataclass
 class DenoiseInputs:
-    """What every step's two DiT passes read besides the latents (batch = images in the run)."""
+    """What every step's DiT passes read besides the latents (batch = images in the request)."""
 
     prompt_embeds: mx.array
     negative_prompt_embeds: mx.array | None  # None: no guidance
@@ -83,58 +87,77 @@ class DenoiseInputs:
     guidance_scale: float = 1.5
 
 
-def velocity(transformer, x, t, inputs: DenoiseInputs, kv_caches: GlmImageKVCache | None, in_flight: int,
-             split=None) -> mx.array:
-    """The guided velocity of one step: conditional pass (reading the condition cache), then unconditional
-    (prior embeddings dropped, the cache skipped). With ``split`` (parallel.Parallel, mode cfg), rank 0 runs the
-    first and rank 1 the second, and they exchange their halves."""
-    cond = dict(hidden_states=x, prior_token_id=inputs.prior_token_ids, timestep=t, target_size=inputs.target_size,
-                crop_coords=inputs.crop_coords, kv_caches=kv_caches, return_dict=False)
-    if split is not None:
-        mine = (_conditional if split.leader else _unconditional)(transformer, inputs, kv_caches, in_flight, cond)
-        return classifier_free_guidance(*split.guided(mine), inputs.guidance_scale)
-    v = _conditional(transformer, inputs, kv_caches, in_flight, cond)
-    if inputs.negative_prompt_embeds is None:
-        return v
-    return classifier_free_guidance(v, _unconditional(transformer, inputs, kv_caches, in_flight, cond), inputs.guidance_scale)
+@dataclass
+class Pass:
+    """One DiT pass of every step: "cond" (the prompt's glyphs and prior tokens; reads the condition images' KV
+    cache) or "uncond" (empty glyphs, prior embeddings dropped; skips the cache)."""
+
+    name: str
+    encoder_hidden_states: mx.array
+    prior_token_drop: mx.array
+    kv_cache_mode: str | None  # None without condition images
+    state: dict = field(default_factory=dict)  # what a blocks policy keeps for this pass from step to step
 
 
-def _conditional(transformer, inputs: DenoiseInputs, kv_caches, in_flight: int, cond: dict) -> mx.array:
-    if kv_caches is not None:
-        kv_caches.set_mode("read")
-    return transformer(encoder_hidden_states=inputs.prompt_embeds, prior_token_drop=mx.zeros(inputs.prior_token_ids.shape, mx.bool_),
-                       step_hook=queued_steps(in_flight), **cond)[0].astype(mx.float32)
+def every_block(pass_: Pass, step: int, x: mx.array, n_blocks: int, run) -> mx.array:
+    """The blocks policy of the plain computation: ``run(start, stop, x)`` every block at every step."""
+    return run(0, n_blocks, x)
 
 
-def _unconditional(transformer, inputs: DenoiseInputs, kv_caches, in_flight: int, cond: dict) -> mx.array:
-    if kv_caches is not None:
-        kv_caches.set_mode("skip")
-    return transformer(encoder_hidden_states=inputs.negative_prompt_embeds,
-                       prior_token_drop=mx.ones(inputs.prior_token_ids.shape, mx.bool_),
-                       step_hook=queued_steps(in_flight), **cond)[0].astype(mx.float32)
+class Stepper:
+    """The denoising loop of one request over ``scheduler``'s (set) timesteps.
 
-
-def denoise(transformer, scheduler, latents: mx.array, inputs: DenoiseInputs, kv_caches: GlmImageKVCache | None = None,
-            on_step_end: Callable[[int, float, mx.array], mx.array] | None = None, progress: bool = False,
-            in_flight: int = STEPS_IN_FLIGHT, split=None) -> mx.array:
-    """The Euler loop over ``scheduler``'s (already set) timesteps; evaluates the latents after every step.
-
-    ``on_step_end(i, t, latents) -> latents`` runs after each step (the pipeline's callback protocol).
+    ``steps(latents)`` is a generator: it yields ``(i, latents)`` after each step, evaluated, so its consumer
+    reports progress and stops the work at a step boundary by closing it. ``placement`` decides which passes
+    run in this process (parallel.py); ``blocks(pass, step, x, n_blocks, run)`` which blocks each pass computes.
     """
-    steps = range(len(scheduler.timesteps))
-    if progress:
-        from tqdm import tqdm
 
-        steps = tqdm(steps, desc="denoising", unit="step")
-    batch = latents.shape[0]
-    for i in steps:
-        t = mx.full((batch,), scheduler.model_timestep(i), dtype=mx.float32)
-        v = velocity(transformer, latents.astype(transformer.dtype), t, inputs, kv_caches, in_flight, split)
-        latents = scheduler.step(v, i, latents)
-        if split is not None:
-            split.evaluate(latents)
-        else:
-            mx.eval(latents)
-        if on_step_end is not None:
-            latents = on_step_end(i, float(scheduler.timesteps[i]), latents)
-    return latents
+    def __init__(self, transformer: GlmImageTransformer2DModel, scheduler, inputs: DenoiseInputs,
+                 kv_caches: GlmImageKVCache | None = None, placement=Single(), blocks=every_block,
+                 in_flight: int = STEPS_IN_FLIGHT):
+        self.transformer, self.scheduler, self.inputs, self.kv_caches = transformer, scheduler, inputs, kv_caches
+        self.placement, self.blocks, self.in_flight = placement, blocks, in_flight
+        shape = inputs.prior_token_ids.shape
+        cached = kv_caches is not None
+        self.passes = [Pass("cond", inputs.prompt_embeds, mx.zeros(shape, mx.bool_), "read" if cached else None)]
+        if inputs.negative_prompt_embeds is not None:
+            self.passes.append(Pass("uncond", inputs.negative_prompt_embeds, mx.ones(shape, mx.bool_),
+                                    "skip" if cached else None))
+
+    def steps(self, latents: mx.array, callback=None) -> Iterator[tuple[int, mx.array]]:
+        """Euler steps from ``latents``. ``callback(i, t, {"latents", "prompt_embeds"}) -> dict`` runs after each
+        step; the tensors it returns replace the loop's (diffusers' callback_on_step_end protocol)."""
+        for i in range(len(self.scheduler.timesteps)):
+            v = self.velocity(i, latents.astype(self.transformer.dtype))
+            latents = self.scheduler.step(v, i, latents)
+            self.placement.evaluate(latents)
+            if callback is not None:
+                values = {"latents": latents, "prompt_embeds": self.passes[0].encoder_hidden_states}
+                returned = callback(i, float(self.scheduler.timesteps[i]), values) or {}
+                self.passes[0].encoder_hidden_states = returned.get("prompt_embeds", values["prompt_embeds"])
+                latents = returned.get("latents", latents)
+            yield i, latents
+
+    def velocity(self, i: int, x: mx.array) -> mx.array:
+        """The guided velocity of step ``i``: each pass of this process, then every pass's (parallel.py), then
+        ``v_uncond + g * (v_cond - v_uncond)``."""
+        t = mx.full((x.shape[0],), self.scheduler.model_timestep(i), dtype=mx.float32)
+        mine = {p.name: self._pass(p, i, x, t) for p in self.placement.my_passes(self.passes)}
+        v = self.placement.gather(mine)
+        if "uncond" not in v:
+            return v["cond"]
+        return classifier_free_guidance(v["cond"], v["uncond"], self.inputs.guidance_scale)
+
+    def _pass(self, p: Pass, i: int, x: mx.array, t: mx.array) -> mx.array:
+        dit, inputs, caches = self.transformer, self.inputs, self.kv_caches
+        hook = queued_steps(self.in_flight)
+        h, context = dit.embed(x, p.encoder_hidden_states, inputs.prior_token_ids, p.prior_token_drop, t,
+                               inputs.target_size, inputs.crop_coords)
+
+        def run(start: int, stop: int, h: mx.array) -> mx.array:
+            for b in range(start, stop):
+                h = dit.block(b, h, context, caches[b] if caches is not None else None, p.kv_cache_mode, hook)
+            return h
+
+        h = self.blocks(p, i, h, len(dit.transformer_blocks), run)
+        return dit.head(h, context).astype(mx.float32)

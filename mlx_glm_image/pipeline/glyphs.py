@@ -162,3 +162,20 @@ def get_glyph_embeds(
         for e in embeds
     ]
     return mx.concatenate(padded, axis=0).astype(dtype)
+
+
+def encode_prompt(text_encoder: T5EncoderModel, tokenizer: ByT5Tokenizer | None, prompt: list[str],
+                  do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
+                  max_sequence_length: int = 2048) -> tuple[mx.array, mx.array | None]:
+    """Glyph embeddings of the prompts and of the empty negative prompt, each repeated per image (diffusers'
+    encode_prompt)."""
+    embeds = get_glyph_embeds(text_encoder, prompt, max_sequence_length, tokenizer=tokenizer)
+    negative = (get_glyph_embeds(text_encoder, [""] * len(prompt), max_sequence_length, tokenizer=tokenizer)
+                if do_classifier_free_guidance else None)
+    mx.eval([e for e in (embeds, negative) if e is not None])
+    return repeat(embeds, num_images_per_prompt), repeat(negative, num_images_per_prompt)
+
+
+def repeat(x: mx.array | None, n: int) -> mx.array | None:
+    """Each row ``n`` times in a row (images per prompt)."""
+    return mx.repeat(x, n, axis=0) if x is not None and n > 1 else x

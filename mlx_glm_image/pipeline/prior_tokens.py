@@ -1,12 +1,17 @@
 """The prior-token stage: logits warpers as transformers applies them, a cached decode loop (which owns the
 evaluation: the next step is queued before the current token is read back), diffusers' static helpers, and
 ``generate_prior_tokens`` with the return value of diffusers' ``GlmImagePipeline.generate_prior_tokens``.
+
+As mlx-lm's ``generate_step``, the loop is a generator (``generate_step``, ``prior_sequences``): it yields each
+token as it is read back, so its consumer shows progress and stops the work at a token boundary by closing it;
+its return value (``yield from``) is the sequences.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Generator
 
 import mlx.core as mx
 import numpy as np
@@ -114,12 +119,31 @@ class Decoding:
         return mx.compile(step)
 
 
-def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_per_sample=None,
-             max_new_tokens: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, key=None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, image_token_ids=None, pixel_values=None, callback=None,
-             min_new_tokens: int = 0, forced_eos_token_id: int | None = None) -> np.ndarray:
+def generate(*args, callback=None, **kwargs) -> np.ndarray:
     """Autoregressive generation with a KV cache; returns (B, L + n) numpy ids like transformers' ``generate``.
+    Takes ``generate_step``'s arguments; ``callback(i, tokens)`` sees each token."""
+    return drain(generate_step(*args, **kwargs), callback)
+
+
+def drain(steps: Generator, callback=None):
+    """Run a token generator to its end; its return value (the sequences)."""
+    i = 0
+    while True:
+        try:
+            tokens = next(steps)
+        except StopIteration as done:
+            return done.value
+        if callback is not None:
+            callback(i, tokens)
+        i += 1
+
+
+def generate_step(model, input_ids, attention_mask=None, image_grid_thw=None, images_per_sample=None,
+                  max_new_tokens: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, key=None, eos_token_id: int | list[int] | None = None,
+                  pad_token_id: int | None = None, image_token_ids=None, pixel_values=None, min_new_tokens: int = 0,
+                  forced_eos_token_id: int | None = None) -> Generator[np.ndarray, None, np.ndarray]:
+    """Yields each new token, (B,) numpy ids, as it is read back; returns the (B, L + n) sequences.
 
     A finished sample (eos emitted) continues with ``pad_token_id`` until every sample has finished. As in
     transformers, ``min_new_tokens`` masks the eos tokens until that many tokens are out, and
@@ -158,8 +182,7 @@ def generate(model, input_ids, attention_mask=None, image_grid_thw=None, images_
             mx.async_eval(nxt)
         t = np.where(finished, pad, np.array(tok).astype(np.int64))
         out.append(t)
-        if callback is not None:
-            callback(i, t)
+        yield t
         finished |= np.isin(t, list(eos))
         if finished.all() or i + 1 == max_new_tokens:
             break
@@ -262,20 +285,26 @@ def sampling_settings(generation_config: dict | None, temperature=None, top_p=No
 
 def sample_prior_sequences(model, prompt: PriorPrompt, key=None, do_sample: bool = True, temperature=None, top_p=None,
                            top_k=None, callback=None) -> np.ndarray:
-    """Run the AR model over ``prompt``: (B, L + n) token sequences. Sampling settings default to the
-    checkpoint's generation_config.json (with transformers' defaults for what it leaves out), or to the published
-    ones when it has none."""
+    """Run the AR model over ``prompt``: (B, L + n) token sequences (``prior_sequences`` run to its end)."""
+    return drain(prior_sequences(model, prompt, key, do_sample, temperature, top_p, top_k), callback)
+
+
+def prior_sequences(model, prompt: PriorPrompt, key=None, do_sample: bool = True, temperature=None, top_p=None,
+                    top_k=None) -> Generator[np.ndarray, None, np.ndarray]:
+    """The AR model over ``prompt``, token by token (``generate_step``); returns the (B, L + n) sequences. Sampling
+    settings default to the checkpoint's generation_config.json (with transformers' defaults for what it leaves
+    out), or to the published ones when it has none."""
     config = getattr(model, "generation_config", None) or {}
     gen = sampling_settings(config, temperature, top_p, top_k)
     tc = model.config.text_config
     inputs = prompt.inputs
     eos = config.get("eos_token_id", tc.eos_token_id)
     # The grid is always complete: no end token before its last token, the end token right after it.
-    return generate(model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"],
-                    inputs["images_per_sample"], max_new_tokens=prompt.max_new_tokens, do_sample=do_sample, key=key,
-                    eos_token_id=eos, pad_token_id=tc.pad_token_id, image_token_ids=prompt.image_ids,
-                    callback=callback, min_new_tokens=prompt.max_new_tokens - 1,
-                    forced_eos_token_id=eos if isinstance(eos, int) else eos[0], **gen)
+    return (yield from generate_step(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"], inputs["images_per_sample"],
+        max_new_tokens=prompt.max_new_tokens, do_sample=do_sample, key=key, eos_token_id=eos,
+        pad_token_id=tc.pad_token_id, image_token_ids=prompt.image_ids, min_new_tokens=prompt.max_new_tokens - 1,
+        forced_eos_token_id=eos if isinstance(eos, int) else eos[0], **gen))
 
 
 def prior_token_ids(sequences: np.ndarray, prompt: PriorPrompt) -> mx.array:

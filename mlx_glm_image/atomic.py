@@ -1,0 +1,125 @@
+"""Writing so that nothing is ever half-written: a file or a folder is made under a temporary name beside its
+destination and renamed into place only once complete (an existing destination is replaced only then). Any
+failure or interruption removes the temporary; a signal that arrives while the temporary is made or while it is
+swapped in waits for that step to end. Temporary names carry their process id, so that a later write to the same
+destination removes what a killed run left. Modes follow the umask.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import secrets
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP) that arrived while the destination was being swapped in: it is complete."""
+
+    def __init__(self, dst: Path):
+        super().__init__(str(dst))
+        self.dst = dst
+
+
+@contextmanager
+def signals_held():
+    """Defer SIGINT, SIGTERM and SIGHUP to the end of the block, then meet them as before it.
+
+    A signal mask would not do: it holds a signal for this thread only, and another thread of the process (MLX's,
+    tqdm's) may take it, after which Python runs the handler here anyway. Handlers can only be set from the main
+    thread; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if got:
+            signal.raise_signal(got[0])
+
+
+def temporary_path(dst: Path) -> Path:
+    """A free name beside ``dst`` for its temporary, with this process's id."""
+    return dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+
+
+def remove_stale(dst: Path) -> list[Path]:
+    """The temporaries of ``dst`` that killed runs left (their process is gone): removed; returns them."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(dst.name)}\.(\d+)\.[0-9a-f]+\.partial$")
+    for path in dst.parent.glob(f".{glob.escape(dst.name)}.*.partial"):
+        match = pattern.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue  # not ours, or another run is writing there
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
+@contextmanager
+def replacing(dst: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """Yields the temporary path to fill (an empty folder with ``folder``, else an empty file); once the block
+    ends it becomes ``dst``, replacing what was there. A failure or an interruption inside the block removes it
+    and leaves ``dst`` as it was; a signal during the final swap is raised after it as ``InterruptedAfterCommit``."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dst)
+    tmp = temporary_path(dst)
+    try:
+        with signals_held():  # the temporary exists and is known, or nothing
+            if folder:
+                os.mkdir(tmp)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        yield tmp
+        try:
+            with signals_held():  # the swap is never cut in half
+                _swap(tmp, dst)
+        except KeyboardInterrupt:
+            raise InterruptedAfterCommit(dst) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _swap(tmp: Path, dst: Path):
+    """``tmp`` becomes ``dst``. A file replaces in one rename; a folder moves the old one aside first (a folder
+    cannot be renamed onto another), and removes it once the new one is in place."""
+    if not (tmp.is_dir() and (dst.exists() or dst.is_symlink())):
+        os.replace(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old")
+    _remove(old)
+    dst.rename(old)
+    tmp.rename(dst)
+    _remove(old)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True

@@ -1,0 +1,100 @@
+"""The metadata that regenerates an image, both ways in this one module: ``record`` makes it (every setting of the
+name table, pipeline/request.py, by its metadata key; the run's model, quantization and dtype; what made it),
+``write`` puts it in the PNG (a "glm-image" text chunk holding JSON, beside a human-readable "parameters") and,
+when asked, in a JSON file beside it, and ``read`` takes it back for ``--config-from-metadata``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+from . import atomic
+from .pipeline.request import SETTINGS, Request
+
+CHUNK = "glm-image"  # the PNG text chunk that holds the JSON record
+RUN_KEYS = ("model", "quantize", "dtype")  # the pipeline's settings a record carries (and --config-from-metadata reads)
+
+
+def run_record(pipe) -> dict:
+    """What a pipeline contributes to each record: how it was asked for, and what it loaded."""
+    from .loading import DTYPES
+
+    components = pipe.components
+    return {"model": str(components.source), "quantize": components.quantize.bits if components.quantize else None,
+            "dtype": next(name for name, dtype in DTYPES.items() if dtype == components.dtype),
+            "quantization": components.quantization(), "revision": components.revision()}
+
+
+def record(request: Request, run: dict, index: int = 0) -> dict:
+    """Everything that changes the pixels of image ``index`` of a request, and what made them."""
+    import mlx.core as mx
+
+    from . import __version__
+
+    out = {s.key: request.value(s) for s in SETTINGS if s.name not in ("prompt", "image")}
+    prompts = request.prompt or (None,)
+    out = {"prompt": prompts[index // request.num_images_per_prompt], **out}
+    out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": file_sha256(p)} for p in request.image_files]
+    out.update(run)
+    out["versions"] = {"mlx-glm-image": __version__, "mlx": mx.__version__}
+    out["device"] = f"{mx.default_device()} ({platform.machine()}, {platform.system()})"
+    return out
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def png_info(record: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    from . import __version__
+
+    info = PngInfo()
+    info.add_text("prompt", record["prompt"])
+    info.add_text("parameters", f"model={record['model']}, size={record['width']}x{record['height']}, steps={record['steps']}, "
+                                f"guidance={record['guidance']}, seed={record['seed']}")
+    info.add_text(CHUNK, json.dumps(record, ensure_ascii=False))
+    info.add_text("Software", f"mlx-glm-image {__version__}")
+    return info
+
+
+def write(image, path: Path, record: dict, png_text: bool = True, sidecar: bool = False):
+    """The PNG (with the record in it unless ``png_text`` is False) and, with ``sidecar``, the record as JSON
+    beside it; each written to a temporary file and renamed (atomic.py)."""
+    with atomic.replacing(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=png_info(record) if png_text else None)
+    if sidecar:
+        with atomic.replacing(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def read(path: str) -> dict:
+    """The settings recorded in a PNG (its text chunk) or in a JSON sidecar: {metadata key: value}."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"--config-from-metadata {path} does not exist")
+    try:
+        if p.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(p) as im:
+                text = im.text.get(CHUNK)
+            if text is None:
+                raise ValueError(f"--config-from-metadata {path} has no mlx-glm-image metadata")
+            data = json.loads(text)
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config-from-metadata {path} cannot be read: {e}") from None
+    if not isinstance(data, dict) or "prompt" not in data:
+        raise ValueError(f"--config-from-metadata {path} is not mlx-glm-image metadata")
+    data["image"] = [i["path"] if isinstance(i, dict) else i for i in data.get("image") or []] or None
+    return {k: data[k] for k in (*(s.key for s in SETTINGS), *RUN_KEYS) if k in data}

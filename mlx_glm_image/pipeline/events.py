@@ -1,0 +1,40 @@
+"""What a run tells while it works: one ``Event`` per stage boundary, AR token, denoising step and finished image,
+in order (``GlmImagePipeline.stream``). ``__call__``, ``generate_batch``, the CLI's bars and the server's worker
+all consume the same stream; nothing in a stage prints or draws."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+STAGES = ("prior", "glyphs", "denoise", "decode")
+KINDS = ("stage", "token", "step", "preview", "image")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """One thing that happened, for request ``request`` (its index in the batch; 0 for a single call).
+
+    - ``stage``: stage ``stage`` starts (one of ``STAGES``); with ``done``, it ended: ``seconds`` of compute,
+      ``load_seconds`` loading its models, MLX's ``peak_memory`` (bytes) during it.
+    - ``token``: the AR model wrote token ``index`` of ``total`` for each of the request's ``count`` prompts.
+    - ``step``: denoising step ``index`` of ``total`` of the request's ``count`` images is done.
+    - ``preview``: a look at image ``index`` at step ``step`` (reserved for live previews).
+    - ``image``: image ``index`` of the request is finished: ``image`` (as ``output_type`` asks: a PIL image, an
+      (H, W, 3) array, a (3, H, W) MLX array, or (C, h, w) latents), its ``seed`` and its ``metadata`` record.
+    """
+
+    kind: str
+    request: int = 0
+    stage: str | None = None
+    index: int = 0
+    total: int = 0
+    count: int = 1
+    step: int | None = None
+    image: Any = None
+    seed: int | None = None
+    metadata: dict | None = None
+    done: bool = False
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    peak_memory: int = 0

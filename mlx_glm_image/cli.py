@@ -58,3 +58,46 @@ def model_defaults() -> dict:
     from .pipeline.pipeline import DEFAULT_REPO
 
     return {"model": DEFAULT_REPO, "dtype": "bfloat16", "memory": "auto"}
+
+
+# cache-dit's own example flags for the DBCacheConfig fields (its _utils/utils.py), beside the long names
+CACHE_ALIASES = {"Fn_compute_blocks": "--Fn", "Bn_compute_blocks": "--Bn", "residual_diff_threshold": "--rdt",
+                 "max_warmup_steps": "--ws", "warmup_interval": "--wi", "max_cached_steps": "--mc",
+                 "max_continuous_cached_steps": "--mcc"}
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser):
+    """The step cache's options (pipeline/step_cache.py), by cache-dit's names: --cache turns on SGLang's published
+    GLM-Image settings, each field flag changes one of them (and turns the cache on)."""
+    from dataclasses import fields
+
+    from .pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR, DBCacheConfig
+
+    parser.add_argument("--cache", dest="cache_on", action="store_true", default=None,
+                        help="the step cache: skip the DiT's middle blocks at steps where they would barely change, "
+                             "for speed at the cost of small changes to the image (SGLang's GLM-Image settings: "
+                             "F2 B1, warmup 4, threshold 0.4, at most 4 cached steps in a row, TaylorSeer order 2)")
+    for f in fields(DBCacheConfig):
+        if f.name == "enable_separate_cfg":
+            continue
+        flags = ["--" + f.name.replace("_", "-")] + ([CACHE_ALIASES[f.name]] if f.name in CACHE_ALIASES else [])
+        parser.add_argument(*flags, dest=f"cache_{f.name}", type=float if f.type == "float" else int, metavar="N",
+                            help=f"{f.metadata['help']} (cache-dit's {f.name}; --cache: {getattr(SGLANG, f.name)})")
+    parser.add_argument("--taylorseer-order", type=int, metavar="K",
+                        help=f"the step cache's TaylorSeer extrapolation order, 0 for none "
+                             f"(with --cache: {SGLANG_CALIBRATOR.taylorseer_order})")
+
+
+def cache_settings(args) -> dict | None:
+    """{"cache": DBCacheConfig, "calibrator": TaylorSeerCalibratorConfig or None} from the step cache's flags,
+    or None when none was given (a ValueError names a bad value)."""
+    import dataclasses
+
+    from .pipeline.step_cache import published
+
+    changed = {k[len("cache_"):]: v for k, v in vars(args).items() if k.startswith("cache_") and k != "cache_on"
+               and v is not None}
+    if not (args.cache_on or changed or args.taylorseer_order is not None):
+        return None
+    cache, calibrator = published(args.taylorseer_order)
+    return {"cache": dataclasses.replace(cache, **changed), "calibrator": calibrator}

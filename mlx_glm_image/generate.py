@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_model_arguments, fail, model_defaults, prog_name
+from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, model_defaults, prog_name
 
 # The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
 RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
@@ -30,17 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None, so a run knows what the user gave (it overrides --config-from-metadata);
     the defaults fill the rest. The image settings come from the name table (pipeline/request.py)."""
     from .pipeline.parallel import MODES
-    from .pipeline.request import SETTINGS
+    from .pipeline.request import CONFIGS, SETTINGS
 
     prog = prog_name("python -m mlx_glm_image.generate")
     p = Parser(prog=prog, description=__doc__.replace("PROG", prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to draw")
     for s in SETTINGS:
+        if s.type in CONFIGS:
+            continue  # the step cache's group, below
         many = {"image": dict(action="append", metavar="PATH"), "seed": dict(nargs="+", metavar="S")}.get(s.name, {})
         what.add_argument(s.flag, dest=s.key, type=None if s.type is str else s.type, help=s.help, **many)
     what.add_argument("--prompt-file", metavar="PATH",
                       help="one prompt per line (.txt), or one JSON object per line (.jsonl): \"prompt\" and per-image "
                            "\"seed\", \"size\" (WxH), \"steps\", \"guidance\", \"image\", \"temperature\", \"top_p\", \"top_k\"")
+    add_cache_arguments(p.add_argument_group("step cache (faster denoising; cache-dit's DBCache and its names)"))
     seeds = p.add_argument_group("how many")
     seeds.add_argument("--auto-seeds", type=int, metavar="N", help="N images with random seeds")
     seeds.add_argument("--num-images", type=int, metavar="N", help="N images with consecutive seeds from --seed (default: 1)")
@@ -81,6 +84,7 @@ def plan(args) -> tuple[dict, list[dict]]:
     run.setdefault("quantize", None)
     image = {s.key: recorded.get(s.key) for s in SETTINGS if s.key not in ("prompt", "seed")}
     image.update({s.key: given[s.key] for s in SETTINGS if s.key in given and s.key not in ("prompt", "seed")})
+    image.update(cache_settings(args) or {})
     if args.prompt_file:
         entries = runs.read_prompt_file(args.prompt_file)
     elif args.prompt is not None or "prompt" in recorded:

@@ -47,7 +47,10 @@ def read_prompt_file(path: str) -> list[dict]:
             entry["width"], entry["height"] = int(w), int(h)
         if isinstance(entry.get("image"), str):
             entry["image"] = [entry["image"]]
-        entries.append(entry)
+        try:
+            entries.append({k: BY_KEY[k].from_json(v) for k, v in entry.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--prompt-file {path} line {n}: {e}") from None
     return entries
 
 

@@ -4,7 +4,8 @@
     python -m mlx_glm_image.server -m glm-image-4bit --host 0.0.0.0 --api-key SECRET
 
 POST /v1/images/generations (JSON) and /v1/images/edits (multipart), GET /v1/models and /health. GLM-Image's
-own settings go in the body: seed, num_inference_steps, guidance_scale, temperature, top_p, top_k; each image's
+own settings go in the body: seed, num_inference_steps, guidance_scale, temperature, top_p, top_k, and the step
+cache (cache: true, false or cache-dit's DBCacheConfig fields; calibrator: {"taylorseer_order": k}); each image's
 seed comes back in its `seed` field (and `revised_prompt` is the prompt used), so a client can reproduce it.
 One generation runs on the device at a time, first come first served; at most --max-queue requests wait.
 Needs the server extra: pip install "mlx-glm-image[server]".
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 
-from .cli import Parser, add_model_arguments, fail, prog_name
+from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, prog_name
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_IMAGES = 10  # per request, as OpenAI's API allows
@@ -108,10 +109,12 @@ def parse_size(size) -> tuple[int | None, int | None]:
     return int(h), int(w)
 
 
-def image_requests(pipe, body: dict, images=None) -> tuple[list, str]:
+def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) -> tuple[list, str]:
     """The pipeline requests for one API request (``n`` of them, seeds seed, seed + 1, ...), checked now, before
-    it waits in the queue. Body fields are the name table's (pipeline/request.py); a form sends them as text."""
+    it waits in the queue. Body fields are the name table's (pipeline/request.py); a form sends them as text.
+    ``defaults``: the server's own (its step cache), for the settings the body leaves out."""
     from .pipeline.request import SETTINGS
+    from .pipeline.step_cache import SGLANG_CALIBRATOR
 
     prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format") or "png"
     if not isinstance(prompt, str) or not prompt:
@@ -129,10 +132,14 @@ def image_requests(pipe, body: dict, images=None) -> tuple[list, str]:
         if s.body and s.name != "prompt" and body.get(s.body) is not None:
             try:
                 call[s.name] = s.coerce(body[s.body])
-                if s.check is not None:
+                if s.check is not None and call[s.name] is not None:
                     s.check(call[s.name])
             except ValueError as e:
                 raise ApiError(400, str(e), s.body) from None
+    if "cache" not in body:
+        call.update({k: v for k, v in (defaults or {}).items() if k not in call})
+    elif body["cache"] is True and "calibrator" not in body:  # SGLang's settings come with their TaylorSeer
+        call["calibrator_config"] = SGLANG_CALIBRATOR
     seed = call.pop("seed", None)
     seed = random.randrange(2**31) if seed is None else seed
     try:
@@ -188,8 +195,10 @@ async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
     return fields, images
 
 
-def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int = 8, max_upload_mb: int = 20):
-    """The FastAPI application around ``pipe`` (kept resident)."""
+def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int = 8, max_upload_mb: int = 20,
+               defaults: dict | None = None):
+    """The FastAPI application around ``pipe`` (kept resident); ``defaults``: call arguments for what a request
+    leaves out (the server's step cache)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -229,13 +238,13 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
             raise ApiError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        requests, fmt = image_requests(pipe, body)
+        requests, fmt = image_requests(pipe, body, defaults=defaults)
         return images_response(await _generate(worker, request, requests), requests, fmt)
 
     @app.post("/v1/images/edits", **v1)
     async def edits(request: Request):
         fields, images = await read_uploads(request, max_upload_mb << 20)
-        requests, fmt = image_requests(pipe, fields, images)
+        requests, fmt = image_requests(pipe, fields, images, defaults=defaults)
         return images_response(await _generate(worker, request, requests), requests, fmt)
 
     return app
@@ -267,6 +276,8 @@ def build_parser():
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest image upload for edits (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds SIGINT/SIGTERM waits for the request in progress before exiting (default: %(default)s)")
+    add_cache_arguments(p.add_argument_group("step cache for every request that does not set its own \"cache\" "
+                                             "(true, false or cache-dit's fields)"))
     return p
 
 
@@ -289,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         check_host(args.host, args.api_key, args.no_auth)
         if args.max_queue < 1 or args.max_upload_mb < 1:
             raise ValueError("--max-queue and --max-upload-mb must be at least 1")
+        cache = cache_settings(args)
+        defaults = {"cache_config": cache["cache"], "calibrator_config": cache["calibrator"]} if cache else None
         pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory)
-        app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb)
+        app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb, defaults)
         print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (memory: {pipe.memory})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace)
     except ModuleNotFoundError as e:

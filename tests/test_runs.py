@@ -137,3 +137,24 @@ def test_help_names_the_console_script(script, usage):
     proc = subprocess.run([path, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script}"), proc.stdout[:200]
     assert usage in proc.stdout
+
+
+def test_the_step_cache_from_the_cli_and_its_metadata(model_dir, tmp_path):
+    """--cache and cache-dit's field flags; the record holds the settings and the cached steps, and regenerates the
+    image bit for bit. (The tiny DiT has 2 blocks: SGLang's F2 B1 does not fit, which is said before any load.)"""
+    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "-m", str(model_dir), "--prompt", "x", *ARGS,
+                           "--cache", "--output", str(tmp_path / "never.png")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: Fn_compute_blocks + Bn_compute_blocks (2 + 1) must be at most the DiT's 2 blocks")
+    cache = ["--cache", "--Fn", 1, "--Bn", 0, "--ws", 1, "--rdt", 0.9, "--taylorseer-order", 1]
+    args = ["-m", model_dir, "--prompt", 'a red cat "big"', "--height", "64", "--width", "96", "--steps", 6, "--seed", 4,
+            "--dtype", "float32"]
+    proc = cli(*args, *cache, "--output", tmp_path / "cached.png")
+    assert "DiT blocks computed" in proc.stdout, proc.stdout
+    record = json.loads(Image.open(tmp_path / "cached.png").text["glm-image"])
+    assert record["cache"]["Fn_compute_blocks"] == 1 and record["cache"]["residual_diff_threshold"] == 0.9
+    assert record["calibrator"] == {"taylorseer_order": 1} and record["cache_summary"]["cached_steps"]
+    cli(*args, "--quiet", "--output", tmp_path / "plain.png")
+    assert not np.array_equal(pixels(tmp_path / "cached.png"), pixels(tmp_path / "plain.png"))
+    cli("--config-from-metadata", tmp_path / "cached.png", "--quiet", "--output", tmp_path / "again.png")
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "cached.png"))

@@ -124,6 +124,19 @@ def test_bad_requests_are_openai_errors(server, tmp_path):
     assert decode(ok.data[0]).shape == (64, 64, 3)
 
 
+def test_the_step_cache_as_body_fields(server):
+    client = server.client()
+    plain = client.images.generate(prompt="a cat", size="96x64", extra_body={**FAST, "num_inference_steps": 6})
+    cache = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 1, "residual_diff_threshold": 0.9}
+    cached = client.images.generate(prompt="a cat", size="96x64", extra_body={**FAST, "num_inference_steps": 6,
+                                                                               "cache": cache})
+    assert not np.array_equal(decode(plain.data[0]), decode(cached.data[0]))
+    with pytest.raises(openai.BadRequestError, match="cache: unknown field 'Fn'"):
+        client.images.generate(prompt="x", size="64x64", extra_body={**FAST, "cache": {"Fn": 1}})
+    with pytest.raises(openai.BadRequestError, match="must be at most the DiT's 2 blocks"):
+        client.images.generate(prompt="x", size="64x64", extra_body={**FAST, "cache": True})
+
+
 def test_concurrent_requests_all_answered_and_memory_flat(server):
     client = server.client()
     results = []

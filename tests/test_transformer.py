@@ -420,3 +420,39 @@ def test_return_dict_like_diffusers(models):
 
 LATENT_FIXED = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(11))
 IDS_FIXED = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(12))
+
+
+def test_embed_blocks_head_compose_to_the_forward(models):
+    """The public pieces are the forward: embed -> each block on its own -> head gives __call__'s output bit for
+    bit (and so diffusers'), and a block alone changes the sequence (it is not a no-op)."""
+    torch_model, mlx_model = models["3x32"]
+    kw = {k: to_mx(v) for k, v in inputs(2, 6, 10, 7, tiny_config()).items()}
+    x, context = mlx_model.embed(**kw)
+    assert x.shape == (2, 7 + 3 * 5, mlx_model.config.inner_dim) and context.text_len == 7 and context.grid == (3, 5)
+    first = mlx_model.block(0, x, context)
+    assert rel_err(first, x) > 1e-2
+    h = first
+    for i in range(1, mlx_model.config.num_layers):
+        h = mlx_model.block(i, h, context)
+    out = mlx_model.head(h, context)
+    assert np.array_equal(np.array(out), np.array(mlx_model(**kw, return_dict=False)[0]))
+    assert_close(out, run_torch(torch_model, {k: torch.from_numpy(np.array(v)) for k, v in kw.items()}), TOL)
+
+
+def test_kv_cache_mode_per_call_equals_set_mode(models):
+    """The pipeline passes the cache mode per call; the cache's own mode (diffusers' set_mode) is never read then."""
+    _, mlx_model = models["2x16"]
+    per_call, by_mode = GlmImageKVCache(2), GlmImageKVCache(2)
+    by_mode.set_mode("write")
+    for cache, mode in ((per_call, "write"), (by_mode, None)):
+        mlx_model(to_mx(LATENT_FIXED), mx.zeros((1, 0, 24)), to_mx(IDS_FIXED), mx.zeros((12,), mx.bool_), mx.zeros((1,)),
+                  mx.array([[48.0, 64.0]]), mx.zeros((1, 2)), kv_caches=cache, kv_cache_mode=mode)
+        cache.next_sample()
+    assert all(c.mode is None for c in per_call.caches), "a per-call mode leaves the cache's own alone"
+    kw = {k: to_mx(v) for k, v in inputs(1, 8, 8, 5, tiny_config()).items()}
+    for mode in ("read", "skip"):
+        by_mode.set_mode(mode)
+        got = mlx_model(**kw, kv_caches=per_call, kv_cache_mode=mode).sample
+        assert np.array_equal(np.array(got), np.array(mlx_model(**kw, kv_caches=by_mode).sample)), mode
+    with pytest.raises(ValueError, match="Invalid mode"):
+        mlx_model(**kw, kv_caches=per_call, kv_cache_mode="append")

@@ -77,17 +77,24 @@ def _randomize(model):
                 p.copy_(torch.randn(p.shape, generator=g))
 
 
-def write_diffusion_side(folder, codebook=40):
-    """transformer/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json, as save_pretrained writes them."""
+def write_diffusion_side(folder, codebook=40, layers=2, time_scale=1.0):
+    """transformer/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json, as save_pretrained writes them.
+
+    ``time_scale`` < 1 damps the DiT's timestep conditioning (its embedder and the blocks' AdaLN weights), so that
+    consecutive steps differ about as little as a trained model's and a step cache has steps to skip."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline as TorchPipeline
     from diffusers import GlmImageTransformer2DModel as TorchDiT
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     dit = TorchDiT(
-        patch_size=2, in_channels=LATENT, out_channels=LATENT, num_layers=2, attention_head_dim=16,
+        patch_size=2, in_channels=LATENT, out_channels=LATENT, num_layers=layers, attention_head_dim=16,
         num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=8, prior_vq_quantizer_codebook_size=codebook,
     ).eval()
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "norm1.linear" in name or name.startswith("time_condition_embed"):
+                p.mul_(time_scale)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=LATENT, norm_num_groups=4,

@@ -20,6 +20,7 @@ from .base import PretrainedModel, config_from_dict
 
 @dataclass
 class T5Config:
+    # Defaults: the released text_encoder/config.json (ByT5's geometry; docs/checkpoint.md), as every config class here.
     vocab_size: int = 384
     d_model: int = 1472
     d_kv: int = 64

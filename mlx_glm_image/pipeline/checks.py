@@ -73,6 +73,11 @@ def check_prompt(value):
             raise ValueError("the prompt is not valid UTF-8 text") from None
 
 
+def check_type(value, cls, name: str):
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+
+
 def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 

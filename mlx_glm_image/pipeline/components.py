@@ -226,6 +226,10 @@ class Components:
         return self.config("transformer").in_channels
 
     @property
+    def dit_blocks(self) -> int:
+        return self.config("transformer").num_layers
+
+    @property
     def size_multiple(self) -> int:
         """Heights and widths are multiples of this: the AR model's token grid is half the DiT's."""
         return self.vae_scale_factor * self.patch_size * 2

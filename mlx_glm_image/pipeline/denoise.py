@@ -8,11 +8,14 @@ for the host to encode the next step (benchmarks/README.md). The condition pass 
 hook: it stays lazy and is computed by the first step that reads it, once.
 
 Each pass keeps its own state across steps (``Pass.state``), and which blocks a pass computes at a step is the
-``blocks`` policy's choice (``every_block``: all of them), so a step cache is one policy, in one module.
+``blocks`` policy's choice (``every_block``: all of them), so a step cache is one policy, in one module
+(step_cache.py). A policy that needs a value on the host to decide may be a generator that yields it (lazy): the
+Stepper then queues the other passes' work before it comes back, so the device works while the host waits.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -99,9 +102,24 @@ class Pass:
     state: dict = field(default_factory=dict)  # what a blocks policy keeps for this pass from step to step
 
 
-def every_block(pass_: Pass, step: int, x: mx.array, n_blocks: int, run) -> mx.array:
-    """The blocks policy of the plain computation: ``run(start, stop, x)`` every block at every step."""
-    return run(0, n_blocks, x)
+class Blocks:
+    """What a blocks policy runs: ``blocks(start, stop, x)`` runs the DiT's blocks [start, stop) of one pass on the
+    joint sequence x (``text_len`` glyph tokens, then the image's), and counts them."""
+
+    def __init__(self, run: Callable[[int, mx.array], mx.array], n_blocks: int, text_len: int):
+        self.run, self.n_blocks, self.text_len = run, n_blocks, text_len
+        self.computed = 0
+
+    def __call__(self, start: int, stop: int, x: mx.array) -> mx.array:
+        for b in range(start, stop):
+            x = self.run(b, x)
+        self.computed += max(stop - start, 0)
+        return x
+
+
+def every_block(pass_: Pass, step: int, x: mx.array, blocks: Blocks) -> mx.array:
+    """The blocks policy of the plain computation: every block at every step."""
+    return blocks(0, blocks.n_blocks, x)
 
 
 class Stepper:
@@ -109,7 +127,8 @@ class Stepper:
 
     ``steps(latents)`` is a generator: it yields ``(i, latents)`` after each step, evaluated, so its consumer
     reports progress and stops the work at a step boundary by closing it. ``placement`` decides which passes
-    run in this process (parallel.py); ``blocks(pass, step, x, n_blocks, run)`` which blocks each pass computes.
+    run in this process (parallel.py); ``blocks(pass, step, x, blocks)`` which blocks each pass computes.
+    ``computed`` / ``total`` count the blocks of the last step.
     """
 
     def __init__(self, transformer: GlmImageTransformer2DModel, scheduler, inputs: DenoiseInputs,
@@ -117,6 +136,7 @@ class Stepper:
                  in_flight: int = STEPS_IN_FLIGHT):
         self.transformer, self.scheduler, self.inputs, self.kv_caches = transformer, scheduler, inputs, kv_caches
         self.placement, self.blocks, self.in_flight = placement, blocks, in_flight
+        self.computed = self.total = 0
         shape = inputs.prior_token_ids.shape
         cached = kv_caches is not None
         self.passes = [Pass("cond", inputs.prompt_embeds, mx.zeros(shape, mx.bool_), "read" if cached else None)]
@@ -140,24 +160,38 @@ class Stepper:
 
     def velocity(self, i: int, x: mx.array) -> mx.array:
         """The guided velocity of step ``i``: each pass of this process, then every pass's (parallel.py), then
-        ``v_uncond + g * (v_cond - v_uncond)``."""
+        ``v_uncond + g * (v_cond - v_uncond)``. The passes advance in turns: each runs until its policy asks for
+        a value, which is queued, and is resumed after the others have queued their work."""
         t = mx.full((x.shape[0],), self.scheduler.model_timestep(i), dtype=mx.float32)
-        mine = {p.name: self._pass(p, i, x, t) for p in self.placement.my_passes(self.passes)}
-        v = self.placement.gather(mine)
+        mine = self.placement.my_passes(self.passes)
+        running, done = [(p.name, self._pass(p, i, x, t)) for p in mine], {}
+        self.computed, self.total = 0, 0
+        while running:
+            waiting = []
+            for name, work in running:
+                try:
+                    mx.async_eval(next(work))
+                    waiting.append((name, work))
+                except StopIteration as finished:
+                    done[name] = finished.value
+            running = waiting
+        v = self.placement.gather({p.name: done[p.name] for p in mine})
         if "uncond" not in v:
             return v["cond"]
         return classifier_free_guidance(v["cond"], v["uncond"], self.inputs.guidance_scale)
 
-    def _pass(self, p: Pass, i: int, x: mx.array, t: mx.array) -> mx.array:
+    def _pass(self, p: Pass, i: int, x: mx.array, t: mx.array):
+        """One pass's velocity, as a generator of the values its blocks policy asks for."""
         dit, inputs, caches = self.transformer, self.inputs, self.kv_caches
         hook = queued_steps(self.in_flight)
         h, context = dit.embed(x, p.encoder_hidden_states, inputs.prior_token_ids, p.prior_token_drop, t,
                                inputs.target_size, inputs.crop_coords)
-
-        def run(start: int, stop: int, h: mx.array) -> mx.array:
-            for b in range(start, stop):
-                h = dit.block(b, h, context, caches[b] if caches is not None else None, p.kv_cache_mode, hook)
-            return h
-
-        h = self.blocks(p, i, h, len(dit.transformer_blocks), run)
+        blocks = Blocks(lambda b, h: dit.block(b, h, context, caches[b] if caches is not None else None,
+                                               p.kv_cache_mode, hook),
+                        len(dit.transformer_blocks), context.text_len)
+        h = self.blocks(p, i, h, blocks)
+        if inspect.isgenerator(h):
+            h = yield from h
+        self.computed += blocks.computed
+        self.total += blocks.n_blocks
         return dit.head(h, context).astype(mx.float32)

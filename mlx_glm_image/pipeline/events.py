@@ -18,7 +18,8 @@ class Event:
     - ``stage``: stage ``stage`` starts (one of ``STAGES``); with ``done``, it ended: ``seconds`` of compute,
       ``load_seconds`` loading its models, MLX's ``peak_memory`` (bytes) during it.
     - ``token``: the AR model wrote token ``index`` of ``total`` for each of the request's ``count`` prompts.
-    - ``step``: denoising step ``index`` of ``total`` of the request's ``count`` images is done.
+    - ``step``: denoising step ``index`` of ``total`` of the request's ``count`` images is done; ``blocks`` is
+      (DiT blocks computed, blocks in its passes) for it (the step cache skips some).
     - ``preview``: a look at image ``index`` at step ``step`` (reserved for live previews).
     - ``image``: image ``index`` of the request is finished: ``image`` (as ``output_type`` asks: a PIL image, an
       (H, W, 3) array, a (3, H, W) MLX array, or (C, h, w) latents), its ``seed`` and its ``metadata`` record.
@@ -31,6 +32,7 @@ class Event:
     total: int = 0
     count: int = 1
     step: int | None = None
+    blocks: tuple[int, int] | None = None
     image: Any = None
     seed: int | None = None
     metadata: dict | None = None

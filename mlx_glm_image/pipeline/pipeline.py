@@ -36,6 +36,7 @@ class GlmImagePipelineOutput:
     prior_token_ids: mx.array | None = None
     timings: dict = field(default_factory=dict)  # seconds per stage
     peak_memory: dict = field(default_factory=dict)  # bytes per stage (MLX's allocator high-water mark)
+    cache_summary: dict | None = None  # the step cache's cached steps and residual diffs (cache-dit's keys)
 
 
 class GlmImagePipeline:
@@ -180,4 +181,4 @@ def _output(job, report: StageReport) -> GlmImagePipelineOutput:
         images = np.stack(images) if images else images
     elif output_type in ("mx", "latent"):
         images = mx.stack(images) if images else images
-    return GlmImagePipelineOutput(images, job.prior_token_ids, report.timings, report.peaks)
+    return GlmImagePipelineOutput(images, job.prior_token_ids, report.timings, report.peaks, job.cache_summary)

@@ -15,12 +15,15 @@ class StageReport:
         self.load_seconds: dict[str, float] = {}
         self.peaks: dict[str, int] = {}
         self.tokens = self.steps = 0
+        self.blocks = [0, 0]  # DiT blocks computed, of all the steps' passes
 
     def observe(self, event: Event):
         if event.kind == "token":
             self.tokens += event.count
         elif event.kind == "step":
             self.steps += 1
+            if event.blocks is not None:
+                self.blocks = [a + b for a, b in zip(self.blocks, event.blocks)]
         elif event.kind == "stage" and event.done:
             self.timings[event.stage] = event.seconds
             self.load_seconds[event.stage] = event.load_seconds
@@ -33,6 +36,9 @@ class StageReport:
             rate = f", {self.tokens / max(self.timings[stage], 1e-9):.1f} tokens/s"
         if stage == "denoise" and self.steps:
             rate = f", {self.timings[stage] / self.steps:.2f} s/step"
+            computed, total = self.blocks
+            if total and computed < total:
+                rate += f", {computed}/{total} DiT blocks computed ({100 * computed / total:.0f}%)"
         return (f"{stage}: {self.timings[stage]:.1f} s{rate} (+ {self.load_seconds[stage]:.1f} s loading), "
                 f"peak {self.peaks[stage] / 1e9:.2f} GB")
 

@@ -14,6 +14,7 @@ and read, and ``--config-from-metadata`` are all derived from it: adding a knob 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from . import checks
+from .step_cache import SGLANG, SGLANG_CALIBRATOR, DBCacheConfig, TaylorSeerCalibratorConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +81,8 @@ class Request:
     output_type: str = "pil"
     callback_on_step_end: Callable | None = None
     callback_on_step_end_tensor_inputs: tuple = ("latents",)
+    cache_config: DBCacheConfig | None = None  # the step cache (step_cache.py); None: every block of every step
+    calibrator_config: TaylorSeerCalibratorConfig | None = None  # its TaylorSeer extrapolation of cached residuals
     # what a caller may give instead of a stage's work (diffusers' arguments)
     latents: Any = None
     prompt_embeds: Any = None
@@ -132,6 +136,8 @@ class Request:
         images, files = self._condition_images(facts, len(prompt) if prompt is not None else self.prompt_embeds.shape[0])
         height, width = _size(images, self.height, self.width, facts.size_multiple)
         checks.check_size(height, width, facts.size_multiple, facts.max_side)
+        if self.cache_config is not None:
+            self.cache_config.check_blocks(facts.dit_blocks)
         sampling = self.sampling  # as the AR model will sample (it does not run when prior tokens are given)
         if self.prior_token_ids is None:
             sampling = Sampling(**facts.sampling_settings(sampling.temperature, sampling.top_p, sampling.top_k))
@@ -165,6 +171,9 @@ class Request:
                 setting.check(value)
         if self.schedule.timesteps is None and self.schedule.sigmas is None:
             checks.check_steps(self.schedule.num_inference_steps)
+        if self.cache_config is not None and self.cache_config.enable_separate_cfg is False and self.schedule.guided:
+            raise ValueError("the step cache needs separate caches for the two passes of a guided step "
+                             "(enable_separate_cfg): their glyph tokens differ")
 
     def _condition_images(self, facts, batch: int):
         """(one tuple of fitted condition images per prompt, or None; their paths when they were given as paths)."""
@@ -225,6 +234,8 @@ class Setting:
 
     def coerce(self, value):
         """A body value (JSON, or a form's text) as this setting's type; a ValueError names the field."""
+        if self.type in CONFIGS:
+            return _config_from_body(self.type, value, self.body)
         if self.type is str:
             return value
         if isinstance(value, str):
@@ -236,6 +247,45 @@ class Setting:
             return value
         kind = "an integer" if self.type is int else "a number"
         raise ValueError(f"{self.body or self.key} must be {kind}, got {value!r}")
+
+
+    def to_json(self, value):
+        """The value as the metadata stores it (a config as its fields by cache-dit's names)."""
+        return dataclasses.asdict(value) if self.type in CONFIGS and value is not None else value
+
+    def from_json(self, value):
+        """A value the metadata or a prompt file stores, as the call takes it."""
+        if self.type in CONFIGS and value is not None:
+            return _config(self.type, value, self.key)
+        return value
+
+
+CONFIGS = (DBCacheConfig, TaylorSeerCalibratorConfig)
+PRESETS = {DBCacheConfig: SGLANG, TaylorSeerCalibratorConfig: SGLANG_CALIBRATOR}  # what `true` turns on
+
+
+def _config(cls, value, where: str):
+    """A config from its fields by name (a JSON object); a ValueError names what does not fit."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object of {cls.__name__} fields, got {checks.shown(value)}")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}; {cls.__name__} has {', '.join(names)}")
+    return cls(**value)
+
+
+def _config_from_body(cls, value, where: str):
+    """The body's form of a config: true (the published GLM-Image settings), false (off) or its fields (a form
+    field sends them as JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where} must be true, false or an object of {cls.__name__} fields, got {value!r}") from None
+    if isinstance(value, bool):
+        return PRESETS[cls] if value else None
+    return _config(cls, value, where)
 
 
 _SIDE = ("pixels, a multiple of 32, at most the model's largest side (the released model: 512 to 2048, at most 2^22 "
@@ -262,6 +312,14 @@ SETTINGS = (
             part="sampling", help=f"AR nucleus sampling, in (0, 1] {_SAMPLED}"),
     Setting(name="top_k", flag="--top-k", key="top_k", body="top_k", type=int, check=checks.check_top_k,
             part="sampling", help=f"AR top-k sampling, >= 0, 0 for off {_SAMPLED}"),
+    Setting(name="cache_config", flag="--cache", key="cache", body="cache", type=DBCacheConfig,
+            check=lambda v: checks.check_type(v, DBCacheConfig, "cache_config"),
+            help="the step cache: skip the DiT's middle blocks at steps where they would barely change (faster, "
+                 "with small changes to the image); --cache turns on SGLang's published GLM-Image settings"),
+    Setting(name="calibrator_config", flag="--taylorseer-order", key="calibrator", body="calibrator",
+            type=TaylorSeerCalibratorConfig,
+            check=lambda v: checks.check_type(v, TaylorSeerCalibratorConfig, "calibrator_config"),
+            help="the step cache's TaylorSeer extrapolation of skipped blocks (order 0: off; --cache: 2)"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
 BY_BODY = {s.body: s for s in SETTINGS if s.body}

@@ -20,12 +20,13 @@ import numpy as np
 
 from . import decode as vae_codec
 from .components import Components
-from .denoise import DenoiseInputs, Stepper, prepare_latents, write_condition_cache
+from .denoise import DenoiseInputs, Stepper, every_block, prepare_latents, write_condition_cache
 from .events import Event
 from .glyphs import encode_prompt, repeat
 from .image_processor import VaeImageProcessor
 from .prior_tokens import prior_prompt, prior_sequences, prior_token_ids
 from .request import Request, image_size
+from .step_cache import StepCache
 
 
 class NonFiniteError(RuntimeError):
@@ -49,6 +50,7 @@ class Job:
     prompt_embeds: mx.array | None = None
     negative_prompt_embeds: mx.array | None = None
     latents: mx.array | None = None
+    cache_summary: dict | None = None  # the step cache's decisions (step_cache.py), when it was on
     images: list = field(default_factory=list)  # one per image of the request, as output_type asks
 
 
@@ -136,16 +138,19 @@ class Run:
         schedule = r.schedule
         scheduler.set_timesteps(schedule.num_inference_steps, image_seq_len=(r.height // f) * (r.width // f) // p**2,
                                 timesteps=schedule.timesteps, sigmas=schedule.sigmas)
-        stepper = Stepper(transformer, scheduler, inputs, kv_caches, self.placement)
+        cache = StepCache(r.cache_config, r.calibrator_config) if r.cache_config is not None else None
+        stepper = Stepper(transformer, scheduler, inputs, kv_caches, self.placement, blocks=cache or every_block)
         total = len(scheduler.timesteps)
         try:
             for i, latents in stepper.steps(latents, self._callback(r)):
-                yield Event(kind="step", request=job.index, index=i, total=total, count=r.num_images)
+                yield Event(kind="step", request=job.index, index=i, total=total, count=r.num_images,
+                            blocks=(stepper.computed, stepper.total))
         finally:
             if kv_caches is not None:
                 kv_caches.clear()
         check_finite(latents, "denoise", "latents")
         job.latents = latents
+        job.cache_summary = cache.summary() if cache is not None else None
 
     def _decode(self, job: Job) -> Iterator[Event]:
         r = job.request
@@ -159,8 +164,11 @@ class Run:
             images = list(VaeImageProcessor(self.components.vae_scale_factor).postprocess(pixels, r.output_type))
         job.images = images
         for k, image in enumerate(images):
+            record = self.record(r, k)
+            if job.cache_summary is not None:
+                record["cache_summary"] = job.cache_summary
             yield Event(kind="image", request=job.index, index=k, total=len(images), image=image, seed=r.seed,
-                        metadata=self.record(r, k))
+                        metadata=record)
 
     # -- their pieces ---------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Three nested blocks as transformers writes them: ``text_config`` (the GLM-4-style decoder), ``vision_config`` (the
 ViT used for image editing) and ``vq_config`` (the quantizer that turns ViT features into image tokens).
-Unknown keys are ignored so that newer configs still load.
+Unknown keys are ignored so that newer configs still load. Defaults: the released config.json's values
+(docs/checkpoint.md), as every config class here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,20 @@
+"""What a checkpoint says about itself, as ``Request.from_call`` asks it, without a checkpoint: the released
+model's size rule and largest side, and its sampling defaults (no generation_config.json)."""
+
+from mlx_glm_image.pipeline.prior_tokens import sampling_settings
+
+
+class Facts:
+    size_multiple = 32
+    max_side = 2048
+    dit_blocks = 30
+
+    def __init__(self):
+        self.fitted = []
+
+    def sampling_settings(self, temperature=None, top_p=None, top_k=None):
+        return sampling_settings({}, temperature, top_p, top_k)
+
+    def prepare_condition_images(self, images):
+        self.fitted.append(images)
+        return images

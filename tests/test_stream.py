@@ -1,0 +1,167 @@
+"""The pipeline's seams on the tiny checkpoint: the event stream (order, cancel by closing), the Stepper's passes and
+blocks policy, each model loaded once (editing under staged memory too), and components shared across threads."""
+
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_checkpoints import write_pipeline
+
+from mlx_glm_image.pipeline import GlmImagePipeline
+from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper, every_block
+
+MODELS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
+# --top-k 1: the random tiny AR model would otherwise sample its end token before the grid is complete
+CALL = dict(prompt='a red cat "big"', height=64, width=96, num_inference_steps=3, seed=3, top_k=1, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_pipeline(tmp_path_factory.mktemp("stream") / "tiny-glm-image")
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every weight folder read, by component name."""
+    import mlx_glm_image.loading as loading
+
+    seen = []
+    real = loading.load_weights
+    monkeypatch.setattr(loading, "load_weights", lambda f: seen.append(Path(f).name) or real(f))
+    return seen
+
+
+def test_events_in_order_and_equal_to_the_call(folder):
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+    events = list(pipe.stream(**CALL))
+    kinds = [(e.kind, e.stage, e.done) for e in events if e.kind == "stage"]
+    assert kinds == [("stage", s, d) for s in ("prior", "glyphs", "denoise", "decode") for d in (False, True)]
+    tokens = [e for e in events if e.kind == "token"]
+    steps = [e for e in events if e.kind == "step"]
+    images = [e for e in events if e.kind == "image"]
+    # 64x96: a 2x3 target grid and a 13x19 preview grid, then the end token
+    assert [e.index for e in tokens] == list(range(2 * 3 + 13 * 19 + 1)) and tokens[0].total == len(tokens)
+    assert [(e.index, e.total) for e in steps] == [(0, 3), (1, 3), (2, 3)]
+    assert len(images) == 1 and images[0].seed == 3 and images[0].metadata["seed"] == 3
+    assert images[0].metadata["steps"] == 3 and images[0].metadata["top_k"] == 1
+    order = [e.kind for e in events]
+    assert order.index("token") < order.index("step") < order.index("image")
+    assert np.array_equal(images[0].image, pipe(**CALL).images[0]), "the stream gives the call's image"
+
+
+@pytest.mark.parametrize("stop_at", ["token", "step"])
+def test_closing_the_stream_stops_and_frees_staged_memory(folder, reads, stop_at):
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    events = pipe.stream(**CALL)
+    seen = []
+    for event in events:
+        seen.append(event.kind)
+        if event.kind == stop_at:
+            break
+    events.close()
+    assert seen.count(stop_at) == 1 and "image" not in seen
+    assert not [n for n in MODELS if pipe.components.holds(n)], "closing frees what staged memory loaded"
+    if stop_at == "token":
+        assert reads == ["vision_language_encoder"], "closed during the AR stage: the DiT never loads"
+    with pytest.raises(StopIteration):
+        next(events)
+    again = pipe(**CALL).images[0]  # the next call works normally
+    fresh = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")(**CALL).images[0]
+    assert np.array_equal(again, fresh)
+
+
+def test_editing_under_staged_memory_loads_each_model_once(folder, reads, tmp_path):
+    source = tmp_path / "source.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(source)
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    out = pipe(**dict(CALL, image=str(source)))
+    assert sorted(reads) == sorted(MODELS) and pipe.loads == 4, reads
+    assert not [n for n in MODELS if pipe.components.holds(n)]
+    resident = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+    assert np.array_equal(out.images, resident(**dict(CALL, image=Image.open(source))).images)
+
+
+def test_a_model_is_loaded_once_by_threads_asking_together(folder, reads):
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+    got, start = [], threading.Barrier(4)
+
+    def ask():
+        start.wait()
+        got.append(pipe.transformer)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reads == ["transformer"] and all(m is got[0] for m in got)
+
+
+def test_checks_on_another_thread_while_staged_memory_loads_and_frees(folder):
+    """The server checks requests on its event loop while its worker generates: the components and the facts
+    are shared under one lock, so neither side sees them half-changed."""
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    stop, errors, checked = threading.Event(), [], []
+
+    def check():
+        while not stop.is_set():
+            try:
+                checked.append(pipe.request(prompt="x", height=64, width=64, seed=1).height)
+                pipe.components.missing()
+                pipe.components.quantization()
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    try:
+        for seed in range(3):
+            pipe(**dict(CALL, seed=seed))
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and checked
+
+
+def test_stepper_passes_keep_their_own_state_and_a_blocks_policy_decides(folder):
+    """Each step runs one DiT pass per Pass (cond, uncond), each with its own state; the blocks policy sees every
+    (pass, step) and may compute the blocks itself: running them in two halves is the plain computation."""
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+    dit, scheduler = pipe.transformer, pipe.scheduler
+    b, n = 1, 4 * 6
+    rng = np.random.default_rng(0)
+    text = mx.array(rng.standard_normal((b, 3, dit.config.text_embed_dim)).astype(np.float32))
+    inputs = DenoiseInputs(prompt_embeds=text, negative_prompt_embeds=mx.zeros_like(text),
+                           prior_token_ids=mx.array(rng.integers(0, 40, (b, n)), dtype=mx.int32),
+                           target_size=mx.array([[64.0, 96.0]]), crop_coords=mx.zeros((1, 2)), guidance_scale=2.0)
+    latents = mx.array(rng.standard_normal((b, dit.config.in_channels, 8, 12)).astype(np.float32))
+    scheduler.set_timesteps(3, image_seq_len=n)
+    plain = [x for _, x in Stepper(dit, scheduler, inputs).steps(latents)][-1]
+
+    seen = []
+
+    def halves(pass_, step, x, blocks):
+        """Asks the host for a value in between (a generator policy): the passes take turns around it."""
+        pass_.state["steps"] = pass_.state.get("steps", 0) + 1
+        seen.append((pass_.name, step, "first half"))
+        h = blocks(0, blocks.n_blocks // 2, x)
+        yield mx.mean(h)
+        seen.append((pass_.name, step, "second half"))
+        return blocks(blocks.n_blocks // 2, blocks.n_blocks, h)
+
+    stepper = Stepper(dit, scheduler, inputs, blocks=halves)
+    split = [x for _, x in stepper.steps(latents)][-1]
+    assert np.array_equal(np.array(split), np.array(plain))
+    assert seen == [(p, s, half) for s in range(3) for half in ("first half", "second half") for p in ("cond", "uncond")]
+    assert [p.state for p in stepper.passes] == [{"steps": 3}, {"steps": 3}]
+    assert (stepper.computed, stepper.total) == (2 * 2, 2 * 2), "two passes of the tiny DiT's 2 blocks"
+    assert np.array_equal(np.array([x for _, x in Stepper(dit, scheduler, inputs, blocks=every_block).steps(latents)][-1]),
+                          np.array(plain)), "every_block is the default"
+
+    skipped = Stepper(dit, scheduler, inputs, blocks=lambda p, s, x, blocks: blocks(0, blocks.n_blocks - 1, x))
+    assert np.abs(np.array([x for _, x in skipped.steps(latents)][-1]) - np.array(plain)).max() > 1e-4, \
+        "a policy that skips a block changes the result"
+    assert (skipped.computed, skipped.total) == (2, 4)

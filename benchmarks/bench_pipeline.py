@@ -10,8 +10,9 @@ MLX's GlmImagePipeline against diffusers' GlmImagePipeline, each side in its own
     python benchmarks/bench_pipeline.py --config tiny --sides mlx --src . /path/to/other/checkout
 
 Prints seconds and peak memory per stage: build (random weights made on the device; for "tiny" and for MLX's
-staged memory, writing and first loading the folder), prior (the AR model generating its whole grid), glyph encoder, denoising, VAE decode. Each side first
-runs a warm-up generation (2 steps, at most 512x512) so that kernel compilation and allocator growth are not timed.
+staged memory, writing and first loading the folder), then the pipeline's stages: prior (the AR model generating
+its whole grid), glyphs (the ByT5 glyph encoder), denoise (the DiT steps), decode (the VAE). Each side first runs
+a warm-up generation (2 steps, at most 512x512) so that kernel compilation and allocator growth are not timed.
 Peak memory: MLX's allocator high-water mark per stage; torch's max_memory_allocated per stage on CUDA, the
 process's max RSS on the CPU. Both sides sample the AR grid with temperature 0.9 and top_p 0.75, and both
 complete the grid (no end token before its last token), so they do the same work.
@@ -21,50 +22,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-STAGES = ["prior", "glyph encoder", "denoising", "vae decode"]
+import common
+
+ROOT = common.ROOT
+STAGES = ["prior", "glyphs", "denoise", "decode"]  # the pipeline's stage names (its .timings / .peak_memory keys)
+OLD_STAGES = {"glyph encoder": "glyphs", "denoising": "denoise", "vae decode": "decode"}  # older checkouts' (--src)
 COMPONENT_NAMES = ("transformer", "vae", "text_encoder", "vision_language_encoder")
 PROMPT = 'A vintage poster with the title "GLM-Image" in bold red letters above a lighthouse at dusk'
 IMAGE_START, IMAGE_END = 16384, 16385
 SPECIALS = {"<pad>": 167841, "[gMASK]": 167842, "<|user|>": 167843, "<|assistant|>": 167844, "<sop>": 167845,
             "<eop>": 167846, "<|image|>": 167855}
-# the released vae/config.json's
-LATENTS_MEAN = [-0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
-                0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625,
-                -0.255859375]
-LATENTS_STD = [3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125, 2.1875, 2.046875, 2.71875,
-               2.390625, 2.390625, 2.453125, 2.25, 2.15625]
 TEMPLATE = ("[gMASK]{% for message in messages %}<|{{ message.role }}|>{% for item in message.content %}"
             "{% if item.type == 'text' %}{{ item.text }}{% endif %}{% endfor %}{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def configs(name: str) -> dict:
-    """Model configs per component (diffusers / transformers keyword arguments)."""
-    from bench_prior import REDUCED as AR_REDUCED
-    from model_sizes import RELEASED
+# "reduced": every stage a few seconds on a laptop CPU (changes to the released configs)
+REDUCED = {"vision_language_encoder": common.SMALLER[("vision_language_encoder", "reduced")],
+           "transformer": dict(num_layers=2, num_attention_heads=4), "text_encoder": dict(num_layers=2),
+           "vae": dict(block_out_channels=[32, 64, 128, 128], layers_per_block=2)}
 
-    cfg = json.loads(json.dumps(RELEASED))
-    cfg["vae"].update(force_upcast=True, mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
-                      latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
+
+def configs(name: str) -> dict:
+    """Model configs per component (config.json dicts; diffusers / transformers keyword names): the released ones
+    (common.released), reduced for "reduced"."""
+    cfg = {c: common.released(c) for c in COMPONENT_NAMES}
+    if name == "reduced":
+        cfg = {c: common.merged(cfg[c], REDUCED[c]) for c in COMPONENT_NAMES}
     # random AR weights may sample any vision token (a trained model samples codes only): let the DiT take them all
     cfg["transformer"]["prior_vq_quantizer_codebook_size"] = cfg["vision_language_encoder"]["text_config"][
         "vision_vocab_size"]
-    if name == "reduced":  # every stage a few seconds on a laptop CPU
-        cfg["vision_language_encoder"] = json.loads(json.dumps(AR_REDUCED))
-        cfg["transformer"].update(num_layers=2, num_attention_heads=4)
-        cfg["text_encoder"].update(num_layers=2)
-        cfg["vae"].update(block_out_channels=[32, 64, 128, 128], layers_per_block=2)
     return cfg
 
 
@@ -155,7 +148,7 @@ def random_component(args, name: str, quantize: bool = True):
     from mlx_glm_image.convert import COMPONENTS
 
     cls = COMPONENTS[name]
-    model = cls(cls.config_class.from_dict(configs(args.config)[name]))
+    model = cls(cls.config_class.from_dict(args.inputs[name]))
     # the glyph encoder keeps its checkpoint's float32, as the pipeline loads it
     model.set_dtype(mx.float32 if name == "text_encoder" else getattr(mx, args.dtype))
     for _, p in tree_flatten(model.parameters()):
@@ -172,7 +165,7 @@ def write_random_component(args, name: str):
 
     folder = args.model / name
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(configs(args.config)[name]))
+    (folder / "config.json").write_text(json.dumps(args.inputs[name]))
     weights = dict(tree_flatten(random_component(args, name, quantize=False).parameters()))
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
 
@@ -196,17 +189,17 @@ def run_mlx(args) -> dict:
     src = Path(mlx_glm_image.__file__).parents[1]
     note = " ".join(x for x in (f"{args.bits}-bit" if args.bits else "", args.memory,
                                 "" if src == ROOT else str(src)) if x)
+    timings = {OLD_STAGES.get(k, k): v for k, v in out.timings.items()}
+    peaks = {OLD_STAGES.get(k, k): v for k, v in out.peak_memory.items()}
     return dict(side="mlx", note=note, device=str(mx.default_device()), build_s=build + loaded,
-                load_s=pipe.load_seconds - loaded, total_s=total,
-                stages={k: out.timings.get(k, 0.0) for k in STAGES},
-                peaks={k: out.peak_memory.get(k, 0) for k in STAGES}, peak=max(out.peak_memory.values()),
-                max_rss=peak_rss())
+                load_s=pipe.load_seconds - loaded, total_s=total, stages={k: timings.get(k, 0.0) for k in STAGES},
+                peaks={k: peaks.get(k, 0) for k in STAGES}, peak=max(peaks.values()), max_rss=peak_rss())
 
 
 # ---- diffusers side ----------------------------------------------------------------------------------------------
 class TorchStages:
     """Times (and on CUDA, peak memory of) the stages of diffusers' pipeline by wrapping the methods that start
-    them; denoising is what lies between the glyph encoder and the VAE decode."""
+    them; denoise is what lies between the glyph encoder and the VAE decode."""
 
     def __init__(self, torch, device):
         self.torch, self.cuda = torch, device.type == "cuda"
@@ -251,7 +244,9 @@ def torch_pipeline(args, torch, device):
         t0 = time.perf_counter()
         pipe = GlmImagePipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
         return pipe, time.perf_counter() - t0
-    cfg = configs(args.config)
+    cfg = {name: common.reference_kwargs(args.inputs[name], ref) for name, ref in (
+        ("transformer", GlmImageTransformer2DModel), ("vae", AutoencoderKL), ("text_encoder", T5Config),
+        ("vision_language_encoder", GlmImageConfig))}
     t0 = time.perf_counter()
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -284,8 +279,8 @@ def run_torch(args) -> dict:
         eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
     timer = TorchStages(torch, device)
     pipe.generate_prior_tokens = timer.wrap("prior", pipe.generate_prior_tokens)
-    pipe.encode_prompt = timer.wrap("glyph encoder", pipe.encode_prompt, before="between")
-    pipe.vae.decode = timer.wrap("vae decode", pipe.vae.decode, before="denoising")
+    pipe.encode_prompt = timer.wrap("glyphs", pipe.encode_prompt, before="between")
+    pipe.vae.decode = timer.wrap("decode", pipe.vae.decode, before="denoise")
     kw = dict(prompt=PROMPT, height=args.height, width=args.width, guidance_scale=1.5, output_type="np",
               generator=torch.Generator(device).manual_seed(0))
     with torch.inference_mode():
@@ -343,52 +338,40 @@ def main():
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
+    common.add_worker_arguments(p, ["mlx", "diffusers"])
     args = p.parse_args()
     size = {"tiny": (64, 96), "reduced": (512, 512), "released": (1024, 1024)}[args.config]
     args.height, args.width = args.height or size[0], args.width or size[1]
     args.steps = args.steps or {"tiny": 10, "reduced": 8, "released": 50}[args.config]
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.worker:
-        sys.path.insert(0, str(args.src[0]))
+        common.use_checkout(args.src[0])
         args.bits, args.memory = args.bits[0], args.memory[0]
-        res = (run_mlx if args.worker == "mlx" else run_torch)(args)
-        print("RESULT " + json.dumps(res), flush=True)
+        common.report((run_mlx if args.worker == "mlx" else run_torch)(args))
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        cfg = None  # "tiny": the models' configs are the folder's
         if args.config == "tiny":
             sys.path.insert(0, str(ROOT / "tests"))
             from tiny_checkpoints import write_pipeline
 
             args.model = write_pipeline(Path(tmp) / "tiny-glm-image")
-        else:
-            args.model = write_skeleton(Path(tmp), configs(args.config))
+        else:  # this checkout's configs, handed to every worker: the same models whichever checkout --src times
+            cfg = configs(args.config)
+            args.model = write_skeleton(Path(tmp), cfg)
         runs = [("mlx", src, bits, memory) for src in args.src for bits in args.bits for memory in args.memory]
         runs = (runs if "mlx" in args.sides else []) + ([("diffusers", ROOT, 0, "resident")]
                                                          if "diffusers" in args.sides else [])
         for side, src, bits, memory in runs:
-            cmd = [sys.executable, __file__, "--worker", side, "--src", str(src), "--model", str(args.model),
-                   "--config", args.config, "--device", args.device, "--height", str(args.height), "--width",
-                   str(args.width), "--steps", str(args.steps), "--dtype", args.dtype, "--bits", str(bits),
-                   "--memory", memory]
-            cmd += [] if args.warmup else ["--no-warmup"]
-            env = dict(os.environ)
-            env.pop("LD_PRELOAD", None)
-            if side == "mlx" and args.device == "cpu" and Path(OPENBLAS).exists():
-                env["LD_PRELOAD"] = OPENBLAS  # never for torch
-            print(f"running {side} {bits or ''}...", file=sys.stderr, flush=True)
-            try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
-                                      cwd=tempfile.gettempdir())
-            except subprocess.TimeoutExpired:
-                print(f"{side}: timed out after {args.timeout} s", file=sys.stderr)
-                continue
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{side} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results.append(json.loads(lines[-1][7:]))
+            argv = ["--model", args.model, "--config", args.config, "--device", args.device, "--height", args.height,
+                    "--width", args.width, "--steps", args.steps, "--dtype", args.dtype, "--bits", bits,
+                    "--memory", memory] + ([] if args.warmup else ["--no-warmup"])
+            label = side if side != "mlx" else f"mlx {f'{bits}-bit ' if bits else ''}{memory} {src}"
+            res = common.run_worker(__file__, side, argv, mlx=side == "mlx", device=args.device, src=src, inputs=cfg,
+                                    timeout=args.timeout, cwd=tempfile.gettempdir(), label=label)
+            if res is not None:
+                results.append(res)
     print_table(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -21,40 +21,14 @@ Apple GPUs, from the released text model's weight bytes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+import common
 
-RELEASED = {
-    "text_config": dict(vocab_size=168064, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
-                        num_attention_heads=32, num_key_value_heads=2, vision_vocab_size=16512, attention_bias=True,
-                        rms_norm_eps=1e-5, pad_token_id=167841, eos_token_id=16385,
-                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
-                                             mrope_section=[8, 12, 12])),
-    "vision_config": dict(depth=40, hidden_size=1536, num_heads=16, intermediate_size=6144, image_size=2048,
-                          patch_size=16),
-    "vq_config": dict(embed_dim=2048, num_embeddings=16384, latent_channels=1536),
-    "image_token_id": 167855, "image_start_token_id": 16384, "image_end_token_id": 16385,
-}
-# same vocabularies and head geometry, fewer and narrower layers: runs on a laptop CPU
-REDUCED = json.loads(json.dumps(RELEASED))
-REDUCED["text_config"].update(hidden_size=1024, intermediate_size=3424, num_hidden_layers=8, num_attention_heads=8,
-                              num_key_value_heads=2)
-REDUCED["vision_config"].update(depth=2, hidden_size=256, num_heads=4, intermediate_size=1024)
-REDUCED["vq_config"].update(latent_channels=256, embed_dim=256)
-# the released layer count, vocabularies and attention geometry at a narrow width: the weights are small, so the
-# per-token overhead (the host issuing a step, the kernels it launches) sets the pace, as on a fast GPU
-NARROW = json.loads(json.dumps(REDUCED))
-NARROW["text_config"].update(hidden_size=256, intermediate_size=512, num_hidden_layers=40, num_attention_heads=2,
-                             num_key_value_heads=2)
-CONFIGS = {"released": RELEASED, "reduced": REDUCED, "narrow": NARROW}
+ROOT = common.ROOT
+CONFIGS = common.variants("vision_language_encoder")  # common.SMALLER: "reduced", "narrow"
 
 GRIDS = [[1, 32, 32], [1, 16, 16]]  # 1024x1024: target 32x32, preview 16x16 -> 1281 new tokens
 SAMPLING = dict(temperature=0.9, top_p=0.75, top_k=50)
@@ -86,7 +60,7 @@ def peak_rss_gb() -> float:
 
 # ---- MLX side ------------------------------------------------------------------------------------------------
 def run_mlx(args) -> dict:
-    sys.path.insert(0, str(args.src[0]))
+    common.use_checkout(args.src[0])
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten, tree_map_with_path
@@ -96,7 +70,7 @@ def run_mlx(args) -> dict:
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
-    cfg = CONFIGS[args.config]
+    cfg = args.inputs  # the parent's config: the same for every checkout --src times
     dtype = getattr(mx, args.dtype)
     t0 = time.perf_counter()
     model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(cfg))
@@ -199,10 +173,10 @@ def run_torch(args) -> dict:
 
     dev = torch.device("cuda" if args.device == "gpu" else "cpu")
     dtype = getattr(torch, args.dtype)
-    cfg = CONFIGS[args.config]
+    cfg = args.inputs
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    config = GlmImageConfig(**cfg)
+    config = GlmImageConfig(**common.reference_kwargs(cfg, GlmImageConfig))
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with no_init_weights(), dev:
@@ -255,10 +229,10 @@ def run_torch(args) -> dict:
 # ---- driver --------------------------------------------------------------------------------------------------
 def bandwidth_table():
     """Weight bytes read per decoded token of the released text model (all layers + lm_head) / bandwidth."""
-    sys.path.insert(0, str(ROOT))
-    from mlx_glm_image.models.ar.config import TextConfig
+    common.use_checkout()
+    from mlx_glm_image.models.ar.config import GlmImageConfig
 
-    c = TextConfig(**RELEASED["text_config"])
+    c = GlmImageConfig.from_dict(common.released("vision_language_encoder")).text_config
     d, kv, f = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size
     per_layer = d * d + 2 * d * kv + (d + 2 * kv) + d * d + d * 2 * f + f * d + 4 * d
     params = c.num_hidden_layers * per_layer + d * c.vision_vocab_size  # embedding rows read: negligible
@@ -278,7 +252,7 @@ def bandwidth_table():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=list(CONFIGS), default="reduced")
+    ap.add_argument("--config", choices=CONFIGS, default="reduced")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--tokens", type=int, default=1281, help="new tokens (default: the whole 1024x1024 grid)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -290,36 +264,24 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also profile one MLX decode step")
     ap.add_argument("--no-openblas", action="store_true")
     ap.add_argument("--timeout", type=int, default=3000)
-    ap.add_argument("--worker", choices=["mlx", "transformers"], help=argparse.SUPPRESS)
+    common.add_worker_arguments(ap, ["mlx", "transformers"])
     args = ap.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
     if args.worker:
-        res = (run_mlx if args.worker == "mlx" else run_torch)(args)
-        print("RESULT " + json.dumps(res), flush=True)
+        common.report((run_mlx if args.worker == "mlx" else run_torch)(args))
         return
 
+    cfg = common.config("vision_language_encoder", args.config)
     results = []
     runs = [(side, src) for side in args.sides.split(",") for src in (args.src if side == "mlx" else [ROOT])]
     for side, src in runs:
-        cmd = [sys.executable, __file__, "--worker", side, "--config", args.config, "--device", args.device,
-               "--tokens", str(args.tokens), "--dtype", args.dtype, "--bits", str(args.bits), "--src", str(src)]
-        cmd += ["--profile"] if args.profile else []
-        env = dict(os.environ)
-        env.pop("LD_PRELOAD", None)
-        if side == "mlx" and args.device == "cpu" and not args.no_openblas and os.path.exists(OPENBLAS):
-            env["LD_PRELOAD"] = OPENBLAS
-        print(f"running {side} ...", file=sys.stderr, flush=True)
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{side}: timed out after {args.timeout} s", file=sys.stderr)
-            continue
-        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        if p.returncode != 0 or not lines:
-            print(f"{side} failed (rc {p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(lines[-1][7:]))
+        argv = ["--config", args.config, "--device", args.device, "--tokens", args.tokens, "--dtype", args.dtype,
+                "--bits", args.bits] + (["--profile"] if args.profile else [])
+        res = common.run_worker(__file__, side, argv, mlx=side == "mlx", device=args.device, src=src, inputs=cfg,
+                                timeout=args.timeout, openblas=not args.no_openblas)
+        if res is not None:
+            results.append(res)
 
     print(f"\nAR prior decode, {args.config} config, {args.dtype}, prompt + {args.tokens} new tokens "
           f"(1024x1024 grid layout, temperature 0.9, top_p 0.75):")

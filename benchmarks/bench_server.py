@@ -11,8 +11,6 @@ and the difference (HTTP, JSON, PNG + base64 encoding, queueing).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import socket
 import statistics
 import subprocess
@@ -21,11 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+import common
+
+ROOT = common.ROOT
 
 
-def direct(args):
+def direct(args) -> dict:
+    common.use_checkout()
     from mlx_glm_image import GlmImagePipeline
 
     w, h = map(int, args.size.split("x"))
@@ -37,17 +37,18 @@ def direct(args):
         t0 = time.perf_counter()
         pipe(**call, generator=i).images[0]
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"side": "direct", "ms": 1000 * statistics.median(times), "rps": len(times) / sum(times)}))
+    return {"side": "direct", "ms": 1000 * statistics.median(times), "rps": len(times) / sum(times)}
 
 
-def served(args, env):
+def served(args) -> dict:
     import openai
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "mlx_glm_image.server", "-m", str(args.model), "--port", str(port),
-                             "--dtype", args.dtype, "--memory", "resident"], cwd=ROOT, env=env,
+                             "--dtype", args.dtype, "--memory", "resident"], cwd=ROOT,
+                            env=common.worker_env(mlx=True, device=common.default_device()),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(600):
@@ -64,7 +65,7 @@ def served(args, env):
             t0 = time.perf_counter()
             client.images.generate(prompt="a red cat", size=args.size, extra_body={**extra, "seed": i})
             times.append(time.perf_counter() - t0)
-        print(json.dumps({"side": "server", "ms": 1000 * statistics.median(times), "rps": len(times) / sum(times)}))
+        return {"side": "server", "ms": 1000 * statistics.median(times), "rps": len(times) / sum(times)}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -77,27 +78,24 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--requests", type=int, default=20)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--worker", choices=["direct", "server"], help=argparse.SUPPRESS)
+    common.add_worker_arguments(p, ["direct", "server"])
     args = p.parse_args()
-    env = dict(os.environ)
-    if Path(OPENBLAS).exists():
-        env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU wheel ships a slow reference BLAS; no torch in these processes
     if args.worker:
-        return direct(args) if args.worker == "direct" else served(args, env)
+        common.report(direct(args) if args.worker == "direct" else served(args))
+        return
+    device = common.default_device()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             sys.path.insert(0, str(ROOT / "tests"))
             from tiny_checkpoints import write_pipeline
 
             args.model = write_pipeline(Path(tmp) / "tiny-glm-image")
-        rows = []
-        for side in ("direct", "server"):
-            out = subprocess.run([sys.executable, __file__, "--worker", side, "--model", str(args.model), "--size", args.size,
-                                  "--steps", str(args.steps), "--requests", str(args.requests), "--dtype", args.dtype],
-                                 env=env, capture_output=True, text=True, cwd=ROOT)
-            rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
+        argv = ["--model", args.model, "--size", args.size, "--steps", args.steps, "--requests", args.requests,
+                "--dtype", args.dtype]
+        # no torch in these processes: the pipeline's (direct) and the server's get OpenBLAS on the CPU, the client not
+        rows = [common.run_worker(__file__, side, argv, mlx=side == "direct", device=device, cwd=ROOT)
+                for side in ("direct", "server")]
+        rows = [r for r in rows if r is not None]
         for r in rows:
             print(f"{r['side']:>7}: {r['ms']:8.1f} ms per request, {r['rps']:6.2f} requests/s")
         if len(rows) == 2:

@@ -13,30 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+import common
 
-CONFIGS = {
-    # docs/checkpoint.md: the released transformer/config.json
-    "released": dict(
-        patch_size=2, in_channels=16, out_channels=16, num_layers=30, attention_head_dim=128,
-        num_attention_heads=32, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,
-        prior_vq_quantizer_codebook_size=16384,
-    ),
-    # same shapes per head, 1/4 of the width, 4 layers: runs on a laptop CPU
-    "reduced": dict(
-        patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=128,
-        num_attention_heads=8, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,
-        prior_vq_quantizer_codebook_size=16384,
-    ),
-}
+CONFIGS = common.variants("transformer")  # "released", and common.SMALLER's "reduced" (8 heads x 128, 4 layers)
 TEXT_LEN = 64
 # how the MLX forward is executed: one lazy graph; evaluated step by step (a block's attention, then its
 # feed-forward) with the next step already queued (the pipeline's default); or step by step, each waited for
@@ -72,35 +55,35 @@ def timed(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def worker_mlx(args):
-    sys.path.insert(0, str(ROOT))
+def worker_mlx(args) -> list[dict]:
+    common.use_checkout()
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx.utils import tree_map
 
     from mlx_glm_image import GlmImageTransformer2DModel
+    from mlx_glm_image import quantize as Q
     from mlx_glm_image.pipeline.denoise import queued_steps
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, args.dtype)
-    cfg = CONFIGS[args.config]
+    cfg = args.inputs
     model = GlmImageTransformer2DModel(cfg)
     # cast block by block so the fp32 initialisation never exists for the whole model at once
     for block in model.transformer_blocks:
         block.update(tree_map(lambda p: p.astype(dtype), block.parameters()))
         mx.eval(block.parameters())
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
-    if args.quantize:
-        nn.quantize(model, group_size=64, bits=args.quantize,
-                    class_predicate=lambda p, m: isinstance(m, nn.Linear) and p.startswith("transformer_blocks"))
+    if args.quantize:  # as the pipeline quantizes it: the model's own predicate
+        Q.quantize_model(model, Q.as_spec(args.quantize))
     mx.eval(model.parameters())
     weights_gb = mx.get_active_memory() / 1e9
 
+    rows = []
     for size in args.sizes:
         kw = {k: mx.array(v) for k, v in inputs_np(size, cfg).items()}
         if args.ops:
-            profile_ops(mx, size, cfg, dtype, args)
+            rows += profile_ops(mx, size, cfg, dtype)
         for variant in args.mlx_variants:
             in_flight = {"lazy": None, "eval-per-block": 2, "eval-per-block-sync": 1}[variant]
 
@@ -112,11 +95,12 @@ def worker_mlx(args):
             mx.clear_cache()
             mx.reset_peak_memory()
             ms = timed(forward, args.warmup, args.iters)
-            print(json.dumps(dict(side="mlx", variant=variant + (f"-q{args.quantize}" if args.quantize else ""),
-                                  size=size, ms=ms, peak_gb=mx.get_peak_memory() / 1e9, weights_gb=weights_gb)), flush=True)
+            rows.append(dict(side="mlx", variant=variant + (f"-q{args.quantize}" if args.quantize else ""),
+                             size=size, ms=ms, peak_gb=mx.get_peak_memory() / 1e9, weights_gb=weights_gb))
+    return rows
 
 
-def profile_ops(mx, size, cfg, dtype, args):
+def profile_ops(mx, size, cfg, dtype) -> list[dict]:
     """Where a block's time goes: its GEMMs and its attention alone, as achieved TFLOP/s."""
     tokens = (size // 8 // cfg["patch_size"]) ** 2 + TEXT_LEN
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
@@ -131,24 +115,27 @@ def profile_ops(mx, size, cfg, dtype, args):
         "gemm ff-up": (lambda: mx.eval(x @ w_ff.T), 2 * tokens * dim * 4 * dim),
         "sdpa": (lambda: mx.eval(mx.fast.scaled_dot_product_attention(q, q, q, scale=head_dim**-0.5)), 4 * tokens * tokens * dim),
     }
+    rows = []
     for name, (fn, flops) in ops.items():
         ms = timed(fn, 3, 10)
-        print(json.dumps(dict(side="mlx-op", variant=name, size=size, ms=ms, peak_gb=flops / ms / 1e9, weights_gb=0)), flush=True)
+        rows.append(dict(side="mlx-op", variant=name, size=size, ms=ms, peak_gb=flops / ms / 1e9, weights_gb=0))
+    return rows
 
 
-def worker_torch(args):
+def worker_torch(args) -> list[dict]:
     import torch
     from diffusers import GlmImageTransformer2DModel as TorchDiT
 
     device = "cuda" if args.device == "gpu" else "cpu"
     dtype = getattr(torch, args.dtype)
     torch.set_grad_enabled(False)
-    cfg = CONFIGS[args.config]
+    cfg = args.inputs
     with torch.device(device):
-        model = TorchDiT(**cfg).to(dtype).eval()
+        model = TorchDiT(**common.reference_kwargs(cfg, TorchDiT)).to(dtype).eval()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     weights_gb = torch.cuda.memory_allocated() / 1e9 if device == "cuda" else float("nan")
     variants = ["eager"] + (["compile"] if args.torch_compile else [])
+    rows = []
     for size in args.sizes:
         kw = {k: torch.from_numpy(v).to(device) for k, v in inputs_np(size, cfg).items()}
         kw["hidden_states"] = kw["hidden_states"].to(dtype)
@@ -170,25 +157,14 @@ def worker_torch(args):
                 import resource
 
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # process high-water mark
-            print(json.dumps(dict(side="torch", variant=variant, size=size, ms=ms, peak_gb=peak, weights_gb=weights_gb)), flush=True)
-
-
-def run_side(side: str, argv: list[str]) -> list[dict]:
-    env = dict(os.environ)
-    if side == "mlx" and Path(OPENBLAS).exists() and "--device" in argv and argv[argv.index("--device") + 1] == "cpu":
-        env["LD_PRELOAD"] = OPENBLAS  # mlx-cpu's own BLAS is a slow reference implementation
-    cmd = [sys.executable, __file__, "--worker", side, *argv]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode:
-        print(f"{side} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            rows.append(dict(side="torch", variant=variant, size=size, ms=ms, peak_gb=peak, weights_gb=weights_gb))
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--config", choices=list(CONFIGS), default="reduced")
+    parser.add_argument("--config", choices=CONFIGS, default="reduced")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes in pixels (square)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: float32 on the CPU, bfloat16 on a GPU")
@@ -196,16 +172,17 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model)")
     parser.add_argument("--mlx-variants", nargs="+", default=["lazy", "eval-per-block"], choices=VARIANTS)
-    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="MLX side: quantize the blocks' linears")
+    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
+                        help="MLX side: quantize the model as the pipeline does (its own predicate)")
     parser.add_argument("--sides", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
     parser.add_argument("--ops", action="store_true", help="MLX side: also time one block's GEMMs and attention alone")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    common.add_worker_arguments(parser, ["mlx", "torch"])
     args = parser.parse_args()
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
     if args.worker:
-        (worker_mlx if args.worker == "mlx" else worker_torch)(args)
+        common.report((worker_mlx if args.worker == "mlx" else worker_torch)(args))
         return
 
     argv = ["--device", args.device, "--config", args.config, "--dtype", args.dtype, "--sizes", *map(str, args.sizes),
@@ -218,7 +195,8 @@ def main():
         argv.append("--ops")
     rows = []
     for side in args.sides:
-        rows += run_side(side, argv)
+        rows += common.run_worker(__file__, side, argv, mlx=side == "mlx", device=args.device,
+                                  inputs=common.config("transformer", args.config)) or []
 
     print(f"\nDiT forward, config={args.config}, dtype={args.dtype}, device={args.device}, text tokens={TEXT_LEN}")
     print(f"{'size':>6} {'side':>6} {'variant':>16} {'ms':>10} {'peak GB':>9} {'vs torch eager':>15}")

@@ -14,35 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+import common
 
 
 def vae_config(layers_per_block: int) -> dict:
-    # The released GLM-Image vae/config.json (docs/checkpoint.md); --layers-per-block changes that one value.
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 512, 1024, 1024],
-        layers_per_block=layers_per_block,
-        latent_channels=16,
-        norm_num_groups=32,
-        act_fn="silu",
-        sample_size=1024,
-        force_upcast=True,
-        mid_block_add_attention=False,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    """The released vae/config.json (common.released); --layers-per-block changes that one value."""
+    return dict(common.released("vae"), layers_per_block=layers_per_block)
 
 
 def max_rss_bytes() -> int:
@@ -55,7 +37,7 @@ def max_rss_bytes() -> int:
 
 
 def worker_mlx(args) -> dict:
-    sys.path.insert(0, str(ROOT))
+    common.use_checkout()
     import mlx.core as mx
 
     from mlx_glm_image.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -94,7 +76,8 @@ def worker_torch(args) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("torch has no CUDA device")
     dtype = getattr(torch, args.dtype)
-    vae = AutoencoderKL(**vae_config(args.layers_per_block)).to(device=device, dtype=dtype).eval()
+    vae = AutoencoderKL(**common.reference_kwargs(vae_config(args.layers_per_block), AutoencoderKL))
+    vae = vae.to(device=device, dtype=dtype).eval()
     if args.tiled == "tiled":
         vae.enable_tiling()
         vae.tile_sample_min_size = args.tile_size
@@ -131,22 +114,11 @@ def worker_torch(args) -> dict:
 
 
 def run_one(side: str, size: int, tiled: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--size", str(size), "--tiled", tiled,
-           "--device", args.device, "--dtype", args.dtype, "--layers-per-block", str(args.layers_per_block),
-           "--tile-size", str(args.tile_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)
-    if side == "mlx" and args.device == "cpu" and args.openblas and os.path.exists(OPENBLAS):
-        # mlx's CPU wheel ships a reference BLAS; never preload into the torch process (its threads spin)
-        env["LD_PRELOAD"] = OPENBLAS
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout {args.timeout}s"}
-    if p.returncode != 0:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"error": f"rc {p.returncode}: {tail[0][:80]}"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    argv = ["--size", size, "--tiled", tiled, "--device", args.device, "--dtype", args.dtype, "--layers-per-block",
+            args.layers_per_block, "--tile-size", args.tile_size, "--repeats", args.repeats, "--warmup", args.warmup]
+    result = common.run_worker(__file__, side, argv, mlx=side == "mlx", device=args.device, timeout=args.timeout,
+                               openblas=args.openblas, label=f"{side} {size} {tiled}")
+    return result if result is not None else {"error": "failed (see above)"}
 
 
 def fmt_bytes(b) -> str:
@@ -170,15 +142,14 @@ def main():
     ap.add_argument("--no-openblas", dest="openblas", action="store_false")
     ap.add_argument("--json", default=None, help="also write the results here")
     # worker-only
-    ap.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    common.add_worker_arguments(ap, ["mlx", "torch"])
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tiled", choices=["tiled", "untiled"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
 
     if args.worker:
-        result = (worker_mlx if args.worker == "mlx" else worker_torch)(args)
-        print(json.dumps(result))
+        common.report((worker_mlx if args.worker == "mlx" else worker_torch)(args))
         return
 
     sizes = [int(s) for s in (args.sizes or ("1024,2048" if args.device == "gpu" else "256,512")).split(",")]
@@ -187,8 +158,11 @@ def main():
             raise SystemExit(f"size {s} is not a multiple of 8")
     modes = args.modes.split(",")
     sides = args.sides.split(",")
-    print(f"VAE decode, random weights, the released config (block_out_channels [128,512,1024,1024], no mid-block "
-          f"attention, no quant convs), layers_per_block "
+    cfg = vae_config(args.layers_per_block)
+    print(f"VAE decode, random weights, the released config (block_out_channels "
+          f"[{','.join(map(str, cfg['block_out_channels']))}], "
+          f"{'a' if cfg['mid_block_add_attention'] else 'no'} mid-block attention, "
+          f"{'with' if cfg['use_quant_conv'] or cfg['use_post_quant_conv'] else 'no'} quant convs), layers_per_block "
           f"{args.layers_per_block}, {args.dtype}, device {args.device}, tile {args.tile_size}px / 25% overlap, "
           f"best of {args.repeats} after {args.warmup} warmup", flush=True)
     header = f"{'side':6} {'size':>5} {'mode':8} {'ms':>10} {'peak':>10} {'max RSS':>10}  device"

@@ -240,6 +240,28 @@ def test_a_client_that_disconnects_frees_its_slot(model_dir):
         s.stop()
 
 
+def test_a_client_that_disconnects_while_running_stops_its_generation(model_dir):
+    """The generation stops at its next token or step: the next request starts at once, not after 1000 steps."""
+    s = Server(model_dir, "--memory", "resident")
+    try:
+        client = s.client()
+        client.images.generate(prompt="warm", size="64x64", extra_body=FAST)
+        t0 = time.time()
+        one_step = client.images.generate(prompt="x", size="128x128", extra_body={"seed": 1, "num_inference_steps": 1})
+        step = time.time() - t0  # about the cost of one request at that size (AR grid included)
+        with pytest.raises(openai.APITimeoutError):
+            s.client(timeout=2.0).images.generate(prompt="x", size="128x128",
+                                                   extra_body={"seed": 1, "num_inference_steps": 1000})
+        left = time.time()
+        out = client.images.generate(prompt="z", size="64x64", extra_body=FAST)
+        waited = time.time() - left
+        print(f"from the disconnect to the next answer: {waited:.2f} s (one 128x128 request: {step:.2f} s)")
+        assert decode(out.data[0]).shape == (64, 64, 3) and decode(one_step.data[0]).shape == (128, 128, 3)
+        assert waited < 10, "the abandoned generation kept the worker"
+    finally:
+        s.stop()
+
+
 def test_an_upload_over_the_limit_is_413(model_dir, tmp_path):
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)

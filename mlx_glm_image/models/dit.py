@@ -53,7 +53,7 @@ class GlmImageTransformerConfig:
 # ---------------------------------------------------------------------------------------------------------
 # Fused elementwise pieces. Matmuls dominate the FLOPs; these are where compile saves memory traffic. They are
 # traced per shape (once per image size), not shapeless: shape-specialised kernels measured faster on an H200
-# (README, "Speed and memory"), and a shapeless trace mis-shapes zero-size inputs.
+# (benchmarks/README.md), and a shapeless trace mis-shapes zero-size inputs.
 
 
 @mx.compile

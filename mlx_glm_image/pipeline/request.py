@@ -154,6 +154,8 @@ class Request:
             raise ValueError("Pass `prompt` or `prompt_embeds`, not both.")
         if self.prompt is None and self.prior_token_ids is None:
             raise ValueError("Provide either `prompt` or `prior_token_ids`.")
+        if self.prompt_embeds is not None and self.negative_prompt_embeds is None and self.schedule.guided:
+            raise ValueError("`negative_prompt_embeds` are needed with `prompt_embeds` when guidance_scale > 1")
         if (self.prior_token_image_ids is None) != (self.source_image_grid_thw is None):
             raise ValueError("`prior_token_image_ids` and `source_image_grid_thw` must be provided together for image editing.")
         if self.prior_token_image_ids is not None and (self.prior_token_ids is None or self.image is None):

@@ -56,8 +56,8 @@ class Job:
 
 class Run:
     """``requests`` through the stages of ``pipe`` (its components and placement); iterate for the events.
-    ``record(request, index)`` is the metadata of image ``index`` of a request. ``jobs`` holds what each request that runs in this process
-    (``placement.picks``) made."""
+    ``record(request, index)`` is the metadata of image ``index`` of a request. ``jobs`` holds what each request
+    that runs in this process (``placement.picks``) made."""
 
     def __init__(self, pipe, requests: list[Request], record: Callable[[Request, int], dict]):
         self.pipe, self.record, self.requests = pipe, record, requests
@@ -116,8 +116,6 @@ class Run:
             job.prompt_embeds, job.negative_prompt_embeds = encode_prompt(
                 self.components.get("text_encoder"), self.components.get("tokenizer"), list(r.prompt), guided,
                 per_prompt, r.max_sequence_length)
-        elif guided and r.negative_prompt_embeds is None:
-            raise ValueError("`negative_prompt_embeds` are needed with `prompt_embeds` when guidance_scale > 1")
         else:
             job.prompt_embeds = repeat(mx.array(r.prompt_embeds), per_prompt)
             job.negative_prompt_embeds = repeat(mx.array(r.negative_prompt_embeds), per_prompt) if guided else None

@@ -43,7 +43,8 @@ class TextConfig:
         rope = dict(self.rope_scaling or {})
         rope.update(self.rope_parameters or {})
         rope.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0)
-        rope.setdefault("partial_rotary_factor", self.partial_rotary_factor or 1.0)
+        # the released 0.5 (transformers falls back to 1.0, which its own default mrope_section does not fit)
+        rope.setdefault("partial_rotary_factor", self.partial_rotary_factor or 0.5)
         rope.setdefault("mrope_section", [8, 12, 12])
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":

@@ -114,7 +114,7 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
     it waits in the queue. Body fields are the name table's (pipeline/request.py); a form sends them as text.
     ``defaults``: the server's own (its step cache), for the settings the body leaves out."""
     from .pipeline.request import SETTINGS
-    from .pipeline.step_cache import SGLANG_CALIBRATOR
+    from .pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR
 
     prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format") or "png"
     if not isinstance(prompt, str) or not prompt:
@@ -138,7 +138,7 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
                 raise ApiError(400, str(e), s.body) from None
     if "cache" not in body:
         call.update({k: v for k, v in (defaults or {}).items() if k not in call})
-    elif body["cache"] is True and "calibrator" not in body:  # SGLang's settings come with their TaylorSeer
+    elif call.get("cache_config") is SGLANG and "calibrator" not in body:  # `true`: SGLang's settings, TaylorSeer too
         call["calibrator_config"] = SGLANG_CALIBRATOR
     seed = call.pop("seed", None)
     seed = random.randrange(2**31) if seed is None else seed

@@ -95,6 +95,8 @@ def test_the_step_cache_from_flags_bodies_and_records():
     assert image_requests(Pipe(), {"prompt": "x"}, defaults=default)[0][0].cache_config == SGLANG, "the server's default"
     assert image_requests(Pipe(), {"prompt": "x", "cache": False}, defaults=default)[0][0].cache_config is None
     assert image_requests(Pipe(), {"prompt": "x", "cache": '{"Bn_compute_blocks": 2}'})[0][0].cache_config.Bn_compute_blocks == 2
+    form = image_requests(Pipe(), {"prompt": "x", "cache": "true"})[0][0]  # a form field is text
+    assert (form.cache_config, form.calibrator_config) == (SGLANG, SGLANG_CALIBRATOR)
 
 
 @pytest.mark.parametrize("body,message", [

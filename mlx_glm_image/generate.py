@@ -23,6 +23,7 @@ from .cli import Parser, add_cache_arguments, add_model_arguments, cache_setting
 
 # The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
 RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
+PREVIEWS = 4  # with --preview-dir and no --previews
 VAE_TILING = {"auto": None, "on": True, "off": False}
 
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", default=None,
                      help="replace existing files (by default a numeric suffix is added, and printed)")
     out.add_argument("--metadata", action="store_true", default=None, help="also write each image's settings as JSON beside it")
+    out.add_argument("--preview-dir", metavar="DIR",
+                     help="write live previews of the denoising there as they come (--previews of them, default 4): "
+                          "OUTPUT-NAME_preview-J_step-S.png")
     out.add_argument("--no-metadata", action="store_true", default=None, help="do not write the settings into the PNG")
     out.add_argument("--print-config", action="store_true", default=None,
                      help="print each image's resolved settings and path, and stop (no model is loaded)")
@@ -85,6 +89,8 @@ def plan(args) -> tuple[dict, list[dict]]:
     image = {s.key: recorded.get(s.key) for s in SETTINGS if s.key not in ("prompt", "seed")}
     image.update({s.key: given[s.key] for s in SETTINGS if s.key in given and s.key not in ("prompt", "seed")})
     image.update(cache_settings(args) or {})
+    if run.get("preview_dir") and image.get("previews") is None:
+        image["previews"] = PREVIEWS
     if args.prompt_file:
         entries = runs.read_prompt_file(args.prompt_file)
     elif args.prompt is not None or "prompt" in recorded:
@@ -132,7 +138,8 @@ def prepare(pipe, run: dict, images: list[dict]) -> tuple[list, list]:
     if missing:
         raise ValueError(f"{run['model']} lacks {', '.join(m + '/' for m in missing)}")
     requests = [pipe.request(**call_arguments(image)) for image in images]
-    check_output([p for p, _ in outputs], [(r.height, r.width) for r in requests])
+    previews = [Path(run["preview_dir"]).expanduser() / "preview.png"] if run.get("preview_dir") else []
+    check_output([p for p, _ in outputs] + previews, [(r.height, r.width) for r in requests])
     return requests, outputs
 
 
@@ -177,6 +184,8 @@ def generate(pipe, requests: list, paths: list[Path], settings: dict):
                 metadata.write(event.image, paths[event.request], event.metadata,
                                png_text=not settings.get("no_metadata"), sidecar=bool(settings.get("metadata")))
                 written += 1
+            elif event.kind == "preview" and settings.get("preview_dir"):
+                write_preview(event, paths[event.request], Path(settings["preview_dir"]).expanduser())
     except RuntimeError as e:
         rank = pipe.placement
         raise RuntimeError(f"rank {rank.rank}: {e}" if rank.distributed else str(e)) from None
@@ -185,6 +194,15 @@ def generate(pipe, requests: list, paths: list[Path], settings: dict):
     finally:
         bars.close()
     return report
+
+
+def write_preview(event, output: Path, folder: Path):
+    from . import atomic
+
+    suffix = f"_{event.image_index + 1}" if event.image_index else ""
+    name = f"{output.stem}{suffix}_preview-{event.index + 1}_step-{event.step + 1}.png"
+    with atomic.replacing(folder / name) as tmp:
+        event.image.save(tmp, format="PNG")
 
 
 class Interrupted(KeyboardInterrupt):

@@ -34,7 +34,7 @@ def record(request: Request, run: dict, index: int = 0) -> dict:
 
     from . import __version__
 
-    out = {s.key: s.to_json(request.value(s)) for s in SETTINGS if s.name not in ("prompt", "image")}
+    out = {s.key: s.to_json(request.value(s)) for s in SETTINGS if s.recorded and s.name not in ("prompt", "image")}
     prompts = request.prompt or (None,)
     out = {"prompt": prompts[index // request.num_images_per_prompt], **out}
     out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": file_sha256(p)} for p in request.image_files]
@@ -97,5 +97,5 @@ def read(path: str) -> dict:
     if not isinstance(data, dict) or "prompt" not in data:
         raise ValueError(f"--config-from-metadata {path} is not mlx-glm-image metadata")
     data["image"] = [i["path"] if isinstance(i, dict) else i for i in data.get("image") or []] or None
-    settings = {s.key: s.from_json(data[s.key]) for s in SETTINGS if s.key in data}
+    settings = {s.key: s.from_json(data[s.key]) for s in SETTINGS if s.recorded and s.key in data}
     return {**settings, **{k: data[k] for k in RUN_KEYS if k in data}}

@@ -18,16 +18,20 @@ import concurrent.futures
 import hmac
 import io
 import ipaddress
+import json
 import queue
 import random
 import sys
 import threading
 import time
+from pathlib import Path
 
 from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, prog_name
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_IMAGES = 10  # per request, as OpenAI's API allows
+MAX_PARTIAL_IMAGES = 3  # as OpenAI's API allows
+PAGE = Path(__file__).parent / "web" / "index.html"  # the page at /: one file, no build step, nothing fetched
 
 
 class ApiError(Exception):
@@ -48,7 +52,7 @@ class ApiError(Exception):
 class Worker:
     """Runs generations one at a time on a daemon thread (so that a shutdown never waits on the device past its
     grace period); at most ``max_queue`` requests are waiting or running. A generation is the pipeline's event
-    stream, consumed here: a request whose client went away is closed at the next token or step."""
+    stream, consumed here: one whose client went away is closed at its next token or step, and the next starts."""
 
     def __init__(self, pipe, max_queue: int):
         self.pipe, self.max_queue, self.pending = pipe, max_queue, 0
@@ -57,35 +61,40 @@ class Worker:
 
     def _loop(self):
         while True:
-            future, cancelled, requests = self.jobs.get()
+            future, cancelled, requests, on_event = self.jobs.get()
             if cancelled.is_set() or not future.set_running_or_notify_cancel():
                 continue  # its client went away while it waited: the slot is free, no work is done
             try:
-                future.set_result(self._generate(requests, cancelled))
+                future.set_result(self._generate(requests, cancelled, on_event))
             except BaseException as e:  # noqa: BLE001 - handed to the request that asked
                 future.set_exception(e)
 
-    def _generate(self, requests: list, cancelled: threading.Event) -> list:
-        """The images of ``requests`` (one each), or None when the client left before they were done."""
+    def _generate(self, requests: list, cancelled: threading.Event, on_event) -> list | None:
+        """The image event of each of ``requests`` (one image each), or None when the client left first; every
+        event goes to ``on_event`` (on this thread) as it comes."""
         images = [None] * len(requests)
         events = self.pipe.stream_batch(requests)
         try:
             for event in events:
                 if cancelled.is_set():
                     return None
+                if on_event is not None:
+                    on_event(event)
                 if event.kind == "image":
-                    images[event.request] = event.image
+                    images[event.request] = event
         finally:
             events.close()  # a cancelled run stops here and frees what it loaded
         return images
 
-    async def run(self, request, requests: list):
+    async def run(self, request, requests: list, on_event=None) -> list:
+        """The image events of ``requests``, generated in turn; ``on_event(event)`` is called from the worker's
+        thread. A client that disconnects, or a caller that is cancelled, stops the generation."""
         if self.pending >= self.max_queue:
             raise ApiError(429, f"the server is busy: {self.pending} requests are queued (--max-queue "
                                 f"{self.max_queue}); retry later", code="queue_full")
         self.pending += 1
         cancelled, future = threading.Event(), concurrent.futures.Future()
-        self.jobs.put((future, cancelled, requests))
+        self.jobs.put((future, cancelled, requests, on_event))
         waiting = asyncio.wrap_future(future)
         try:
             while True:
@@ -93,9 +102,10 @@ class Worker:
                 if done:
                     return waiting.result()
                 if await request.is_disconnected():
-                    cancelled.set()
                     raise ApiError(499, "the client disconnected")
         finally:
+            if not future.done():
+                cancelled.set()
             self.pending -= 1
 
 
@@ -136,6 +146,10 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
                     s.check(call[s.name])
             except ValueError as e:
                 raise ApiError(400, str(e), s.body) from None
+    if not _flag(body.get("stream"), "stream"):
+        call.pop("previews", None)  # partial images are streamed; without a stream there is nothing to send them in
+    if not 0 <= call.get("previews", 0) <= MAX_PARTIAL_IMAGES:
+        raise ApiError(400, f"partial_images must be from 0 to {MAX_PARTIAL_IMAGES}, got {call['previews']}", "partial_images")
     if "cache" not in body:
         call.update({k: v for k, v in (defaults or {}).items() if k not in call})
     elif call.get("cache_config") is SGLANG and "calibrator" not in body:  # `true`: SGLang's settings, TaylorSeer too
@@ -158,17 +172,70 @@ def _int(value, param: str) -> int:
     raise ApiError(400, f"{param} must be an integer, got {value!r}", param)
 
 
-def encode_image(image, fmt: str) -> str:
+def encode_image(image, fmt: str, record: dict | None = None) -> str:
+    """Base64 of the image in ``fmt``; a PNG carries its metadata ``record`` as the CLI's do (metadata.py)."""
+    from . import metadata
+
     buffer = io.BytesIO()
-    image.save(buffer, format=OUTPUT_FORMATS[fmt])
+    info = metadata.png_info(record) if fmt == "png" and record is not None else None
+    image.save(buffer, format=OUTPUT_FORMATS[fmt], **({"pnginfo": info} if info is not None else {}))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def images_response(images, requests, fmt: str) -> dict:
-    first = images[0]
+def images_response(images: list, requests, fmt: str) -> dict:
+    """OpenAI's images response from the image events of ``requests``."""
+    first = images[0].image
     return {"created": int(time.time()), "output_format": fmt, "size": f"{first.width}x{first.height}",
-            "data": [{"b64_json": encode_image(image, fmt), "revised_prompt": request.prompt[0], "seed": request.seed}
-                     for image, request in zip(images, requests)]}
+            "data": [{"b64_json": encode_image(e.image, fmt, e.metadata), "revised_prompt": request.prompt[0],
+                      "seed": request.seed} for e, request in zip(images, requests)]}
+
+
+def sse(kind: str, data: dict) -> str:
+    """One Server-Sent Event: its type, and its data as one JSON line."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+async def stream_events(worker: Worker, request, requests: list, fmt: str, prefix: str, progress: bool):
+    """The generation as OpenAI's image stream: per image, ``{prefix}.partial_image`` for each preview, then
+    ``{prefix}.completed``; an ``error`` event if it fails. With ``progress`` (not OpenAI's; the page asks for it),
+    ``{prefix}.progress`` events tell the stage and the token and step counts."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = asyncio.ensure_future(worker.run(request, requests,
+                                           on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e)))
+    common = {"quality": "auto", "background": "auto", "output_format": fmt}
+    tokens = [0] * len(requests)
+    try:
+        while not (job.done() and events.empty()):
+            getter = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                continue
+            e = getter.result()
+            r = requests[e.request]
+            size = {"size": f"{r.width}x{r.height}", "created_at": int(time.time()), **common}
+            if e.kind == "token":
+                tokens[e.request] += e.count
+            if e.kind == "preview":
+                yield sse(f"{prefix}.partial_image", {"b64_json": encode_image(e.image, fmt), "partial_image_index": e.index,
+                                                      **size})
+            elif e.kind == "image":
+                usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                         "output_tokens": tokens[e.request], "total_tokens": tokens[e.request]}
+                yield sse(f"{prefix}.completed", {"b64_json": encode_image(e.image, fmt, e.metadata), "usage": usage,
+                                                  "seed": r.seed, "image_index": e.request, **size})
+            elif progress and e.kind in ("stage", "token", "step") and not e.done:
+                yield sse(f"{prefix}.progress", {"stage": e.stage, "event": e.kind, "index": e.index, "total": e.total,
+                                                 "image_index": e.request})
+        job.result()
+    except ApiError as error:
+        yield sse("error", error.body())
+    except (ValueError, RuntimeError) as error:  # checks the pipeline makes late, non-finite outputs
+        yield sse("error", ApiError(400 if isinstance(error, ValueError) else 500, " ".join(str(error).split())).body())
+    finally:
+        if not job.done():  # the client left: the worker stops at the next token or step
+            job.cancel()
 
 
 async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
@@ -200,7 +267,7 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
     """The FastAPI application around ``pipe`` (kept resident); ``defaults``: call arguments for what a request
     leaves out (the server's step cache)."""
     from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title="mlx-glm-image", version=_version())
     worker = Worker(pipe, max_queue)
@@ -230,6 +297,14 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlx-glm-image"}]}
 
+    async def answer(request, body: dict, images, prefix: str):
+        requests, fmt = image_requests(pipe, body, images, defaults=defaults)
+        if _flag(body.get("stream"), "stream"):
+            return StreamingResponse(stream_events(worker, request, requests, fmt, prefix,
+                                                   _flag(body.get("progress"), "progress")),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return images_response(await _generate(worker, request, requests), requests, fmt)
+
     @app.post("/v1/images/generations", **v1)
     async def generations(request: Request):
         try:
@@ -238,16 +313,27 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
             raise ApiError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        requests, fmt = image_requests(pipe, body, defaults=defaults)
-        return images_response(await _generate(worker, request, requests), requests, fmt)
+        return await answer(request, body, None, "image_generation")
 
     @app.post("/v1/images/edits", **v1)
     async def edits(request: Request):
         fields, images = await read_uploads(request, max_upload_mb << 20)
-        requests, fmt = image_requests(pipe, fields, images, defaults=defaults)
-        return images_response(await _generate(worker, request, requests), requests, fmt)
+        return await answer(request, fields, images, "image_edit")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     return app
+
+
+def _flag(value, param: str) -> bool:
+    """A boolean from JSON or a form field ("true"/"false")."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ApiError(400, f"{param} must be true or false, got {value!r}", param)
 
 
 async def _generate(worker: Worker, request, requests):

@@ -92,7 +92,7 @@ def test_every_component_converts_exactly(model_dir, tmp_path):
     (["--model", "/no/such/folder"], "does not exist"),
     (["--model", "./no/such"], "does not exist"),  # looks local: never sent to the Hub
     (["--height", "50"], "multiples of 32"),
-    (["--height", "0"], "positive multiples of 32, got 0x"),
+    (["--height", "0"], "positive multiples of 32, got 1024x0 (width x height)"),
     (["--height", "65536", "--width", "65536"], "at most 128 pixels each"),
     (["--image", "/no/such.png"], "condition image /no/such.png does not exist"),
     (["--output", "x.jpg"], "must end in .png"),
@@ -310,3 +310,17 @@ def test_converting_a_source_without_its_vae_is_refused(model_dir, tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert_one_line(proc, "lacks vae/, which model_index.json lists")
     assert not (tmp_path / "out").exists()
+
+
+def test_previews_written_as_they_come(model_dir, tmp_path):
+    proc = cli("--model", model_dir, *BASE[:-1], "--steps", "6", "--output", tmp_path / "a.png",
+               "--preview-dir", tmp_path / "previews", "--previews", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["a_preview-1_step-2.png", "a_preview-2_step-4.png"]
+    assert Image.open(tmp_path / "previews" / "a_preview-1_step-2.png").size == (96, 64)
+    plain = cli("--model", model_dir, *BASE[:-1], "--steps", "6", "--output", tmp_path / "b.png")
+    assert plain.returncode == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "a.png")),
+                                                    np.asarray(Image.open(tmp_path / "b.png")))
+    (tmp_path / "file").write_text("x")
+    assert_one_line(cli("--model", model_dir, *BASE, "--output", tmp_path / "c.png", "--preview-dir", tmp_path / "file"),
+                    "is not a folder")

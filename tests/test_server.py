@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -137,6 +138,37 @@ def test_the_step_cache_as_body_fields(server):
         client.images.generate(prompt="x", size="64x64", extra_body={**FAST, "cache": True})
 
 
+def test_streaming_with_the_openai_client(server, tmp_path):
+    """OpenAI's image stream: partial images (the previews), then the completed image, which equals the unstreamed
+    one and carries its metadata, so the CLI makes it again from the file."""
+    client = server.client()
+    body = {**FAST, "num_inference_steps": 6}
+    events = list(client.images.generate(prompt='a red cat "big"', size="96x64", stream=True, partial_images=2,
+                                         extra_body=body))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1] and events[-1].size == "96x64"
+    assert events[-1].usage.output_tokens == 2 * 3 + 13 * 19 + 1, "the AR tokens of a 64x96 image"
+    plain = client.images.generate(prompt='a red cat "big"', size="96x64", extra_body=body)
+    assert np.array_equal(decode(events[-1]), decode(plain.data[0])), "streamed or not, the same image"
+    only = list(client.images.generate(prompt='a red cat "big"', size="96x64", stream=True, extra_body=body))
+    assert [e.type for e in only] == ["image_generation.completed"], "partial_images 0: the completed event alone"
+
+    served = tmp_path / "served.png"
+    served.write_bytes(base64.b64decode(events[-1].b64_json))
+    assert json.loads(Image.open(served).text["glm-image"])["seed"] == 7
+    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--config-from-metadata", str(served),
+                           "--output", str(tmp_path / "again.png"), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), decode(events[-1]))
+
+    src = png_file(tmp_path, "src.png", (96, 64))
+    with open(src, "rb") as f:
+        edits = list(client.images.edit(image=f, prompt="make it red", stream=True, partial_images=1, extra_body=body))
+    assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
+    with pytest.raises(openai.BadRequestError, match="partial_images must be from 0 to 3, got 4"):
+        list(client.images.generate(prompt="x", size="64x64", stream=True, partial_images=4, extra_body=FAST))
+
+
 def test_concurrent_requests_all_answered_and_memory_flat(server):
     client = server.client()
     results = []
@@ -181,6 +213,22 @@ def test_api_key_and_full_queue(model_dir):
             t.join(timeout=300)
         assert errors and done, (len(errors), len(done))
         assert "queue" in str(errors[0])
+    finally:
+        s.stop()
+
+
+def test_a_stream_that_fails_ends_with_an_error_event(model_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    for shard in (model / "vae").glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: np.full_like(v, np.nan) if k.startswith("decoder.conv_out") else v for k, v in tensors.items()}, shard)
+    s = Server(model, "--memory", "resident")
+    try:
+        with pytest.raises(openai.APIError, match="non-finite pixels"):
+            list(s.client().images.generate(prompt="x", size="64x64", stream=True, extra_body=FAST))
+        assert s.client().models.list().data, "the server goes on serving"
     finally:
         s.stop()
 
@@ -258,6 +306,25 @@ def test_a_client_that_disconnects_while_running_stops_its_generation(model_dir)
         print(f"from the disconnect to the next answer: {waited:.2f} s (one 128x128 request: {step:.2f} s)")
         assert decode(out.data[0]).shape == (64, 64, 3) and decode(one_step.data[0]).shape == (128, 128, 3)
         assert waited < 10, "the abandoned generation kept the worker"
+    finally:
+        s.stop()
+
+
+def test_a_stream_closed_early_stops_its_generation(model_dir):
+    s = Server(model_dir, "--memory", "resident")
+    try:
+        client = s.client()
+        client.images.generate(prompt="warm", size="64x64", extra_body=FAST)
+        stream = client.images.generate(prompt="x", size="128x128", stream=True, partial_images=3,
+                                        extra_body={"seed": 1, "num_inference_steps": 1000, "progress": True})
+        first = next(iter(stream))
+        assert first.type == "image_generation.progress", first  # the page's progress events, asked for
+        stream.close()
+        left = time.time()
+        out = client.images.generate(prompt="z", size="64x64", extra_body=FAST)
+        waited = time.time() - left
+        print(f"from closing the stream to the next answer: {waited:.2f} s")
+        assert decode(out.data[0]).shape == (64, 64, 3) and waited < 10
     finally:
         s.stop()
 

@@ -165,3 +165,22 @@ def test_stepper_passes_keep_their_own_state_and_a_blocks_policy_decides(folder)
     assert np.abs(np.array([x for _, x in skipped.steps(latents)][-1]) - np.array(plain)).max() > 1e-4, \
         "a policy that skips a block changes the result"
     assert (skipped.computed, skipped.total) == (2, 4)
+
+
+def test_previews_come_spread_over_the_steps_and_change_nothing(folder, reads):
+    """Preview events at steps spread over the run (the predicted clean image, decoded small); the final image is
+    the same as without them, and staged memory loads the VAE once for both."""
+    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    call = dict(CALL, num_inference_steps=6)
+    events = list(pipe.stream(**call, previews=3))
+    previews = [e for e in events if e.kind == "preview"]
+    assert [(e.index, e.total, e.step) for e in previews] == [(0, 3, 1), (1, 3, 2), (2, 3, 3)]
+    steps = [e.index for e in events if e.kind in ("step", "preview") for _ in [0] if e.kind == "step"]
+    order = [(e.kind, e.step if e.kind == "preview" else e.index) for e in events if e.kind in ("step", "preview")]
+    assert order.index(("preview", 1)) == order.index(("step", 1)) + 1, "a preview follows its step"
+    assert all(e.image.size == (96, 64) for e in previews) and steps == list(range(6))
+    first, last = np.asarray(previews[0].image, np.float32), np.asarray(previews[-1].image, np.float32)
+    image = next(e for e in events if e.kind == "image").image
+    assert np.abs(last - image * 255).mean() < np.abs(first - image * 255).mean(), "later previews are nearer the image"
+    assert sorted(reads) == sorted(MODELS), "the VAE is loaded once, for the previews and the decode"
+    assert np.array_equal(image, pipe(**call).images[0]), "previews change nothing"

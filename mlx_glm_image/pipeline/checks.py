@@ -41,6 +41,11 @@ def check_top_k(value):
         raise ValueError(f"top-k must be an integer >= 0 (0: off), got {shown(value)}")
 
 
+def check_previews(value):
+    if not (is_int(value) and 0 <= value <= MAX_STEPS):
+        raise ValueError(f"previews must be an integer from 0 to {MAX_STEPS}, got {shown(value)}")
+
+
 def check_seed(value):
     if not (is_int(value) and 0 <= value < SEED_LIMIT):
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {shown(value)}")
@@ -55,10 +60,11 @@ def check_side(value):
 def check_size(height: int, width: int, multiple: int, max_side: int | None = None):
     """Positive multiples of ``multiple``; at most ``max_side`` pixels per side (so max_side**2 in all)."""
     if not (is_int(height) and is_int(width)) or height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        raise ValueError(f"height and width must be positive multiples of {multiple}, got {width}x{height} "
+                         "(width x height)")
     if max_side is not None and max(height, width) > max_side:
         raise ValueError(f"height and width must be at most {max_side} pixels each ({max_side * max_side} pixels in "
-                         f"all) for this model, got {height}x{width}")
+                         f"all) for this model, got {width}x{height}")
 
 
 def check_prompt(value):

@@ -128,7 +128,7 @@ class Stepper:
     ``steps(latents)`` is a generator: it yields ``(i, latents)`` after each step, evaluated, so its consumer
     reports progress and stops the work at a step boundary by closing it. ``placement`` decides which passes
     run in this process (parallel.py); ``blocks(pass, step, x, blocks)`` which blocks each pass computes.
-    ``computed`` / ``total`` count the blocks of the last step.
+    ``computed`` / ``total`` count the blocks of the last step, ``velocity`` is its guided velocity.
     """
 
     def __init__(self, transformer: GlmImageTransformer2DModel, scheduler, inputs: DenoiseInputs,
@@ -137,6 +137,7 @@ class Stepper:
         self.transformer, self.scheduler, self.inputs, self.kv_caches = transformer, scheduler, inputs, kv_caches
         self.placement, self.blocks, self.in_flight = placement, blocks, in_flight
         self.computed = self.total = 0
+        self.velocity: mx.array | None = None
         shape = inputs.prior_token_ids.shape
         cached = kv_caches is not None
         self.passes = [Pass("cond", inputs.prompt_embeds, mx.zeros(shape, mx.bool_), "read" if cached else None)]
@@ -148,8 +149,9 @@ class Stepper:
         """Euler steps from ``latents``. ``callback(i, t, {"latents", "prompt_embeds"}) -> dict`` runs after each
         step; the tensors it returns replace the loop's (diffusers' callback_on_step_end protocol)."""
         for i in range(len(self.scheduler.timesteps)):
-            v = self.velocity(i, latents.astype(self.transformer.dtype))
+            v = self.guided_velocity(i, latents.astype(self.transformer.dtype))
             latents = self.scheduler.step(v, i, latents)
+            self.velocity = v
             self.placement.evaluate(latents)
             if callback is not None:
                 values = {"latents": latents, "prompt_embeds": self.passes[0].encoder_hidden_states}
@@ -158,7 +160,7 @@ class Stepper:
                 latents = returned.get("latents", latents)
             yield i, latents
 
-    def velocity(self, i: int, x: mx.array) -> mx.array:
+    def guided_velocity(self, i: int, x: mx.array) -> mx.array:
         """The guided velocity of step ``i``: each pass of this process, then every pass's (parallel.py), then
         ``v_uncond + g * (v_cond - v_uncond)``. The passes advance in turns: each runs until its policy asks for
         a value, which is queued, and is resumed after the others have queued their work."""

@@ -20,7 +20,8 @@ class Event:
     - ``token``: the AR model wrote token ``index`` of ``total`` for each of the request's ``count`` prompts.
     - ``step``: denoising step ``index`` of ``total`` of the request's ``count`` images is done; ``blocks`` is
       (DiT blocks computed, blocks in its passes) for it (the step cache skips some).
-    - ``preview``: a look at image ``index`` at step ``step`` (reserved for live previews).
+    - ``preview``: preview ``index`` of ``total`` of image ``image_index`` of the request, after step ``step``: a
+      small PIL ``image`` of the clean image the latents point at (preview.py).
     - ``image``: image ``index`` of the request is finished: ``image`` (as ``output_type`` asks: a PIL image, an
       (H, W, 3) array, a (3, H, W) MLX array, or (C, h, w) latents), its ``seed`` and its ``metadata`` record.
     """
@@ -32,6 +33,7 @@ class Event:
     total: int = 0
     count: int = 1
     step: int | None = None
+    image_index: int = 0
     blocks: tuple[int, int] | None = None
     image: Any = None
     seed: int | None = None

@@ -81,6 +81,7 @@ class Request:
     output_type: str = "pil"
     callback_on_step_end: Callable | None = None
     callback_on_step_end_tensor_inputs: tuple = ("latents",)
+    previews: int = 0  # live previews during the denoising (preview.py): "preview" events, spread over the steps
     cache_config: DBCacheConfig | None = None  # the step cache (step_cache.py); None: every block of every step
     calibrator_config: TaylorSeerCalibratorConfig | None = None  # its TaylorSeer extrapolation of cached residuals
     # what a caller may give instead of a stage's work (diffusers' arguments)
@@ -227,6 +228,7 @@ class Setting:
     help: str
     part: str | None = None  # "sampling" or "schedule"
     many: bool = False  # several values on the command line (one image per seed; several condition images)
+    recorded: bool = True  # it changes pixels: the metadata records it
 
     @property
     def default(self):
@@ -314,6 +316,9 @@ SETTINGS = (
             part="sampling", help=f"AR nucleus sampling, in (0, 1] {_SAMPLED}"),
     Setting(name="top_k", flag="--top-k", key="top_k", body="top_k", type=int, check=checks.check_top_k,
             part="sampling", help=f"AR top-k sampling, >= 0, 0 for off {_SAMPLED}"),
+    Setting(name="previews", flag="--previews", key="previews", body="partial_images", type=int,
+            check=checks.check_previews, recorded=False,
+            help="live previews of the denoising, spread over the steps (default: 4 with --preview-dir)"),
     Setting(name="cache_config", flag="--cache", key="cache", body="cache", type=DBCacheConfig,
             check=lambda v: checks.check_type(v, DBCacheConfig, "cache_config"),
             help="the step cache: skip the DiT's middle blocks at steps where they would barely change (faster, "

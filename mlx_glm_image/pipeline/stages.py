@@ -24,6 +24,7 @@ from .denoise import DenoiseInputs, Stepper, every_block, prepare_latents, write
 from .events import Event
 from .glyphs import encode_prompt, repeat
 from .image_processor import VaeImageProcessor
+from .preview import pooled, pooling, predicted_latents, preview_steps
 from .prior_tokens import prior_prompt, prior_sequences, prior_token_ids
 from .request import Request, image_size
 from .step_cache import StepCache
@@ -139,10 +140,16 @@ class Run:
         cache = StepCache(r.cache_config, r.calibrator_config) if r.cache_config is not None else None
         stepper = Stepper(transformer, scheduler, inputs, kv_caches, self.placement, blocks=cache or every_block)
         total = len(scheduler.timesteps)
+        previews = preview_steps(total, r.previews) if self.placement.decodes else []
         try:
             for i, latents in stepper.steps(latents, self._callback(r)):
                 yield Event(kind="step", request=job.index, index=i, total=total, count=r.num_images,
                             blocks=(stepper.computed, stepper.total))
+                if i in previews:
+                    x0 = predicted_latents(latents, stepper.velocity, float(scheduler.sigmas[i + 1]))
+                    for k, image in enumerate(self._preview(x0)):
+                        yield Event(kind="preview", request=job.index, index=previews.index(i), total=len(previews),
+                                    step=i, image_index=k, image=image)
         finally:
             if kv_caches is not None:
                 kv_caches.clear()
@@ -169,6 +176,14 @@ class Run:
                         metadata=record)
 
     # -- their pieces ---------------------------------------------------------------------------------------
+
+    def _preview(self, x0: mx.array) -> list:
+        """Predicted clean latents, pooled and decoded small (the VAE stays loaded until the decode stage)."""
+        vae = self.components.get("vae")
+        f = self.components.vae_scale_factor
+        _, _, h, w = x0.shape
+        small = pooled(x0, pooling(h * f, w * f, h, w))
+        return VaeImageProcessor(f).postprocess(decode_latents(vae, small, tiled=False), "pil")
 
     def _denoise_inputs(self, job: Job, dtype) -> DenoiseInputs:
         """What each step's DiT passes read, one row per image of the request, in the DiT's dtype."""

@@ -20,7 +20,8 @@ def test_a_record_round_trips_through_the_png_and_the_sidecar(tmp_path):
     request = Request.from_call(Facts(), prompt='a sign "OPEN"', image=str(source), seed=11, num_inference_steps=9,
                                 top_k=4)
     record = metadata.record(request, RUN)
-    assert {s.key for s in SETTINGS} | set(RUN) | {"versions", "device"} == set(record)
+    assert {s.key for s in SETTINGS if s.recorded} | set(RUN) | {"versions", "device"} == set(record)
+    assert "previews" not in record, "previews do not change the image"
     assert (record["seed"], record["steps"], record["top_k"], record["temperature"]) == (11, 9, 4, 0.9)
     assert record["image"][0]["path"] == str(source.resolve()) and len(record["image"][0]["sha256"]) == 64
 
@@ -30,7 +31,8 @@ def test_a_record_round_trips_through_the_png_and_the_sidecar(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text()) == record
     for path in (out, out.with_suffix(".json")):
         back = metadata.read(str(path))
-        assert back == {**{k: record[k] for k in (*(s.key for s in SETTINGS), *metadata.RUN_KEYS)}, "image": [str(source.resolve())]}
+        keys = (*(s.key for s in SETTINGS if s.recorded), *metadata.RUN_KEYS)
+        assert back == {**{k: record[k] for k in keys}, "image": [str(source.resolve())]}
     assert not list(tmp_path.glob(".*partial")), "written through a temporary file"
 
 

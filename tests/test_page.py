@@ -1,0 +1,105 @@
+"""The page at / in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium pointed at the
+system driver, so that nothing is downloaded): it loads, a prompt + Generate shows previews and then the image,
+Cancel stops a long run, an invalid size shows the server's message. .ci/run installs the browser."""
+
+import shutil
+import tempfile
+import time
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from test_server import Server
+from tiny_checkpoints import write_pipeline
+
+BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(BROWSER is None or DRIVER is None,
+                                reason="no browser: apt-get install chromium chromium-driver (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(write_pipeline(tmp_path_factory.mktemp("page") / "tiny-glm-image"), "--memory", "resident")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def fill(driver, **values):
+    for name, value in values.items():
+        box = driver.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(str(value))
+
+
+def wait(driver, condition, seconds=60, what=""):
+    try:
+        return WebDriverWait(driver, seconds, poll_frequency=0.05).until(lambda d: condition(d))
+    except TimeoutException:
+        raise AssertionError(f"{what}: status {driver.find_element(By.ID, 'status').text!r}, "
+                             f"error {driver.find_element(By.ID, 'error').text!r}") from None
+
+
+def shown(driver, element_id):
+    element = driver.find_element(By.ID, element_id)
+    return element.is_displayed() and element.get_attribute("src").startswith("data:image/png;base64,")
+
+
+def test_generate_shows_previews_then_the_image(server, browser):
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    assert browser.title == "mlx-glm-image"
+    wait(browser, lambda d: d.find_element(By.ID, "model").text, 10, "the model's name")
+    fill(browser, prompt='a red cat "big"', width=96, height=64, steps=40, guidance=1.5)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: shown(d, "result"), what="the image")
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-previews") == "3", "three previews came first"
+    assert not browser.find_element(By.ID, "preview").is_displayed(), "the image replaces the preview"
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith("done: 96x64, seed "), status
+    assert browser.find_element(By.ID, "download").get_attribute("href").startswith("data:image/png;base64,")
+    cards = browser.find_elements(By.CSS_SELECTOR, "#gallery .card")
+    assert len(cards) == 1 and "96x64, 40 steps" in cards[0].text
+    seed = status.rsplit(" ", 1)[1]
+    cards[0].find_element(By.TAG_NAME, "button").click()  # use these settings
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == seed
+    assert not browser.find_element(By.ID, "random-seed").is_selected()
+
+
+def test_cancel_stops_a_long_run(server, browser):
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    fill(browser, prompt="a cat", width=128, height=128, steps=1000)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: "denoising: step" in d.find_element(By.ID, "status").text, what="the denoising")
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "cancelled", 10, "cancelled")
+    t0 = time.time()
+    fill(browser, width=64, height=64, steps=2)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("done: 64x64"), 30,
+         "the next image, after the cancelled run freed the server")
+    assert time.time() - t0 < 30
+
+
+def test_an_invalid_size_shows_the_servers_message(server, browser):
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    fill(browser, prompt="a cat", width=100, height=64, steps=2)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "error").text, 10, "the error")
+    assert "height and width must be positive multiples of 32, got 100x64" in browser.find_element(By.ID, "error").text

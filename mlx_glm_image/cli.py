@@ -51,6 +51,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
     parser.add_argument("--memory", choices=list(MEMORY_MODES),
                         help="staged: load each model for its stage and free it after (peak = the largest stage); "
                              "resident: keep every model loaded; auto: resident when the weights fit (default: auto)")
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                        help="a LoRA adapter for the AR model or the DiT (PEFT's or diffusers' files: a folder, a "
+                             ".safetensors file or a Hub repo id), at SCALE (default 1); repeat for several")
 
 
 def model_defaults() -> dict:
@@ -101,3 +104,19 @@ def cache_settings(args) -> dict | None:
         return None
     cache, calibrator = published(args.taylorseer_order)
     return {"cache": dataclasses.replace(cache, **changed), "calibrator": calibrator}
+
+
+def load_adapters(pipe, entries) -> None:
+    """The --lora adapters (``PATH[:SCALE]`` strings, or the records of an image's metadata, whose weights must be
+    the ones it was made with) onto ``pipe``: read and matched to their model now, before any weight is loaded."""
+    from . import lora
+
+    for entry in entries or []:
+        if isinstance(entry, str):
+            source, scale = lora.parse(entry)
+            entry = {"source": source, "scale": scale}
+        name = pipe.load_lora_weights(entry["source"], adapter_name=entry.get("name"), scale=entry["scale"])
+        have = pipe.components.adapters[name][0].sha256
+        if entry.get("sha256") not in (None, have):
+            raise lora.LoraError(f"--lora {entry['source']} is not the adapter the image was made with (its weights "
+                                 "changed)")

@@ -16,14 +16,14 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import atomic
+from . import atomic, lora
 from . import loading as L
 from .cli import Parser, fail, prog_name
 from . import quantize as Q
@@ -130,6 +130,7 @@ class Plan:
     spec: Q.QuantSpec | None
     dtype: mx.Dtype | None
     expected: dict[str, tuple]
+    adapters: list = field(default_factory=list)  # (lora.LoraAdapter, scale) folded into the weights
 
     @classmethod
     def make(cls, component, folder, spec, dtype):
@@ -154,6 +155,8 @@ class Plan:
         config = dict(self.config)
         if self.spec is not None and self.quantize:
             config["quantization"] = Q.config_block(self.spec, self.kept)
+        if self.adapters:  # baked in: the folder's weights are the base's with these folded in
+            config["lora"] = [lora.record(a, w, self.component.component) for a, w in self.adapters]
         return config
 
 
@@ -213,6 +216,7 @@ def convert_component(plan: Plan, dst: Path, shard_bytes: int, progress) -> tupl
             raise ConvertError(f"cannot read {f}: {e}") from None
         read += f.stat().st_size
         for key, value in plan.model.sanitize(tensors).items():
+            value = lora.folded(plan.adapters, key, value)  # before the cast and the quantization, as loading applies them
             if plan.dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(plan.dtype)
             if plan.is_quantized(key):
@@ -269,6 +273,7 @@ def convert(
     dry_run: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     verbose: bool = True,
+    loras: list[str] | None = None,
 ) -> list[tuple[str, int, int]]:
     """Convert; returns [(component, bytes before, bytes after)]. Raises ConvertError with a one-line message."""
     dst = Path(mlx_path).expanduser()
@@ -285,6 +290,11 @@ def convert(
     names = present_components(root, components)
     q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
     plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
+    for text in loras or []:
+        source, scale = lora.parse(text)
+        adapter = lora.read(source)
+        component = lora.component_of(adapter, {p.component.component: p.model for p in plans})
+        next(p for p in plans if p.component.component == component).adapters.append((adapter, scale))
     planned = [(plan.component.component, *scan(plan)) for plan in plans]
     if dry_run:
         if verbose:
@@ -371,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30, help="output shard size (default 4)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path (only once the new one is complete)")
     p.add_argument("--dry-run", action="store_true", help="print planned sizes from the safetensors headers; read no weights")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="fold a LoRA adapter into the weights (before quantizing), recorded in the component's config; "
+                        "repeat for several")
     return p
 
 
@@ -387,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
             q_mode=args.q_mode, dtype=args.dtype, components=args.components,
             quantize_components=args.quantize_components, force=args.force, dry_run=args.dry_run,
-            shard_bytes=int(args.shard_size_gb * 2**30),
+            shard_bytes=int(args.shard_size_gb * 2**30), loras=args.lora,
         )
-    except (ConvertError, L.WeightsError, Q.QuantizeError, OSError) as e:  # OSError: disk full, permissions
+    except (ConvertError, L.WeightsError, Q.QuantizeError, lora.LoraError, OSError) as e:  # OSError: disk full, permissions
         return fail(e)
     except atomic.InterruptedAfterCommit as e:
         print(f"interrupted; the conversion had finished: {e.dst} is complete", file=sys.stderr)

@@ -19,7 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, model_defaults, prog_name
+from .cli import (Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, load_adapters, model_defaults,
+                  prog_name)
 
 # The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
 RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
@@ -153,6 +154,7 @@ def run(args) -> list[Path]:
                                             parallel_timeout=settings.get("parallel_timeout") or 600.0)
     if pipe.placement.distributed:
         join_the_others(pipe, settings, images, random_seeds=args.seed is None)
+    load_adapters(pipe, settings.get("lora"))
     requests, outputs = prepare(pipe, settings, images)
     pipe.placement.barrier()  # every process has planned its output paths before any is written
     if settings.get("print_config"):

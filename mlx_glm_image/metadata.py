@@ -15,7 +15,7 @@ from . import atomic
 from .pipeline.request import SETTINGS, Request
 
 CHUNK = "glm-image"  # the PNG text chunk that holds the JSON record
-RUN_KEYS = ("model", "quantize", "dtype")  # the pipeline's settings a record carries (and --config-from-metadata reads)
+RUN_KEYS = ("model", "quantize", "dtype", "lora")  # the pipeline's settings a record carries (and --config-from-metadata reads)
 
 
 def run_record(pipe) -> dict:
@@ -25,7 +25,8 @@ def run_record(pipe) -> dict:
     components = pipe.components
     return {"model": str(components.source), "quantize": components.quantize.bits if components.quantize else None,
             "dtype": next(name for name, dtype in DTYPES.items() if dtype == components.dtype),
-            "quantization": components.quantization(), "revision": components.revision()}
+            "quantization": components.quantization(), "revision": components.revision(),
+            "lora": components.adapter_records()}
 
 
 def record(request: Request, run: dict, index: int = 0) -> dict:

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, prog_name
+from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, load_adapters, prog_name
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_IMAGES = 10  # per request, as OpenAI's API allows
@@ -295,7 +295,9 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
 
     @app.get("/v1/models", **v1)
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlx-glm-image"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlx-glm-image",
+                                            "lora": [{k: r[k] for k in ("name", "scale", "model", "source")}
+                                                     for r in pipe.components.adapter_records()]}]}
 
     async def answer(request, body: dict, images, prefix: str):
         requests, fmt = image_requests(pipe, body, images, defaults=defaults)
@@ -389,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = cache_settings(args)
         defaults = {"cache_config": cache["cache"], "calibrator_config": cache["calibrator"]} if cache else None
         pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory)
+        load_adapters(pipe, args.lora)
         app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb, defaults)
         print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (memory: {pipe.memory})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .. import loading
+from .. import loading, lora
 from ..models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 from ..quantize import as_spec
 
@@ -90,6 +90,9 @@ class Components:
         self.loads = 0  # models loaded from files so far
         self.load_seconds = 0.0  # time spent loading them
         self.memory = self._resolve_memory(memory)
+        self.adapters: dict[str, tuple] = {}  # LoRA adapters by name: (lora.LoraAdapter, the component it is for)
+        self.adapter_weights: dict[str, float] = {}  # the active ones, by name
+        self.fused = False  # the active adapters folded into full-precision weights (lora.fuse)
 
     # -- the components -------------------------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class Components:
         dtype = None if name == "text_encoder" else self.dtype  # ByT5 keeps its checkpoint's float32
         model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize)
         mx.eval(model.parameters())  # read now, so that loading is timed apart from compute
+        self._apply_adapters(name, model)  # a model staged memory loads again gets its adapters again
         seconds = time.perf_counter() - t0
         with self._lock:
             self.loads += 1
@@ -170,6 +174,74 @@ class Components:
         if self.source is None:
             raise loading.WeightsError(f"this pipeline has no {name} and no source to load it from")
         return loading.component_folder(self.source, name, files=files)
+
+    # -- LoRA adapters ---------------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter: lora.LoraAdapter, weight: float = 1.0) -> str:
+        """Register ``adapter`` (active, at ``weight``) for the model whose linear layers it names, and apply it if
+        that model is loaded; which model it is for and its shapes are checked now, from the configs."""
+        if adapter.name in self.adapters:
+            raise lora.LoraError(f"an adapter named {adapter.name!r} is loaded already")
+        skeletons = {}
+        for name in ("vision_language_encoder", "transformer"):
+            try:
+                skeletons[name] = self.skeleton(name)
+            except loading.WeightsError:  # not in this pipeline
+                continue
+        component = lora.component_of(adapter, skeletons)
+        with self._lock:
+            self.adapters[adapter.name] = (adapter, component)
+            self.adapter_weights[adapter.name] = weight
+            model = self._items.get(component)
+        if model is not None:
+            self._apply_adapters(component, model)
+        return component
+
+    def set_adapter_weights(self, weights: dict[str, float]):
+        unknown = sorted(set(weights) - set(self.adapters))
+        if unknown:
+            raise lora.LoraError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        with self._lock:
+            self.adapter_weights = dict(weights)
+        self._reapply()
+
+    def remove_adapters(self):
+        with self._lock:
+            self.adapters, self.adapter_weights, self.fused = {}, {}, False
+        self._reapply()
+
+    def fuse_adapters(self, fused: bool):
+        with self._lock:
+            self.fused = fused
+        self._reapply()
+
+    def adapter_records(self) -> list[dict]:
+        """The active adapters as the metadata records them."""
+        return [lora.record(self.adapters[n][0], w, self.adapters[n][1]) for n, w in self.adapter_weights.items()]
+
+    def skeleton(self, name: str):
+        """The loaded model, else one built from its config.json (lazy random weights: nothing is read or made)."""
+        with self._lock:
+            if name in self._items:
+                return self._items[name]
+        folder = self.folder(name, files="*.json")
+        return loading.build(MODELS[name], loading.read_config(folder), folder)
+
+    def _reapply(self):
+        for name in {c for _, c in self.adapters.values()} | {"vision_language_encoder", "transformer"}:
+            with self._lock:
+                model = self._items.get(name)
+            if model is not None:
+                self._apply_adapters(name, model)
+
+    def _apply_adapters(self, name: str, model):
+        active = [(a, self.adapter_weights[n]) for n, (a, c) in self.adapters.items()
+                  if c == name and n in self.adapter_weights]
+        if not active and not any(isinstance(m, (lora.LoRALinear, lora.FusedLinear)) for _, m in model.named_modules()):
+            return
+        lora.apply(model, active)
+        if self.fused:
+            lora.fuse(model)
 
     # -- memory ---------------------------------------------------------------------------------------------
 

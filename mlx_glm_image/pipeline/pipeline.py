@@ -16,7 +16,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from .. import loading
+from .. import loading, lora
 from .components import COMPONENTS, Components
 from .events import Event
 from .glyphs import encode_prompt
@@ -148,6 +148,39 @@ class GlmImagePipeline:
         from .. import metadata
 
         return metadata.record(request, metadata.run_record(self), index)
+
+    # -- LoRA adapters (diffusers' names; lora.py) -----------------------------------------------------------
+
+    def load_lora_weights(self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str | None = None,
+                          scale: float = 1.0) -> str:
+        """An adapter for the AR model or the DiT (PEFT's or diffusers' files: a folder, a file or a Hub repo id),
+        active at ``scale``; the model it is for is the one whose layers it names. Returns its name."""
+        adapter = lora.read(str(pretrained_model_name_or_path), adapter_name)
+        self.components.add_adapter(adapter, scale)
+        return adapter.name
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """The adapters that are active, and their weights (1 each by default); the others stay loaded, off."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names and {len(weights)} weights")
+        self.components.set_adapter_weights({n: 1.0 if w is None else float(w) for n, w in zip(names, weights)})
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.components.adapter_weights)
+
+    def unload_lora_weights(self):
+        """Every adapter gone: the models' layers are their base layers again, bit for bit."""
+        self.components.remove_adapters()
+
+    def fuse_lora(self):
+        """Fold the active adapters into the full-precision layers' weights (faster steps; quantized layers keep
+        their separate low-rank path); ``unfuse_lora`` puts the base weights back."""
+        self.components.fuse_adapters(True)
+
+    def unfuse_lora(self):
+        self.components.fuse_adapters(False)
 
     # -- diffusers' stage methods ---------------------------------------------------------------------------
 

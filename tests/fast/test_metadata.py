@@ -11,7 +11,7 @@ from mlx_glm_image import metadata
 from mlx_glm_image.pipeline.request import SETTINGS, Request
 
 RUN = {"model": "glm-image-4bit", "quantize": 4, "dtype": "bfloat16", "quantization": {"transformer": None},
-       "revision": None}
+       "revision": None, "lora": []}
 
 
 def test_a_record_round_trips_through_the_png_and_the_sidecar(tmp_path):

@@ -160,14 +160,7 @@ def random_component(args, name: str, quantize: bool = True):
 
 
 def write_random_component(args, name: str):
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    folder = args.model / name
-    folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(args.inputs[name]))
-    weights = dict(tree_flatten(random_component(args, name, quantize=False).parameters()))
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    common.write_component(random_component(args, name, quantize=False), args.model / name, args.inputs[name])
 
 
 def run_mlx(args) -> dict:

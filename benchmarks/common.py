@@ -109,6 +109,20 @@ SMALLER = {
 }
 
 
+def write_component(model, folder, config: dict):
+    """A model's weights and config.json as a component folder the loaders read (random weights, for timing)."""
+    import json
+    from pathlib import Path
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+
+
 def released(component: str) -> dict:
     """The released ``<component>/config.json`` (component: a folder name of ``mlx_glm_image.convert.COMPONENTS``),
     from its config class's defaults, as plain JSON values: the class's fields less those no config.json has."""

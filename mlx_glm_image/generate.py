@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("several processes or Macs (under mlx.launch)")
     par.add_argument("--parallel", choices=list(MODES),
                      help="cfg: 2 processes, one runs the conditional and one the unconditional DiT passes of every "
-                          "step; data: the run's images divided over the processes")
+                          "step; data: the run's images divided over the processes; tensor: N processes, each holds "
+                          "and computes 1/N of the DiT's blocks and the AR model; cfg,tensor: 2N, guidance split in "
+                          "two groups, each tensor-split N ways")
     par.add_argument("--parallel-timeout", type=float,
                      help="seconds a process waits for the others before it stops with an error (default: 600)")
     return p

@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import quantize as Q
+from . import sharding
 from .models.base import PretrainedModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -128,6 +129,11 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
 
 def read_safetensors_header(path: Path) -> dict:
     """The tensor table of a safetensors file, checked against the file's size (catches truncation)."""
+    return _header(path)[1]
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(where the tensor data starts, the tensor table) of a safetensors file, checked against its size."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -141,7 +147,39 @@ def read_safetensors_header(path: Path) -> dict:
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end != size:
         raise WeightsError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}")
-    return header
+    return 8 + n, header
+
+
+# safetensors dtypes a share is read in: numpy's type of the same width, and the MLX type to view it as
+_SHARE_DTYPES = {"F32": ("float32", None), "F16": ("float16", None), "BF16": ("uint16", mx.bfloat16),
+                 "U32": ("uint32", None), "U8": ("uint8", None), "I32": ("int32", None)}
+
+
+def read_shares(folder: str | os.PathLike, wanted: dict[str, tuple[int, tuple]]) -> dict[str, mx.array]:
+    """Slices of stored tensors, reading only their bytes (a memory map): ``wanted`` maps a key to (axis, ranges),
+    the ranges concatenated along the axis (sharding.shares says which)."""
+    import numpy as np
+
+    out = {}
+    for f in safetensors_files(folder):
+        start, header = _header(f)
+        for key in wanted.keys() & header.keys():
+            info, (axis, ranges) = header[key], wanted[key]
+            if info["dtype"] not in _SHARE_DTYPES:
+                raise WeightsError(f"{f}: {key} is stored as {info['dtype']}, which a tensor split cannot read")
+            np_dtype, view = _SHARE_DTYPES[info["dtype"]]
+            stored = np.memmap(f, dtype=np_dtype, mode="r", offset=start + info["data_offsets"][0],
+                               shape=tuple(info["shape"]))
+            if any(b > stored.shape[axis] for _, b in ranges):
+                raise WeightsError(f"{f}: {key} has shape {tuple(stored.shape)}, too small for the split's share")
+            index = np.concatenate([np.arange(a, b) for a, b in ranges])
+            piece = mx.array(np.take(stored, index, axis=axis))
+            out[key] = piece.view(view) if view is not None else piece
+            del stored
+    missing = sorted(wanted.keys() - out.keys())
+    if missing:
+        raise WeightsError(f"{folder}: missing weights {', '.join(missing[:3])}")
+    return out
 
 
 def load_weights(folder: str | os.PathLike) -> dict[str, mx.array]:
@@ -185,11 +223,19 @@ def check_keys(model, weights: dict[str, mx.array], where) -> None:
             raise WeightsError(f"{where}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
 
 
-def load_into(model, folder, config: dict, dtype=None, weights: dict[str, mx.array] | None = None):
-    """Load a component folder's weights into ``model`` (strict: every key present, every shape equal)."""
+def load_into(model, folder, config: dict, dtype=None, weights: dict[str, mx.array] | None = None, split=None,
+              quantized_later: tuple | None = None):
+    """Load a component folder's weights into ``model`` (strict: every key present, every shape equal); with a
+    tensor ``split``, only this rank's share of the model's planned layers (sharding.py); ``quantized_later``:
+    (layers, group size) a load-time quantization will quantize, whose shares must hold whole groups."""
     weights = model.sanitize(load_weights(folder) if weights is None else weights)
     if config.get("quantization"):
         Q.apply_stored(model, config["quantization"], weights)
+    if split is not None:
+        plan = model.tensor_plan(model.config, split.size, split.rank)
+        sharding.narrow(model, plan, *(quantized_later or ((), 0)))
+        model.shard_heads(split.size)
+        weights.update(read_shares(folder, sharding.shares(model, plan)))  # the lazy whole tensors are never read
     weights = cast_floating(weights, to_dtype(dtype))
     check_keys(model, weights, folder)
     model.load_weights(list(weights.items()), strict=True)
@@ -213,17 +259,23 @@ def build(cls, config: dict, where):
         raise WeightsError(f"{where}/config.json does not describe a {cls.component}: {e}") from None
 
 
-def load_model(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None):
+def load_model(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None, split=None):
     """``cls.from_pretrained``: find the component, build the model from its config, load its weights lazily, and
     quantize it by its own predicate when ``quantize`` (a QuantSpec or bits) is given and the folder is not
-    quantized already. A ``generation_config.json`` beside the weights becomes ``model.generation_config``."""
+    quantized already. A ``generation_config.json`` beside the weights becomes ``model.generation_config``.
+    With a tensor ``split`` (sharding.Split) this rank holds its share of the model's planned layers."""
     folder = component_folder(path_or_repo, cls.component, subfolder)
     config = read_config(folder)
     model = build(cls, config, folder)
     dtype = cls.load_dtype(model.config, to_dtype(dtype))
-    load_into(model, folder, config, dtype=dtype)
-    if quantize and not config.get("quantization"):
-        Q.quantize_model(model, Q.as_spec(quantize))
+    spec = Q.as_spec(quantize) if quantize and not config.get("quantization") else None
+    # which layers to quantize is decided on the whole model's widths, so that every rank's split agrees with one process
+    layers = Q.quantizable_layers(model, spec.group_size)[0] if spec else None
+    load_into(model, folder, config, dtype=dtype, split=split, quantized_later=(layers, spec.group_size) if spec else None)
+    if spec:
+        Q.quantize_model(model, spec, layers)
+    if split is not None:
+        sharding.connect(model, model.tensor_plan(model.config, split.size, split.rank), split)
     model.after_load()
     if hasattr(model, "generation_config") and (folder / "generation_config.json").is_file():
         model.generation_config = read_config(folder, "generation_config.json")

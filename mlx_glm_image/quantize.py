@@ -105,9 +105,11 @@ def config_block(spec: QuantSpec, kept) -> dict:
     return {**spec.as_config(), **{layer: False for layer in sorted(kept)}}
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec) -> dict:
-    """Quantize a loaded full-precision model in place by its predicate; returns its quantization block."""
+def quantize_model(model: nn.Module, spec: QuantSpec, layers: set[str] | None = None) -> dict:
+    """Quantize a loaded full-precision model in place by its predicate (or ``layers``, chosen before a tensor split
+    narrowed them); returns its quantization block."""
     chosen, kept = quantizable_layers(model, spec.group_size)
+    chosen = chosen if layers is None else layers
     nn.quantize(model, group_size=spec.group_size, bits=spec.bits, mode=spec.mode, class_predicate=lambda p, m: p in chosen)
     return config_block(spec, kept)
 

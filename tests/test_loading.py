@@ -77,3 +77,18 @@ def test_pipeline_on_a_hub_id_fetches_components_when_used(fake_hub):
     assert {"transformer/*", "vae/*", "text_encoder/*", "scheduler/*"} <= fetched
     assert not any(p.startswith("vision_language_encoder/") and p.endswith("/*") for p in fetched), \
         "the AR model is not fetched when prior tokens are given"
+
+
+def test_read_shares_reads_the_slices_a_tensor_split_asks_for(tmp_path):
+    """Rows (with two segments, as gate_up) and columns, bf16 and packed uint32: the bytes of the share only."""
+    from mlx_glm_image.loading import read_shares
+
+    w = mx.random.normal((8, 12)).astype(mx.bfloat16)
+    packed = mx.random.randint(0, 2**31, (6, 4)).astype(mx.uint32)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"a.weight": w, "b.weight": packed, "c": mx.zeros(3)})
+    got = read_shares(tmp_path, {"a.weight": (0, ((1, 3), (5, 7))), "b.weight": (1, ((2, 4),))})
+    assert got["a.weight"].dtype == mx.bfloat16
+    assert mx.array_equal(got["a.weight"], mx.concatenate([w[1:3], w[5:7]]))
+    assert mx.array_equal(got["b.weight"], packed[:, 2:4])
+    with pytest.raises(loading.WeightsError, match="missing weights d"):
+        read_shares(tmp_path, {"d": (0, ((0, 1),))})

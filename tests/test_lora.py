@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 from conftest import assert_close, rel_err, to_mx
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from PIL import Image
 from tiny_checkpoints import write_pipeline
 

@@ -1,6 +1,8 @@
 """Several processes with MLX's distributed runtime: `mlx.launch -n 2 --backend ring` on this machine's CPU, the CLI
-as a subprocess, tiny checkpoint. cfg and data parallel give the single-process images; a killed rank stops the run."""
+as a subprocess, tiny checkpoint. cfg, data and tensor parallel give the single-process images; a killed rank stops
+the run."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -101,9 +103,10 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
-def test_a_killed_rank_stops_the_other_with_one_line(model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["cfg", "tensor"])
+def test_a_killed_rank_stops_the_other_with_one_line(model_dir, tmp_path, mode):
     proc = launch("-m", model_dir, "--prompt", "a cat", "--height", "128", "--width", "128", "--steps", "1000", "--top-k", "1",
-                  "--dtype", "float32", "--seed", 1, "--parallel", "cfg", "--parallel-timeout", "20",
+                  "--dtype", "float32", "--seed", 1, "--parallel", mode, "--parallel-timeout", "20",
                   "--output", tmp_path / "never.png", wait=False)
     deadline, pid = time.time() + 60, None
     while time.time() < deadline and pid is None:
@@ -135,3 +138,60 @@ def test_parallel_needs_a_fitting_group(model_dir, tmp_path):
                             "--output", tmp_path / "x.png")
     assert "it needs guidance > 1" in out + err and re.search(r"rank \d exited with code 1\b", out + err)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--image"]], ids=["t2i", "edit"])
+def test_tensor_on_two_ranks_equals_one_process(model_dir, tmp_path, extra):
+    if extra == ["--image"]:
+        source = tmp_path / "source.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(source)
+        extra = ["--image", source]
+    args = ["-m", model_dir, "--prompt", 'a red cat "big"', *ARGS, *extra, "--seed", 3]
+    single(*args, "--output", tmp_path / "one.png")
+    code, out, err = launch(*args, "--parallel", "tensor", "--output", tmp_path / "two.png")
+    assert code == 0 and "Traceback" not in err, err
+    # all-reduce rounding only (fp32): measured 1/255
+    assert max_diff(tmp_path / "two.png", tmp_path / "one.png") <= 2
+    assert not (tmp_path / "two_1.png").exists(), "only rank 0 writes"
+
+
+def _sharded_run(model_dir, mode, n, *extra):
+    cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, str(ROOT / "tests" / "sharded_run.py"),
+           str(model_dir), mode, *map(str, extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout + proc.stderr
+    return json.loads(lines[0])
+
+
+def test_tensor_split_models_equal_whole_ones(model_dir, tmp_path):
+    converted = tmp_path / "q4"
+    subprocess.run([sys.executable, "-m", "mlx_glm_image.convert", "--hf-path", str(model_dir), "--mlx-path", str(converted),
+                    "-q", "--q-bits", "4", "--q-group-size", "32"], check=True, capture_output=True, cwd=ROOT)
+    two = _sharded_run(model_dir, "tensor", 2, converted)
+    assert two["ar_relative"] < 1e-5 and two["ar_kv_heads_per_rank"] == 1
+    # quantized shares: the same groups as the whole layer's, so the same numbers up to the all-reduce's rounding
+    assert two["ar_load_time_4bit_relative"] < 1e-5 and two["ar_converted_4bit_relative"] < 1e-5
+    assert two["ar_layer"] == "QuantizedShardedToAll"
+    # four ranks, two KV heads: each rank computes the KV head its query heads read
+    four = _sharded_run(model_dir, "cfg,tensor", 4)
+    assert four["ar_relative"] < 1e-5 and four["ar_kv_heads_per_rank"] == 1
+    assert four["dit_layer"] == "ShardedToAll" and four["image_max_pixel"] <= 2
+
+
+def test_tensor_needs_a_group_that_splits_the_heads(model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "-m", str(model_dir), "--prompt", "x",
+                           "--parallel", "tensor", "--output", str(tmp_path / "x.png")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --parallel needs several processes")
+    # the tiny DiT has 2 heads
+    code, out, err = launch("-m", model_dir, "--prompt", "x", *ARGS, "--parallel", "tensor", "--output", tmp_path / "x.png",
+                            n=4)
+    assert "--parallel tensor splits the DiT over 4 ranks, but its attention heads (2) is not a multiple of 4" in out + err
+    assert re.search(r"rank \d exited with code 1\b", out + err) and "Traceback" not in out + err
+    assert "loaded" not in out + err, "refused before any model is read"
+    # the tiny AR model's MLP (192 wide) splits in two shares of 96: not whole groups of 64
+    code, out, err = launch("-m", model_dir, "--prompt", "x", *ARGS, "-q", "4", "--parallel", "tensor",
+                            "--output", tmp_path / "x.png")
+    assert "down_proj: a share of 96 inputs does not hold whole quantization groups of 64" in out + err
+    assert "Traceback" not in out + err and not (tmp_path / "x.png").exists()

@@ -42,10 +42,23 @@ class PretrainedModel(nn.Module):
     _loader = None  # set by mlx_glm_image.loading
 
     @classmethod
-    def from_pretrained(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None):
+    def from_pretrained(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None, split=None):
         """A pipeline folder (its ``component/`` is used), the component's own folder, or a Hugging Face repo id
-        (only this component's files are fetched); weights are memory-mapped and read on first use."""
-        return PretrainedModel._loader(cls, path_or_repo, subfolder=subfolder, dtype=dtype, quantize=quantize)
+        (only this component's files are fetched); weights are memory-mapped and read on first use. ``split``
+        (a ``sharding.Split``): this rank's share of a tensor-parallel model."""
+        return PretrainedModel._loader(cls, path_or_repo, subfolder=subfolder, dtype=dtype, quantize=quantize,
+                                       split=split)
+
+    @staticmethod
+    def tensor_plan(config, n: int, rank: int) -> list:
+        """The layers ``n`` ranks split and rank ``rank``'s share of each (``sharding.Share``), from the config
+        alone; raises ``sharding.ShardingError`` when ``n`` does not divide what must be split."""
+        from ..sharding import ShardingError
+
+        raise ShardingError("this model is not split by --parallel tensor")
+
+    def shard_heads(self, n: int):
+        """After ``tensor_plan``'s layers are narrowed: each attention runs its share of the heads."""
 
     @classmethod
     def as_config(cls, config):

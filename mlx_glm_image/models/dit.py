@@ -421,6 +421,30 @@ class GlmImageTransformer2DModel(PretrainedModel):
     def quant_predicate(self, path: str, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and not path.startswith(self.FULL_PRECISION)
 
+    @staticmethod
+    def tensor_plan(config: GlmImageTransformerConfig, n: int, rank: int) -> list:
+        """cache-dit's plan for GLM-Image's DiT, in every block: q/k/v and the feed-forward's first projection
+        split by output (whole heads per rank), the attention output and the feed-forward's second projection by
+        input (one all-reduce each), and the AdaLN modulation by input (its input, the time embedding, is whole on
+        every rank: each takes its part; one small all-reduce). Everything outside the blocks stays whole."""
+        from ..sharding import Share, part, require
+
+        ff = 4 * config.inner_dim  # FeedForward's default inner width
+        require({"attention heads": config.num_attention_heads, "time embedding width": config.time_embed_dim}, n,
+                "the DiT")
+        heads, inner, time = (part(w, n, rank) for w in (config.inner_dim, ff, config.time_embed_dim))
+        plan = []
+        for i in range(config.num_layers):
+            b = f"transformer_blocks.{i}"
+            plan += [Share(f"{b}.attn1.{name}", "out", (heads,)) for name in ("to_q", "to_k", "to_v")]
+            plan += [Share(f"{b}.attn1.to_out.0", "in", (heads,)), Share(f"{b}.ff.net.0.proj", "out", (inner,)),
+                     Share(f"{b}.ff.net.2", "in", (inner,)), Share(f"{b}.norm1.linear", "in", (time,), slice_input=True)]
+        return plan
+
+    def shard_heads(self, n: int):
+        for block in self.transformer_blocks:
+            block.attn1.heads //= n
+
     # -- forward -------------------------------------------------------------------------------------------
 
     def _check_inputs(self, hidden_states, encoder_hidden_states, prior_token_id):

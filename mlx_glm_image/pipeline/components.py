@@ -72,7 +72,8 @@ class Components:
     the memory budget. Facts (sizes, the largest side, sampling defaults, quantization, revision) are read once.
     """
 
-    def __init__(self, given: dict, source=None, dtype=mx.bfloat16, quantize=None, memory: str = "resident", log=None):
+    def __init__(self, given: dict, source=None, dtype=mx.bfloat16, quantize=None, memory: str = "resident", log=None,
+                 splits: dict | None = None):
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         unknown = sorted(set(given) - set(BY_NAME))
@@ -87,6 +88,7 @@ class Components:
         self.dtype = loading.to_dtype(dtype)
         self.quantize = as_spec(quantize) if quantize else None  # checked now, applied as each model loads
         self.log = log or (lambda message: None)
+        self.splits = splits or {}  # model name -> this rank's tensor split (sharding.Split): it loads a share
         self.loads = 0  # models loaded from files so far
         self.load_seconds = 0.0  # time spent loading them
         self.memory = self._resolve_memory(memory)
@@ -160,7 +162,7 @@ class Components:
         cls = MODELS[name]
         quantize = self.quantize if cls.quantize_by_default else None
         dtype = None if name == "text_encoder" else self.dtype  # ByT5 keeps its checkpoint's float32
-        model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize)
+        model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize, split=self.splits.get(name))
         mx.eval(model.parameters())  # read now, so that loading is timed apart from compute
         self._apply_adapters(name, model)  # a model staged memory loads again gets its adapters again
         seconds = time.perf_counter() - t0
@@ -189,6 +191,9 @@ class Components:
             except loading.WeightsError:  # not in this pipeline
                 continue
         component = lora.component_of(adapter, skeletons)
+        if component in self.splits:
+            raise lora.LoraError(f"adapter {adapter.name!r} is for the {component}, which --parallel tensor splits; "
+                                 "LoRA over split layers is not supported (use --parallel cfg or data)")
         with self._lock:
             self.adapters[adapter.name] = (adapter, component)
             self.adapter_weights[adapter.name] = weight
@@ -263,6 +268,8 @@ class Components:
         bits = self.quantize.bits if self.quantize else None
         if bits and MODELS[name].quantize_by_default and not loading.read_config(folder).get("quantization"):
             size = size * bits // 16  # the released weights are bf16
+        if name in self.splits:  # most of it is split (the token table, the heads and the vision side stay whole)
+            size //= self.splits[name].size
         return size
 
     # -- facts, read once -----------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ MPI backend). A placement is one strategy object the stages ask, instead of chec
   unconditional passes. The prior tokens are broadcast once; each step exchanges one latent-sized velocity (an
   all-gather).
 - ``DataSplit`` (``data``, any size): the run's requests divided over the ranks; each writes its own images.
+- ``TensorSplit`` (``tensor``, N ranks): every rank holds and computes a 1/N share of the DiT's blocks and of the
+  AR text model (sharding.py); all ranks run every stage in step (one all-reduce per split layer), rank 0
+  decodes and writes the image.
+- ``GuidanceTensorSplit`` (``cfg,tensor``, 2N ranks): ranks 0..N-1 run the conditional passes, N..2N-1 the
+  unconditional ones, each group tensor-split N ways; one velocity exchange a step, as ``cfg``.
 
 Every exchange runs under a watchdog: a rank that waits longer than ``timeout`` seconds for its peers (one of
 them died) stops with a one-line error instead of hanging.
@@ -21,7 +26,10 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-MODES = ("cfg", "data")
+from ..sharding import Split
+from .components import MODELS
+
+MODES = ("cfg", "data", "tensor", "cfg,tensor")
 
 
 class Single:
@@ -47,6 +55,15 @@ class Single:
     def share(self, prior_token_ids: mx.array) -> mx.array:
         """The prior tokens every process denoises with."""
         return prior_token_ids
+
+    reads_conditions = True  # writes the condition images' KV cache (runs a conditional pass, or in step with one)
+    splits: dict = {}  # model name -> this rank's tensor split of it (sharding.Split)
+
+    def check_models(self, config):
+        """Refuse (a ValueError) a split that the models' configs (``config(name)``) cannot take."""
+
+    def align(self, inputs, image_tokens: int):
+        """Before a run's DiT passes (their inputs: denoise.DenoiseInputs; ``image_tokens`` per image)."""
 
     def my_passes(self, passes: list) -> list:
         """The DiT passes of each step (conditional, unconditional) that run here."""
@@ -116,6 +133,10 @@ class GuidanceSplit(Distributed):
     def decodes(self) -> bool:
         return self.leader
 
+    @property
+    def reads_conditions(self) -> bool:
+        return self.leader
+
     def check(self, request):
         if not request.schedule.guided:
             raise ValueError(f"--parallel cfg splits guidance: it needs guidance > 1, got {request.schedule.guidance_scale}")
@@ -131,6 +152,67 @@ class GuidanceSplit(Distributed):
         (v,) = velocities.values()
         both = mx.distributed.all_gather(v, group=self.group)
         return {"cond": both[: v.shape[0]], "uncond": both[v.shape[0]:]}
+
+
+class TensorSplit(Distributed):
+    """Each model's matmul layers split over ranks that run every stage together (sharding.py)."""
+
+    mode = "tensor"
+
+    def __init__(self, group, timeout: float = 600.0):
+        super().__init__(group, timeout)
+        whole = Split(group, size=self.size, rank=self.rank)
+        self.splits = {"vision_language_encoder": whole, "transformer": whole}
+
+    @property
+    def decodes(self) -> bool:
+        return self.leader
+
+    def check_models(self, config):
+        for name, split in self.splits.items():
+            MODELS[name].tensor_plan(config(name), split.size, 0)
+
+    def share(self, prior_token_ids: mx.array) -> mx.array:
+        # every rank sampled the same tokens from the same all-reduced logits; rank 0's are the record
+        return self.broadcast(prior_token_ids)
+
+
+class GuidanceTensorSplit(TensorSplit, GuidanceSplit):
+    """``cfg,tensor``: two guidance groups of N ranks each, each group tensor-splitting the DiT; the ring backend has
+    no sub-groups, so a group's all-reduce runs over every rank in its own slot (sharding.Split). The AR model,
+    which runs once for both passes, is split over all 2N ranks."""
+
+    mode = "cfg,tensor"
+
+    def __init__(self, group, timeout: float = 600.0):
+        super().__init__(group, timeout)
+        n = self.size // 2
+        self.splits["transformer"] = Split(group, size=n, rank=self.rank % n, slot=self.rank // n, slots=2)
+
+    runs_prior = True  # every rank holds a share of the AR model
+    reads_conditions = True  # the unconditional group writes the condition cache too: its all-reduces meet the other's
+
+    def check(self, request):
+        GuidanceSplit.check(self, request)
+        if request.cache_config is not None:
+            raise ValueError("--parallel cfg,tensor cannot take the step cache: the two guidance groups would skip "
+                             "different blocks, and their exchanges must meet; use --parallel cfg or tensor")
+
+    def align(self, inputs, image_tokens: int):
+        """The two groups' all-reduces meet at the longer of the two passes' sequences."""
+        texts = [e.shape[1] for e in (inputs.prompt_embeds, inputs.negative_prompt_embeds) if e is not None]
+        self.splits["transformer"].rows = max(texts) + image_tokens
+
+    def my_passes(self, passes: list) -> list:
+        return [passes[self.splits["transformer"].slot]]
+
+    def gather(self, velocities: dict) -> dict:
+        """Each group's first rank gives its pass's velocity (one all-gather over every rank)."""
+        (v,) = velocities.values()
+        every = mx.distributed.all_gather(v, group=self.group)
+        b = v.shape[0]
+        n = self.splits["transformer"].size
+        return {"cond": every[:b], "uncond": every[n * b:(n + 1) * b]}
 
 
 class DataSplit(Distributed):
@@ -149,8 +231,11 @@ def join(mode: str | None, timeout: float = 600.0) -> Single:
         raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
     group = mx.distributed.init()
     if group.size() < 2:
-        raise ValueError("--parallel needs several processes: run it under mlx.launch (e.g. mlx.launch -n 2 "
-                         "--backend ring -- mlx-glm-image ... --parallel cfg)")
+        raise ValueError(f"--parallel needs several processes: run it under mlx.launch (e.g. mlx.launch -n 2 "
+                         f"--backend ring -- mlx-glm-image ... --parallel {mode})")
     if mode == "cfg" and group.size() != 2:
         raise ValueError(f"--parallel cfg splits guidance over exactly 2 processes, got {group.size()}")
-    return (GuidanceSplit if mode == "cfg" else DataSplit)(group, timeout)
+    if mode == "cfg,tensor" and (group.size() < 4 or group.size() % 2):
+        raise ValueError(f"--parallel cfg,tensor needs 2N processes (two guidance groups of N >= 2), got {group.size()}")
+    placements = {"cfg": GuidanceSplit, "data": DataSplit, "tensor": TensorSplit, "cfg,tensor": GuidanceTensorSplit}
+    return placements[mode](group, timeout)

@@ -47,8 +47,8 @@ class GlmImagePipeline:
     largest stage, for 16 GB Macs), "auto" chooses resident when the weights fit (components.py). ``dtype`` is
     the compute dtype of the DiT, the AR model and the VAE; the glyph encoder keeps its checkpoint's.
     ``quantize`` (bits, or a ``quantize.QuantSpec``) quantizes the full-precision DiT and AR model once, at load
-    time, by their own predicates; a converted folder is used as it is. ``parallel`` ("cfg" or "data", under
-    mlx.launch) splits the work over processes.
+    time, by their own predicates; a converted folder is used as it is. ``parallel`` ("cfg", "data", "tensor" or
+    "cfg,tensor", under mlx.launch) splits the work over processes (parallel.py).
     """
 
     def __init__(self, scheduler=None, transformer=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
@@ -58,9 +58,12 @@ class GlmImagePipeline:
         given = dict(scheduler=scheduler, transformer=transformer, vae=vae, text_encoder=text_encoder,
                      tokenizer=tokenizer, processor=processor, vision_language_encoder=vision_language_encoder)
         self.verbose = verbose
-        self.components = Components(given, source, dtype, quantize, memory, log=self._log)
-        self.vae_tiling = vae_tiling  # None: by size (pipeline/decode.py)
         self.placement = join(parallel, parallel_timeout)  # this process's share of the work (parallel.py)
+        splits = self.placement.splits
+        self.components = Components(given, source, dtype, quantize, memory, log=self._log, splits=splits)
+        if splits:  # a split the models cannot take is refused before anything is read
+            self.placement.check_models(self.components.config)
+        self.vae_tiling = vae_tiling  # None: by size (pipeline/decode.py)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype="bfloat16", quantize=None,

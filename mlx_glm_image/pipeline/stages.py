@@ -127,10 +127,11 @@ class Run:
         transformer, scheduler = self.components.get("transformer"), self.components.get("scheduler")
         f, p = self.components.vae_scale_factor, self.components.patch_size
         inputs = self._denoise_inputs(job, transformer.dtype)
+        self.placement.align(inputs, (r.height // f) * (r.width // f) // p**2)
         latents = prepare_latents((r.num_images, self.components.latent_channels, r.height // f, r.width // f),
                                   r.latents, r.generator)
         kv_caches = None
-        if r.image is not None and self.placement.decodes:  # the conditional pass reads the condition images
+        if r.image is not None and self.placement.reads_conditions:  # the conditional pass reads the condition images
             conditions = self._encode_condition_images(r.image)
             kv_caches = write_condition_cache(transformer, conditions, job.prior_token_image_ids,
                                               job.source_image_grid_thw)

@@ -61,6 +61,39 @@ class GlmImageForConditionalGeneration(PretrainedModel):
             return False
         return isinstance(module, nn.Linear) or path.endswith("embed_tokens")
 
+    @staticmethod
+    def tensor_plan(config: GlmImageConfig, n: int, rank: int) -> list:
+        """mlx-lm's plan for a GQA decoder, in every text layer: q/k/v and gate_up by output (gate and up split
+        alike), o and down by input (one all-reduce each). With more ranks than KV heads (the released model has
+        2), each rank computes the one KV head its query heads read, so those projections are replicated across
+        the ranks that share it. The token table, the LM head and the vision side stay whole."""
+        from ...sharding import Share, ShardingError, part, require
+
+        t = config.text_config
+        kv = t.num_key_value_heads
+        require({"attention heads": t.num_attention_heads, "MLP width": t.intermediate_size}, n, "the AR model")
+        if kv % n and n % kv:
+            raise ShardingError(f"--parallel tensor splits the AR model over {n} ranks, but its {kv} KV heads neither "
+                                f"divide among them nor does {kv} divide {n}")
+        hd, inter = t.head_dim, t.intermediate_size
+        q = part(t.num_attention_heads * hd, n, rank)
+        k = part(kv * hd, n, rank) if kv % n == 0 else part(kv * hd, kv, rank * kv // n)
+        mlp = part(inter, n, rank)
+        plan = []
+        for i in range(t.num_hidden_layers):
+            a, m = f"model.language_model.layers.{i}.self_attn", f"model.language_model.layers.{i}.mlp"
+            plan += [Share(f"{a}.q_proj", "out", (q,)), Share(f"{a}.k_proj", "out", (k,)), Share(f"{a}.v_proj", "out", (k,)),
+                     Share(f"{a}.o_proj", "in", (q,)),
+                     Share(f"{m}.gate_up_proj", "out", (mlp, part(inter, n, rank, offset=inter))),
+                     Share(f"{m}.down_proj", "in", (mlp,))]
+        return plan
+
+    def shard_heads(self, n: int):
+        for layer in self.model.language_model.layers:
+            a = layer.self_attn
+            a.n_heads //= n
+            a.n_kv_heads = max(a.n_kv_heads // n, 1)
+
     # ---- pieces mirroring transformers ---------------------------------------------------------------------
     def make_cache(self, max_size: int, window: int | None = None) -> list[KVCache]:
         """One cache per layer for a generation of ``max_size`` tokens, the prompt included; attention reads the

@@ -63,30 +63,24 @@ def worker(args) -> dict | None:
             times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
     peak = mx.get_peak_memory()
-    exchange = []
-    if placement.mode == "tensor":  # one block's all-reduce: the joint sequence's activations
-        v = mx.random.normal((1, 64 + tokens, model.config.inner_dim))
+    exchange, exchange_bytes = [], 0
+    if placement.distributed:
+        if placement.mode == "tensor":  # one block's all-reduce: the joint sequence's activations
+            v, collective = mx.random.normal((1, 64 + tokens, model.config.inner_dim)), mx.distributed.all_sum
+        else:  # the velocity's all-gather
+            v, collective = mx.random.normal(x.shape), mx.distributed.all_gather
         mx.eval(v)
         for i in range(args.steps + 3):
             t0 = time.perf_counter()
-            placement.evaluate(mx.distributed.all_sum(v, group=placement.group), what="the all-reduce")
+            placement.evaluate(collective(v, group=placement.group), what="the exchange")
             if i >= 3:
                 exchange.append(time.perf_counter() - t0)
         exchange_bytes = v.nbytes
-    elif placement.distributed:
-        v = mx.random.normal(x.shape)
-        mx.eval(v)
-        for i in range(args.steps + 3):
-            t0 = time.perf_counter()
-            placement.evaluate(mx.distributed.all_gather(v, group=placement.group), what="the all-gather")
-            if i >= 3:
-                exchange.append(time.perf_counter() - t0)
-        exchange_bytes = x.size * 4
     if not placement.leader:
         return None
     return {"mode": placement.mode or "one", "processes": placement.size, "step_ms": 1000 * statistics.median(times),
             "exchange_ms": 1000 * statistics.median(exchange) if exchange else None,
-            "exchange_bytes": exchange_bytes if exchange else 0, "weight_bytes": weights, "peak_bytes": peak}
+            "exchange_bytes": exchange_bytes, "weight_bytes": weights, "peak_bytes": peak}
 
 
 def main():

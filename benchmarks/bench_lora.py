@@ -31,23 +31,15 @@ def worker(args) -> dict:
     import numpy as np
 
     from mlx_glm_image import GlmImageTransformer2DModel, lora
-    from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper
-    from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
+    from mlx_glm_image.pipeline.denoise import Stepper
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     dit = GlmImageTransformer2DModel(args.inputs)
     mx.eval(dit.parameters())
     c = dit.config
-    rng = np.random.default_rng(0)
-    lat, n = args.size // 8, (args.size // 16) ** 2
-    text = mx.array(rng.standard_normal((1, TEXT_LEN, c.text_embed_dim)).astype(np.float32))
-    inputs = DenoiseInputs(prompt_embeds=text, negative_prompt_embeds=text[:, :1],
-                           prior_token_ids=mx.array(rng.integers(0, c.prior_vq_quantizer_codebook_size, (1, n)), mx.int32),
-                           target_size=mx.array([[args.size, args.size]], mx.float32), crop_coords=mx.zeros((1, 2)))
-    x = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(50, image_seq_len=n)
+    inputs, x, scheduler = common.random_denoise_inputs(dit, args.size, TEXT_LEN)
+    rng = np.random.default_rng(1)  # the adapters' weights
     modules = dict(dit.named_modules())
     layers = {}
     for b in range(c.num_layers):

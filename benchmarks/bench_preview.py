@@ -54,30 +54,20 @@ def decoder_flops(cfg: dict, latent_side: int) -> float:
 def worker(args) -> dict:
     common.use_checkout(args.src)
     import mlx.core as mx
-    import numpy as np
 
     from mlx_glm_image import AutoencoderKL, GlmImageTransformer2DModel
-    from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper
+    from mlx_glm_image.pipeline.denoise import Stepper
     from mlx_glm_image.pipeline.image_processor import VaeImageProcessor
     from mlx_glm_image.pipeline.preview import pooled, pooling, predicted_latents
     from mlx_glm_image.pipeline.stages import decode_latents
-    from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
     cfg = args.inputs
     dit, vae = GlmImageTransformer2DModel(cfg["transformer"]), AutoencoderKL(cfg["vae"])
     mx.eval(dit.parameters(), vae.parameters())
-    c = dit.config
-    rng = np.random.default_rng(0)
-    lat, n = args.size // 8, (args.size // 16) ** 2
-    text = mx.array(rng.standard_normal((1, TEXT_LEN, c.text_embed_dim)).astype(np.float32))
-    inputs = DenoiseInputs(prompt_embeds=text, negative_prompt_embeds=text[:, :1],
-                           prior_token_ids=mx.array(rng.integers(0, c.prior_vq_quantizer_codebook_size, (1, n)), mx.int32),
-                           target_size=mx.array([[args.size, args.size]], mx.float32), crop_coords=mx.zeros((1, 2)))
-    x = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(50, image_seq_len=n)
+    inputs, x, scheduler = common.random_denoise_inputs(dit, args.size, TEXT_LEN)
+    lat = x.shape[-1]
     stepper = Stepper(dit, scheduler, inputs)
     factor = pooling(args.size, args.size, lat, lat)
 

@@ -123,6 +123,28 @@ def write_component(model, folder, config: dict):
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
 
 
+def random_denoise_inputs(dit, size: int, text_len: int = 64):
+    """(DenoiseInputs, noise latents) of random values for one ``size`` x ``size`` image of ``dit`` (its text
+    ``text_len`` tokens, the negative one token), and the scheduler set for 50 steps at that size."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_glm_image.pipeline.denoise import DenoiseInputs
+    from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
+
+    c = dit.config
+    rng = np.random.default_rng(0)
+    lat, n = size // 8, (size // 16) ** 2
+    text = mx.array(rng.standard_normal((1, text_len, c.text_embed_dim)).astype(np.float32))
+    inputs = DenoiseInputs(prompt_embeds=text, negative_prompt_embeds=text[:, :1],
+                           prior_token_ids=mx.array(rng.integers(0, c.prior_vq_quantizer_codebook_size, (1, n)), mx.int32),
+                           target_size=mx.array([[size, size]], mx.float32), crop_coords=mx.zeros((1, 2)))
+    x = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(50, image_seq_len=n)
+    return inputs, x, scheduler
+
+
 def released(component: str) -> dict:
     """The released ``<component>/config.json`` (component: a folder name of ``mlx_glm_image.convert.COMPONENTS``),
     from its config class's defaults, as plain JSON values: the class's fields less those no config.json has."""

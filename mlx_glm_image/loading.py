@@ -9,6 +9,7 @@ Nothing here knows a particular architecture: the models say what they need.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -191,6 +192,15 @@ def load_weights(folder: str | os.PathLike) -> dict[str, mx.array]:
         except Exception as e:
             raise WeightsError(f"cannot read {f}: {e}") from None
     return weights
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's SHA-256, read in 1 MiB blocks (condition images and adapters, for the metadata)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def weight_bytes(folder: str | os.PathLike) -> int:

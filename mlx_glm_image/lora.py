@@ -16,7 +16,6 @@ to unfuse.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -99,7 +98,7 @@ def read(source: str, name: str | None = None) -> LoraAdapter:
     if not layers:
         raise LoraError(f"--lora {source}: {path.name} holds no LoRA weights")
     mx.eval([t for a, b, _ in layers.values() for t in (a, b)])  # read now, on this thread (see apply)
-    return LoraAdapter(name=name or _default_name(source), source=str(source), sha256=_sha256(path), layers=layers)
+    return LoraAdapter(name=name or _default_name(source), source=str(source), sha256=loading.file_sha256(path), layers=layers)
 
 
 def component_of(adapter: LoraAdapter, skeletons: dict) -> str:
@@ -283,14 +282,6 @@ def _strip(key: str) -> str:
 
 def _default_name(source: str) -> str:
     return Path(str(source).rstrip("/")).stem or str(source)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_linear(module) -> bool:

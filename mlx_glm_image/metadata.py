@@ -6,12 +6,11 @@ when asked, in a JSON file beside it, and ``read`` takes it back for ``--config-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
 
-from . import atomic
+from . import atomic, loading
 from .pipeline.request import SETTINGS, Request
 
 CHUNK = "glm-image"  # the PNG text chunk that holds the JSON record
@@ -38,19 +37,11 @@ def record(request: Request, run: dict, index: int = 0) -> dict:
     out = {s.key: s.to_json(request.value(s)) for s in SETTINGS if s.recorded and s.name not in ("prompt", "image")}
     prompts = request.prompt or (None,)
     out = {"prompt": prompts[index // request.num_images_per_prompt], **out}
-    out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": file_sha256(p)} for p in request.image_files]
+    out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": loading.file_sha256(p)} for p in request.image_files]
     out.update(run)
     out["versions"] = {"mlx-glm-image": __version__, "mlx": mx.__version__}
     out["device"] = f"{mx.default_device()} ({platform.machine()}, {platform.system()})"
     return out
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def png_info(record: dict):

@@ -3,7 +3,7 @@
 
 import sys
 
-from mlx_glm_image.convert import main
+from mlx_glm_image.cli import convert
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(convert())

@@ -140,7 +140,7 @@ def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
     run = Decoding(L, mx.array(decode_positions(table, 0, n, B, L)), None, mx.zeros((V,), mx.bool_), n, n - 1, None,
                    dict(SAMPLING, do_sample=True))
     cache = model.make_cache(L + n, window=L)
-    tok = run.prefill(model, mx.array(ids), mx.array(pos), cache, mx.random.key(0))
+    tok, _ = run.prefill(model, mx.array(ids), mx.array(pos), cache, mx.random.key(0))
     state, key = [c.state for c in cache], mx.random.key(1)
     del cache
     (mx.enable_compile if compiled else mx.disable_compile)()
@@ -149,7 +149,7 @@ def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
     for i in range(steps):
         mx.eval(tok, key, state)
         t0 = time.perf_counter()
-        tok, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state, run.window(i))
+        tok, _, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state, run.window(i))
         t1 = time.perf_counter()
         mx.eval(tok, key, state)
         issue.append(t1 - t0)

@@ -16,7 +16,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -58,9 +58,18 @@ def temporary_path(dst: Path) -> Path:
 
 def remove_stale(dst: Path) -> list[Path]:
     """The temporaries of ``dst`` that killed runs left (their process is gone): removed; returns them."""
+    return _remove_stale(dst.parent, re.escape(dst.name), f".{glob.escape(dst.name)}.*.partial")
+
+
+def remove_stale_in(folder: Path) -> list[Path]:
+    """The temporaries of any destination in ``folder`` that killed runs left: removed; returns them."""
+    return _remove_stale(folder, ".+", ".*.partial")
+
+
+def _remove_stale(folder: Path, name: str, candidates: str) -> list[Path]:
     removed = []
-    pattern = re.compile(rf"^\.{re.escape(dst.name)}\.(\d+)\.[0-9a-f]+\.partial$")
-    for path in dst.parent.glob(f".{glob.escape(dst.name)}.*.partial"):
+    pattern = re.compile(rf"^\.{name}\.(\d+)\.[0-9a-f]+\.partial$")
+    for path in folder.glob(candidates):
         match = pattern.match(path.name)
         if match is None or _alive(int(match.group(1))):
             continue  # not ours, or another run is writing there
@@ -70,10 +79,15 @@ def remove_stale(dst: Path) -> list[Path]:
 
 
 @contextmanager
-def replacing(dst: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+def replacing(dst: str | os.PathLike, folder: bool = False, on_commit: Callable[[], None] | None = None,
+              exclusive: bool = False) -> Iterator[Path]:
     """Yields the temporary path to fill (an empty folder with ``folder``, else an empty file); once the block
     ends it becomes ``dst``, replacing what was there. A failure or an interruption inside the block removes it
-    and leaves ``dst`` as it was; a signal during the final swap is raised after it as ``InterruptedAfterCommit``."""
+    and leaves ``dst`` as it was; a signal during the final swap is raised after it as ``InterruptedAfterCommit``.
+    ``on_commit`` runs with the swap, signals still held: a caller meeting a signal after the block can tell
+    whether ``dst`` is the new one (the swap's end and the caller's next statement are bytecodes apart).
+    ``exclusive`` (a file): never replace; if ``dst`` exists by then, even made a moment ago by another process,
+    FileExistsError is raised and nothing is left behind."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dst)
@@ -87,7 +101,9 @@ def replacing(dst: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
         yield tmp
         try:
             with signals_held():  # the swap is never cut in half
-                _swap(tmp, dst)
+                _claim(tmp, dst) if exclusive else _swap(tmp, dst)
+                if on_commit is not None:
+                    on_commit()
         except KeyboardInterrupt:
             raise InterruptedAfterCommit(dst) from None
     except BaseException:
@@ -96,9 +112,10 @@ def replacing(dst: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
 
 
 def _swap(tmp: Path, dst: Path):
-    """``tmp`` becomes ``dst``. A file replaces in one rename; a folder moves the old one aside first (a folder
-    cannot be renamed onto another), and removes it once the new one is in place."""
-    if not (tmp.is_dir() and (dst.exists() or dst.is_symlink())):
+    """``tmp`` becomes ``dst``. A file replaces in one rename; a folder moves an old folder aside first (a folder
+    cannot be renamed onto another), and removes it once the new one is in place. Only a folder is moved aside:
+    a folder onto a file (or a dangling link) fails in the rename, the file where it was."""
+    if not (tmp.is_dir() and dst.is_dir()):
         os.replace(tmp, dst)
         return
     old = dst.with_name(f".{dst.name}.old")
@@ -106,6 +123,20 @@ def _swap(tmp: Path, dst: Path):
     dst.rename(old)
     tmp.rename(dst)
     _remove(old)
+
+
+def _claim(tmp: Path, dst: Path):
+    """``tmp`` becomes ``dst`` only if no ``dst`` exists: a hard link is made or refused in one step. Where the
+    file system has no hard links (FAT, exFAT), the name is claimed with O_EXCL and then replaced."""
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(tmp, dst)
+        return
+    tmp.unlink()
 
 
 def _remove(path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,6 +22,22 @@ class Parser(argparse.ArgumentParser):
         sys.exit(1)
 
 
+def above_zero(unit: str):
+    """An argparse type: a finite number of ``unit`` above 0 (float() also reads "nan" and "inf")."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number of {unit} above 0, got {text!r}")
+        return value
+
+    return parse
+
+
 def fail(error: BaseException) -> int:
     """Print one line for ``error`` (an OSError names its file) and return the exit code 1."""
     if isinstance(error, OSError) and error.strerror:
@@ -29,6 +46,64 @@ def fail(error: BaseException) -> int:
         message = " ".join(str(error).split())  # one line, whatever the message held
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+@contextmanager
+def interrupting():
+    """Within the block SIGTERM and SIGHUP (and SIGINT, whatever handler was there) raise KeyboardInterrupt, so
+    that a stopped command cleans up as after Ctrl-C: its temporaries removed, one line said."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, interrupt) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def run_command(module: str, interrupted: str) -> int:
+    """A command's entry point: its module (MLX and all) is imported inside, so that a Ctrl-C while it loads is
+    the line ``interrupted`` and exit 130 too, as later in its own main."""
+    import importlib
+
+    try:
+        with interrupting():
+            main = importlib.import_module(f"mlx_glm_image.{module}").main
+    except KeyboardInterrupt:
+        return done(130, interrupted)
+    return done(main())
+
+
+def done(code: int, said: str | None = None) -> int:
+    """A command's exit code (after its last line, ``said``), with SIGINT, SIGTERM and SIGHUP ignored from here
+    on: the work is over, so a late signal must not turn it into a kill or a traceback at the interpreter's exit."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if said:
+        print(said, file=sys.stderr)
+    return code
+
+
+def generate() -> int:
+    """``mlx-glm-image`` and ``python -m mlx_glm_image.generate``."""
+    return run_command("generate", "interrupted; no image written")
+
+
+def convert() -> int:
+    """``mlx-glm-image-convert`` and ``python convert.py``."""
+    return run_command("convert", "interrupted; nothing was written")
+
+
+def server() -> int:
+    """``mlx-glm-image-server`` and ``python -m mlx_glm_image.server``."""
+    return run_command("server", "interrupted; the server did not start")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = False, fill_defaults: bool = True):

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from . import atomic, lora
 from . import loading as L
-from .cli import Parser, fail, prog_name
+from .cli import Parser, above_zero, fail, interrupting, prog_name
 from . import quantize as Q
 from .pipeline.components import COMPONENTS as ALL_COMPONENTS
 from .pipeline.components import MODELS
@@ -35,6 +34,9 @@ from .pipeline.components import MODELS
 COMPONENTS = MODELS
 COPIED = tuple(c.name for c in ALL_COMPONENTS if c.model is None)
 DEFAULT_SHARD_BYTES = 4 << 30
+# Free space asked beyond the planned tensor bytes: safetensors headers, the index and config files, and the file
+# system's own blocks.
+SPACE_MARGIN = (0.05, 64 << 20)
 
 
 class ConvertError(Exception):
@@ -72,7 +74,9 @@ def present_components(root: Path, wanted: list[str] | None) -> list[str]:
     if not found:
         raise ConvertError(f"{root} has none of the component folders {', '.join(COMPONENTS)}")
     listed = L.read_config(root, "model_index.json") if index.exists() else {}
-    missing = [c for c, v in listed.items() if isinstance(v, list) and c in (*COMPONENTS, *COPIED) and not (root / c).is_dir()]
+    # diffusers writes [null, null] for a component saved as None: absent by design, not missing
+    missing = [c for c, v in listed.items() if isinstance(v, list) and any(x is not None for x in v)
+               and c in (*COMPONENTS, *COPIED) and not (root / c).is_dir()]
     if missing:
         raise ConvertError(f"{root} lacks {', '.join(f'{c}/' for c in missing)}, which model_index.json lists; "
                            "the output could not generate (pass --components to convert only some)")
@@ -90,6 +94,14 @@ def check_destination(src: Path, dst: Path):
         raise ConvertError(f"--mlx-path {dst} is the source, inside it or contains it; choose another folder")
 
 
+def check_destination_is_a_folder(dst: Path):
+    """Refuse a destination that is there but is no folder: the output is a folder, and --force replaces a folder,
+    never a file the user had (nor a link to nothing)."""
+    if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
+        what = "a file" if dst.exists() else "a link to nothing"
+        raise ConvertError(f"--mlx-path {dst} is {what}, not a folder; choose a folder (--force replaces only a folder)")
+
+
 def remove_stale_partials(dst: Path, verbose: bool) -> None:
     """Folders a killed run left beside ``dst``: removed when their owner process is gone."""
     for old in atomic.remove_stale(dst):
@@ -99,8 +111,11 @@ def remove_stale_partials(dst: Path, verbose: bool) -> None:
 
 def check_free_space(dst: Path, needed: int):
     free = shutil.disk_usage(dst.parent).free
-    if free < needed * 1.05 + (64 << 20):
-        raise ConvertError(f"{dst.parent} has {human(free)} free, the conversion writes {human(needed)}")
+    share, extra = SPACE_MARGIN
+    need = int(needed * (1 + share)) + extra
+    if free < need:
+        raise ConvertError(f"{dst.parent} has {human(free)} free; the conversion needs {human(need)} ({human(needed)} "
+                           f"of files plus a margin of {share:.0%} and {human(extra)})")
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -136,7 +151,7 @@ class Plan:
     def make(cls, component, folder, spec, dtype):
         config = L.read_config(folder)
         index = folder / "model.safetensors.index.json"
-        converted = index.exists() and json.loads(index.read_text()).get("metadata", {}).get("format") == "mlx"
+        converted = index.exists() and L.read_index(index).get("metadata", {}).get("format") == "mlx"
         if "quantization" in config or converted:
             raise ConvertError(f"{folder} is already an MLX conversion; load it directly or convert the original checkpoint")
         model = L.build(component, config, folder)
@@ -203,7 +218,11 @@ def convert_component(plan: Plan, dst: Path, shard_bytes: int, progress) -> tupl
             return
         name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
         mx.eval(buffer)
-        mx.save_safetensors(str(dst / name), buffer, metadata={"format": "mlx"})
+        try:
+            mx.save_safetensors(str(dst / name), buffer, metadata={"format": "mlx"})
+        except RuntimeError as e:  # MLX's "[write] Unable to write ..." names no cause: a full disk, mostly
+            free = human(shutil.disk_usage(dst).free)
+            raise ConvertError(f"could not write {dst / name} ({e}); {free} free on that disk") from None
         written += (dst / name).stat().st_size
         for k in buffer:
             weight_map[k] = name
@@ -265,7 +284,7 @@ def convert(
     quantize: bool = False,
     q_bits: int | None = None,
     q_group_size: int | None = None,
-    q_mode: str = "affine",
+    q_mode: str | None = None,
     dtype: str | None = None,
     components: list[str] | None = None,
     quantize_components: list[str] | None = None,
@@ -275,13 +294,16 @@ def convert(
     verbose: bool = True,
     loras: list[str] | None = None,
 ) -> list[tuple[str, int, int]]:
-    """Convert; returns [(component, bytes before, bytes after)]. Raises ConvertError with a one-line message."""
+    """Convert; returns [(component, bytes before, bytes after)]. Raises ConvertError with a one-line message.
+    A quantization option (``q_bits``, ``q_group_size``, ``q_mode``) implies ``quantize``."""
     dst = Path(mlx_path).expanduser()
-    spec = Q.quant_spec(q_bits, q_group_size, q_mode) if quantize else None
+    quantize = quantize or any(v is not None for v in (q_bits, q_group_size, q_mode))  # never silently dropped
+    spec = Q.quant_spec(q_bits, q_group_size, q_mode or "affine") if quantize else None
     out_dtype = L.to_dtype(dtype) if dtype else None
     check_component_names(components, quantize_components, quantize)
     if L.is_local(hf_path) and Path(hf_path).expanduser().exists():
         check_destination(Path(hf_path).expanduser(), dst)
+    check_destination_is_a_folder(dst)
     if not dry_run and dst.exists() and not force:
         raise ConvertError(f"{dst} already exists; pass --force to replace it")
 
@@ -305,12 +327,15 @@ def convert(
     remove_stale_partials(dst, verbose)
     copied = [root / n for n in COPIED if (root / n).is_dir()]
     check_free_space(dst, sum(p[2] for p in planned) + sum(f.stat().st_size for c in copied for f in c.rglob("*") if f.is_file()))
-    summary = write_output(plans, root, names, spec, dst, shard_bytes, verbose)
+    committed = []  # set with the swap, signals held: a Ctrl-C from then on finds the output complete
     try:
+        summary = write_output(plans, root, names, spec, dst, shard_bytes, verbose, lambda: committed.append(dst))
         if verbose:
             print_summary(summary, spec, q_set)
     except KeyboardInterrupt:
-        raise atomic.InterruptedAfterCommit(dst) from None
+        if committed:
+            raise atomic.InterruptedAfterCommit(dst) from None
+        raise
     return summary
 
 
@@ -325,13 +350,14 @@ def check_component_names(components, quantize_components, quantize: bool):
         raise ConvertError("--quantize-components needs -q/--quantize")
 
 
-def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, verbose: bool):
+def write_output(plans, root: Path, names, spec, dst: Path, shard_bytes: int, verbose: bool, on_commit=None):
     """Convert into a temporary folder beside ``dst`` and rename it into place only when complete (atomic.py); an
-    existing ``dst`` (--force) is replaced only then. Any failure or interruption removes the temporary folder."""
+    existing ``dst`` (--force) is replaced only then, ``on_commit`` running with the swap. Any failure or
+    interruption removes the temporary folder."""
     from tqdm import tqdm
 
     summary = []
-    with atomic.replacing(dst, folder=True) as tmp:
+    with atomic.replacing(dst, folder=True, on_commit=on_commit) as tmp:
         total = sum(f.stat().st_size for p in plans for f in L.safetensors_files(p.folder))
         with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not verbose, file=sys.stderr) as bar:
             for plan in plans:
@@ -368,17 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hf-path", required=True, help="diffusers pipeline folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the matmul weights of the quantized components")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize the matmul weights of the quantized components (implied by --q-bits, --q-group-size "
+                        "and --q-mode)")
     p.add_argument("--q-bits", type=int, choices=Q.BITS, help="bits per weight (default 4; mxfp8: 8)")
     p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], help="weights sharing one scale (default 64 affine, 32 mxfp, 16 nvfp4)")
-    p.add_argument("--q-mode", default="affine", choices=list(Q.MODES), help="quantization mode (default affine)")
+    p.add_argument("--q-mode", choices=list(Q.MODES), help="quantization mode (default affine)")
     p.add_argument("--dtype", choices=list(L.DTYPES), help="cast floating weights (default: keep the checkpoint's)")
     p.add_argument("--components", nargs="+", metavar="NAME", help=f"convert only these ({', '.join(COMPONENTS)})")
     p.add_argument(
         "--quantize-components", nargs="*", metavar="NAME",
         help="components to quantize with -q (default: transformer vision_language_encoder; text_encoder and vae stay full precision)",
     )
-    p.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30, help="output shard size (default 4)")
+    p.add_argument("--shard-size-gb", type=above_zero("GB"), default=DEFAULT_SHARD_BYTES / 2**30, help="output shard size (default 4)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path (only once the new one is complete)")
     p.add_argument("--dry-run", action="store_true", help="print planned sizes from the safetensors headers; read no weights")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
@@ -387,21 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM and SIGHUP clean up as Ctrl-C does
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    try:
-        convert(
-            args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
-            q_mode=args.q_mode, dtype=args.dtype, components=args.components,
-            quantize_components=args.quantize_components, force=args.force, dry_run=args.dry_run,
-            shard_bytes=int(args.shard_size_gb * 2**30), loras=args.lora,
-        )
+    try:  # from the first line: a Ctrl-C while the arguments are read is one line too
+        with interrupting():
+            args = build_parser().parse_args(argv)
+            convert(
+                args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
+                q_mode=args.q_mode, dtype=args.dtype, components=args.components,
+                quantize_components=args.quantize_components, force=args.force, dry_run=args.dry_run,
+                shard_bytes=int(args.shard_size_gb * 2**30), loras=args.lora,
+            )
     except (ConvertError, L.WeightsError, Q.QuantizeError, lora.LoraError, OSError) as e:  # OSError: disk full, permissions
         return fail(e)
     except atomic.InterruptedAfterCommit as e:
@@ -414,4 +437,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import done
+
+    sys.exit(done(main()))

@@ -17,10 +17,11 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import (Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, load_adapters, model_defaults,
-                  prog_name)
+from .cli import (Parser, above_zero, add_cache_arguments, add_model_arguments, cache_settings, fail, interrupting,
+                  load_adapters, model_defaults, prog_name)
 
 # The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
 RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
@@ -68,13 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(model, fill_defaults=False)
     model.add_argument("--vae-tiling", choices=list(VAE_TILING),
                        help="decode in overlapping tiles to bound memory (default: auto, above 1024x1024 pixels)")
+    model.add_argument("--check", action="store_true", default=None,
+                       help="say whether this machine can run -m (memory modes and -q widths that fit, free disk, "
+                            "the Hub) from the file sizes, download nothing, and stop: exit 0 when it can, 1 when not")
     par = p.add_argument_group("several processes or Macs (under mlx.launch)")
     par.add_argument("--parallel", choices=list(MODES),
                      help="cfg: 2 processes, one runs the conditional and one the unconditional DiT passes of every "
                           "step; data: the run's images divided over the processes; tensor: N processes, each holds "
                           "and computes 1/N of the DiT's blocks and the AR model; cfg,tensor: 2N, guidance split in "
                           "two groups, each tensor-split N ways")
-    par.add_argument("--parallel-timeout", type=float,
+    par.add_argument("--parallel-timeout", type=above_zero("seconds"),
                      help="seconds a process waits for the others before it stops with an error (default: 600)")
     return p
 
@@ -134,7 +138,7 @@ def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
 def prepare(pipe, run: dict, images: list[dict]) -> tuple[list, list]:
     """Every image's request, checked and resolved (size, sampling) before any weight is read, and the
     (path, moved-from) outputs."""
-    from . import runs
+    from . import atomic, runs
 
     outputs = runs.output_paths(run["output"], images, bool(run.get("overwrite")))
     missing = pipe.components.missing()  # configs were read, no weights
@@ -143,10 +147,13 @@ def prepare(pipe, run: dict, images: list[dict]) -> tuple[list, list]:
     requests = [pipe.request(**call_arguments(image)) for image in images]
     previews = [Path(run["preview_dir"]).expanduser() / "preview.png"] if run.get("preview_dir") else []
     check_output([p for p, _ in outputs] + previews, [(r.height, r.width) for r in requests])
+    for folder in {p.parent for p, _ in outputs} | {p.parent for p in previews}:
+        if folder.is_dir():  # what runs killed while writing (SIGKILL: no handler ran) left there
+            atomic.remove_stale_in(folder)
     return requests, outputs
 
 
-def run(args) -> list[Path]:
+def run(args, tally: "Tally") -> list[Path]:
     from .pipeline import GlmImagePipeline
 
     settings, images = plan(args)
@@ -166,38 +173,57 @@ def run(args) -> list[Path]:
     for path, asked in outputs:
         if asked is not None:
             print(f"{asked} exists: writing {path}", file=sys.stderr)
-    report = generate(pipe, requests, [p for p, _ in outputs], settings)
+    paths = [p for p, _ in outputs]
+    tally.planned = len(paths)
+    report = generate(pipe, requests, paths, settings, [asked or p for p, asked in outputs], tally)
     pipe.placement.barrier()
     if not settings.get("quiet"):
-        print_report(outputs, requests, report)
-    return [p for p, _ in outputs]
+        print_report(paths, requests, report)
+    return paths
 
 
-def generate(pipe, requests: list, paths: list[Path], settings: dict):
-    """Consume the run's events: the bars, the stage report, and each image written as soon as it is made."""
-    from . import metadata
+def generate(pipe, requests: list, paths: list[Path], settings: dict, asked: list[Path], tally: "Tally"):
+    """Consume the run's events: the bars, the stage report, and each image written as soon as it is made (at
+    ``paths``, or, when another run took a name meanwhile, the next free name after it, put in ``paths``), and
+    counted in ``tally``."""
+    from . import atomic
     from .pipeline.report import ProgressBars, StageReport
 
     report, bars = StageReport(pipe._log), ProgressBars(not settings.get("quiet"))
-    written = 0
     try:
         for event in pipe.stream_batch(requests):
             report.observe(event)
             bars.observe(event)
             if event.kind == "image":
-                metadata.write(event.image, paths[event.request], event.metadata,
-                               png_text=not settings.get("no_metadata"), sidecar=bool(settings.get("metadata")))
-                written += 1
+                try:
+                    paths[event.request] = write_image(event, paths[event.request], asked[event.request], settings)
+                except atomic.InterruptedAfterCommit as e:  # the image is in place: it counts
+                    tally.written.append(e.dst)
+                    raise
+                tally.written.append(paths[event.request])
             elif event.kind == "preview" and settings.get("preview_dir"):
                 write_preview(event, paths[event.request], Path(settings["preview_dir"]).expanduser())
     except RuntimeError as e:
         rank = pipe.placement
         raise RuntimeError(f"rank {rank.rank}: {e}" if rank.distributed else str(e)) from None
-    except KeyboardInterrupt:
-        raise Interrupted(written, len(paths)) from None
     finally:
         bars.close()
     return report
+
+
+def write_image(event, path: Path, asked: Path, settings: dict) -> Path:
+    """The image at ``path``, never over an existing file unless --overwrite: a name another run took since the
+    run was planned moves it on to the next free one (said); returns where it went."""
+    from . import metadata, runs
+
+    while True:
+        try:
+            metadata.write(event.image, path, event.metadata, png_text=not settings.get("no_metadata"),
+                           sidecar=bool(settings.get("metadata")), overwrite=bool(settings.get("overwrite")))
+            return path
+        except FileExistsError:
+            taken, path = path, runs.next_name(asked, path)
+            print(f"{taken} exists now: writing {path}", file=sys.stderr)
 
 
 def write_preview(event, output: Path, folder: Path):
@@ -209,9 +235,17 @@ def write_preview(event, output: Path, folder: Path):
         event.image.save(tmp, format="PNG")
 
 
-class Interrupted(KeyboardInterrupt):
-    def __init__(self, written: int, planned: int):
-        super().__init__(f"interrupted; {written} of {planned} image(s) written" if written else "interrupted; no image written")
+@dataclass
+class Tally:
+    """The images of a run written so far, for what an interruption says, whenever it comes."""
+
+    planned: int = 0
+    written: list = field(default_factory=list)
+
+    def interrupted(self) -> str:
+        if not self.written:
+            return "interrupted; no image written"
+        return f"interrupted; {len(self.written)} of {self.planned} image(s) written (the last: {self.written[-1]})"
 
 
 def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool):
@@ -228,12 +262,12 @@ def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool
             image["seed"] = seed
 
 
-def print_report(outputs, requests, report):
+def print_report(paths, requests, report):
     import mlx.core as mx
 
-    for i, ((path, _), request) in enumerate(zip(outputs, requests)):
-        print(f"image {i + 1}/{len(outputs)}: {path} (seed {request.seed})", flush=True)
-    print(f"{len(outputs)} image(s) in {report.total_seconds:.1f} s, peak memory {report.peak_memory / 1e9:.2f} GB "
+    for i, (path, request) in enumerate(zip(paths, requests)):
+        print(f"image {i + 1}/{len(paths)}: {path} (seed {request.seed})", flush=True)
+    print(f"{len(paths)} image(s) in {report.total_seconds:.1f} s, peak memory {report.peak_memory / 1e9:.2f} GB "
           f"(MLX {mx.__version__}, {mx.default_device()})")
 
 
@@ -249,18 +283,31 @@ def stop_with_the_others(group):
 
 
 def main(argv: list[str] | None = None) -> int:
+    tally = Tally()
+    try:
+        with interrupting():  # from the first moment: the imports are inside
+            return _main(argv, tally)
+    except KeyboardInterrupt:
+        print(tally.interrupted(), file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None, tally: Tally) -> int:
     args = build_parser().parse_args(argv)
+    if args.check:
+        from .preflight import main as check
+
+        return check(args)
     from .loading import WeightsError
 
     try:
-        run(args)
+        run(args, tally)
     except (ValueError, WeightsError, RuntimeError, OSError) as e:  # OSError: disk full, permissions
         return fail(e)
-    except KeyboardInterrupt as e:
-        print(e.args[0] if isinstance(e, Interrupted) else "interrupted; no image written", file=sys.stderr)
-        return 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import done
+
+    sys.exit(done(main()))

@@ -50,9 +50,11 @@ def to_dtype(dtype) -> mx.Dtype | None:
 
 
 def is_local(path_or_repo) -> bool:
-    """A string that names a local path (it exists, or starts with /, . or ~) is never sent to the Hub."""
+    """A string that names a local path (it exists, starts with /, . or ~, or its first part is a folder here: a
+    mistyped ``models/glm-imag``) is never sent to the Hub."""
     text = str(path_or_repo)
-    return isinstance(path_or_repo, os.PathLike) or Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+    return (isinstance(path_or_repo, os.PathLike) or Path(text).expanduser().exists() or text.startswith((".", "/", "~"))
+            or ("/" in text and Path(text.split("/")[0]).is_dir()))
 
 
 def fetch(repo_id: str, patterns: list[str] | None) -> Path:
@@ -82,13 +84,31 @@ def component_folder(path_or_repo, component: str, subfolder: str | None = None,
             raise WeightsError(f"{path_or_repo} has no folder {name!r}")
         return root / name
     path = Path(path_or_repo).expanduser()
-    if not path.is_dir():
-        raise WeightsError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
+    check_folder(path)
     if (path / name).is_dir():
         return path / name
     if subfolder is None and (path / MARKERS.get(component, "config.json")).is_file():
         return path
     raise WeightsError(f"{path} has no {name}/ folder")
+
+
+def check_folder(path: Path):
+    """A local path that must be a folder: one line when it is not."""
+    if not path.is_dir():
+        raise WeightsError(f"{path} does not exist" + _not_asked(path) if not path.exists() else f"{path} is not a folder")
+
+
+def check_pipeline_folder(root: Path):
+    """A local pipeline folder (diffusers layout, or converted): one line when it is not one."""
+    check_folder(root)
+    if not (root / "transformer").is_dir():
+        raise WeightsError(f"{root} is not a GLM-Image pipeline folder (no transformer/ inside)")
+
+
+def _not_asked(path: Path) -> str:
+    """Why a path shaped like a repo id was not looked up on the Hub."""
+    first = str(path).split("/")[0]
+    return f" (not asked of the Hub: {first}/ is a folder here)" if str(path).count("/") == 1 and Path(first).is_dir() else ""
 
 
 def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
@@ -113,10 +133,7 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{indexes[0]} is not a safetensors index: {e}") from None
+        weight_map = read_index(indexes[0])["weight_map"]
         files = [folder / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -126,6 +143,20 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise WeightsError(f"no .safetensors weights in {folder}")
     return files
+
+
+def read_index(path: Path) -> dict:
+    """A ``*.safetensors.index.json``, checked: a weight_map from each weight to its file's name, and metadata (if
+    any) an object; anything else is one line naming the file."""
+    index = read_config(path.parent, path.name)
+    if "weight_map" not in index:
+        raise WeightsError(f"{path} has no weight_map (not a safetensors index)")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise WeightsError(f"{path}: weight_map must map each weight to a file name")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise WeightsError(f"{path}: metadata must be an object")
+    return index
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -144,11 +175,34 @@ def _header(path: Path) -> tuple[int, dict]:
             header = json.loads(f.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not a valid safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        _check_entry(path, key, info)
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end != size:
         raise WeightsError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}")
     return 8 + n, header
+
+
+def _check_entry(path: Path, key: str, info) -> None:
+    """One tensor of a header is {"dtype": name, "shape": [sizes], "data_offsets": [begin, end]}: what every reader
+    of the table (sizes, shares, the converter's plan) indexes without looking."""
+
+    def whole(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path} is not a valid safetensors file (its entry {key} is not an object)")
+    offsets = info.get("data_offsets")
+    checks = {"dtype": isinstance(info.get("dtype"), str),
+              "shape": isinstance(info.get("shape"), list) and all(map(whole, info["shape"])),
+              "data_offsets": isinstance(offsets, list) and len(offsets) == 2 and all(map(whole, offsets))
+              and offsets[0] <= offsets[1]}
+    for field, ok in checks.items():
+        if not ok:
+            raise WeightsError(f"{path} is not a valid safetensors file ({key} has no valid {field})")
 
 
 # safetensors dtypes a share is read in: numpy's type of the same width, and the MLX type to view it as
@@ -207,7 +261,7 @@ def weight_bytes(folder: str | os.PathLike) -> int:
     """Bytes of a component's weights, nothing read: the index's total_size (present even when only the json
     files were fetched from the Hub), else the files' sizes."""
     for index in sorted(Path(folder).glob("*.safetensors.index.json")):
-        total = read_config(index.parent, index.name).get("metadata", {}).get("total_size")
+        total = read_index(index).get("metadata", {}).get("total_size")
         if isinstance(total, int):
             return total
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
@@ -252,12 +306,24 @@ def load_into(model, folder, config: dict, dtype=None, weights: dict[str, mx.arr
     return model
 
 
+# What a config the model cannot take raises, from the config classes or the model's construction (a zero size
+# divides somewhere: heads, widths, patch sizes).
+_CONFIG_ERRORS = (TypeError, ValueError, KeyError, ArithmeticError)
+
+
 def model_config(cls, config: dict, where):
-    """``cls``'s config dataclass from a config.json; one line naming the file if it does not fit."""
+    """``cls``'s config dataclass from a config.json, its quantization block (a converted folder's) checked; one
+    line naming the file if it does not fit."""
     try:
-        return cls.config_class.from_dict(config)
-    except (TypeError, ValueError, KeyError) as e:
-        raise WeightsError(f"{where}/config.json does not describe a {cls.component}: {e}") from None
+        cfg = cls.config_class.from_dict(config)
+    except _CONFIG_ERRORS as e:
+        raise _config_error(cls, config, where, e) from None
+    if config.get("quantization"):  # checked before any weight is read; load_into applies it
+        try:
+            Q.check_stored(config["quantization"])
+        except Q.QuantizeError as e:
+            raise WeightsError(f"{where}/config.json: {e}") from None
+    return cfg
 
 
 def build(cls, config: dict, where):
@@ -265,8 +331,29 @@ def build(cls, config: dict, where):
     cfg = model_config(cls, config, where)
     try:
         return cls(cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise WeightsError(f"{where}/config.json does not describe a {cls.component}: {e}") from None
+    except _CONFIG_ERRORS as e:
+        raise _config_error(cls, config, where, e) from None
+
+
+def _config_error(cls, config: dict, where, error: Exception) -> WeightsError:
+    """The one line for a config ``cls`` cannot take. A division by zero names no key, so the config's zero or
+    negative numbers are named beside it."""
+    message = f"{where}/config.json does not describe a {cls.component}: {error}"
+    suspects = _nonpositive_numbers(config)
+    if isinstance(error, ArithmeticError) and suspects:
+        message += f" (zero or negative: {', '.join(suspects)})"
+    return WeightsError(message)
+
+
+def _nonpositive_numbers(config: dict, prefix: str = "") -> list[str]:
+    """The keys (nested ones dotted: text_config.num_attention_heads) whose value is an integer <= 0."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _nonpositive_numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            found.append(prefix + key)
+    return found
 
 
 def load_model(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None, split=None):

@@ -11,10 +11,12 @@ import platform
 from pathlib import Path
 
 from . import atomic, loading
+from .pipeline.checks import described
 from .pipeline.request import SETTINGS, Request
 
 CHUNK = "glm-image"  # the PNG text chunk that holds the JSON record
 RUN_KEYS = ("model", "quantize", "dtype", "lora")  # the pipeline's settings a record carries (and --config-from-metadata reads)
+RUN_TYPES = {"model": (str, "text"), "quantize": (int, "an integer"), "dtype": (str, "text"), "lora": (list, "a list")}
 
 
 def run_record(pipe) -> dict:
@@ -22,7 +24,10 @@ def run_record(pipe) -> dict:
     from .loading import DTYPES
 
     components = pipe.components
-    return {"model": str(components.source), "quantize": components.quantize.bits if components.quantize else None,
+    source = str(components.source)
+    # a local folder is recorded resolved, so that the record regenerates from any folder; as given too
+    model = str(Path(source).expanduser().resolve()) if loading.is_local(source) else source
+    return {"model": model, "model_given": source, "quantize": components.quantize.bits if components.quantize else None,
             "dtype": next(name for name, dtype in DTYPES.items() if dtype == components.dtype),
             "quantization": components.quantization(), "revision": components.revision(),
             "lora": components.adapter_records()}
@@ -58,10 +63,11 @@ def png_info(record: dict):
     return info
 
 
-def write(image, path: Path, record: dict, png_text: bool = True, sidecar: bool = False):
+def write(image, path: Path, record: dict, png_text: bool = True, sidecar: bool = False, overwrite: bool = True):
     """The PNG (with the record in it unless ``png_text`` is False) and, with ``sidecar``, the record as JSON
-    beside it; each written to a temporary file and renamed (atomic.py)."""
-    with atomic.replacing(path) as tmp:
+    beside it; each written to a temporary file and renamed (atomic.py). Without ``overwrite`` an existing PNG
+    (even one another process wrote a moment ago) raises FileExistsError, and nothing is written."""
+    with atomic.replacing(path, exclusive=not overwrite) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(record) if png_text else None)
     if sidecar:
         with atomic.replacing(path.with_suffix(".json")) as tmp:
@@ -88,6 +94,13 @@ def read(path: str) -> dict:
         raise ValueError(f"--config-from-metadata {path} cannot be read: {e}") from None
     if not isinstance(data, dict) or "prompt" not in data:
         raise ValueError(f"--config-from-metadata {path} is not mlx-glm-image metadata")
-    data["image"] = [i["path"] if isinstance(i, dict) else i for i in data.get("image") or []] or None
-    settings = {s.key: s.from_json(data[s.key]) for s in SETTINGS if s.recorded and s.key in data}
+    images = data.get("image") or []
+    data["image"] = [i.get("path") if isinstance(i, dict) else i for i in images] if isinstance(images, list) else images
+    try:
+        settings = {s.key: s.from_json(data[s.key]) for s in SETTINGS if s.recorded and s.key in data}
+        for key, (kinds, kind) in RUN_TYPES.items():
+            if data.get(key) is not None and not isinstance(data[key], kinds):
+                raise ValueError(f"{key} must be {kind}, got {described(data[key])}")
+    except ValueError as e:
+        raise ValueError(f"--config-from-metadata {path}: {e}") from None
     return {**settings, **{k: data[k] for k in RUN_KEYS if k in data}}

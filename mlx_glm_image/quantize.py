@@ -49,16 +49,37 @@ def available_modes() -> list[str]:
 
 
 def quant_spec(bits: int | None = None, group_size: int | None = None, mode: str = "affine") -> QuantSpec:
-    """A checked spec; bits default to 4 (or the mode's only width), the group to 64 (or the mode's only one)."""
-    if mode not in MODES:
+    """A checked spec; bits default to 4 (or the mode's only width), the group to 64 (or the mode's only one).
+    Values may come from a config.json (check_stored): any type is refused in one line, 0 is not a default."""
+    if not isinstance(mode, str) or mode not in MODES:
         raise QuantizeError(f"unknown quantization mode {mode!r}; this MLX offers {', '.join(available_modes())}")
     allowed_bits, allowed_groups = MODES[mode]
-    bits = bits or (4 if 4 in allowed_bits else allowed_bits[0])
-    group_size = group_size or (64 if 64 in allowed_groups else allowed_groups[0])
-    if bits not in allowed_bits or group_size not in allowed_groups:
+    bits = bits if bits is not None else (4 if 4 in allowed_bits else allowed_bits[0])
+    group_size = group_size if group_size is not None else (64 if 64 in allowed_groups else allowed_groups[0])
+    if not _is_one_of(bits, allowed_bits) or not _is_one_of(group_size, allowed_groups):
         raise QuantizeError(f"mode {mode} takes bits {list(allowed_bits)} and group sizes {list(allowed_groups)}, "
-                            f"got bits {bits}, group size {group_size}")
+                            f"got bits {bits!r}, group size {group_size!r}")
     return QuantSpec(bits, group_size, mode)
+
+
+def _is_one_of(value, allowed) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value in allowed
+
+
+def check_stored(quantization) -> None:
+    """A config.json's ``quantization`` block as apply_stored reads it: an object holding a spec (bits, group_size,
+    mode; the defaults where absent) and, per layer, false (kept) or an object overriding the spec."""
+    if not isinstance(quantization, dict):
+        raise QuantizeError(f"quantization must be an object with bits, group_size and mode, got {quantization!r}")
+    spec = quant_spec(quantization.get("bits"), quantization.get("group_size"), quantization.get("mode", "affine"))
+    for layer, override in quantization.items():
+        if layer in ("bits", "group_size", "mode"):
+            continue
+        if isinstance(override, dict):
+            quant_spec(override.get("bits", spec.bits), override.get("group_size", spec.group_size),
+                       override.get("mode", spec.mode))
+        elif not isinstance(override, bool):
+            raise QuantizeError(f"quantization of {layer} must be false or an object, got {override!r}")
 
 
 def as_spec(quantize) -> QuantSpec:

@@ -18,40 +18,67 @@ from .pipeline.request import BY_KEY
 TEMPLATE_FIELDS = {"seed", "index", "prompt"}
 
 
+MAX_IMAGES = 10_000  # per run: a week of images on a Mac; the plan of each is held in memory
+
+
 def read_prompt_file(path: str) -> list[dict]:
-    """A .txt file (one prompt per line) or .jsonl (one object per line: "prompt" and per-image overrides)."""
+    """A .txt file (one prompt per line), .jsonl (one object per line: "prompt" and per-image overrides) or .json
+    (a list of such objects); each entry checked, by line or item number, before any work."""
     try:
-        lines = [line for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = Path(path).expanduser().read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"--prompt-file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompt-file {path} is a folder") from None
     except UnicodeDecodeError:
         raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
-    if not lines:
-        raise ValueError(f"--prompt-file {path} has no prompt")
-    if not str(path).endswith(".jsonl"):
-        return [{"prompt": line.strip()} for line in lines]
-    entries = []
-    for n, line in enumerate(lines, 1):
+    kind = Path(path).suffix.lower()
+    if kind == ".json":
         try:
-            entry = json.loads(line)
+            items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--prompt-file {path} line {n} is not JSON: {e.msg}") from None
-        unknown = sorted(set(entry) - set(BY_KEY) - {"size"}) if isinstance(entry, dict) else None
-        if not isinstance(entry, dict) or "prompt" not in entry or unknown:
-            raise ValueError(f"--prompt-file {path} line {n}: an object with \"prompt\" and any of "
-                             f"{', '.join(k for k in BY_KEY if k != 'prompt')}, size" + (f"; not {unknown}" if unknown else ""))
-        if "size" in entry:  # "WxH"
-            w, _, h = str(entry.pop("size")).partition("x")
-            if not (w.isdigit() and h.isdigit()):
-                raise ValueError(f"--prompt-file {path} line {n}: size must be WIDTHxHEIGHT")
-            entry["width"], entry["height"] = int(w), int(h)
-        if isinstance(entry.get("image"), str):
-            entry["image"] = [entry["image"]]
-        try:
-            entries.append({k: BY_KEY[k].from_json(v) for k, v in entry.items()})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--prompt-file {path} line {n}: {e}") from None
-    return entries
+            raise ValueError(f"--prompt-file {path} is not JSON: {e.msg} (line {e.lineno})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"--prompt-file {path}: a .json prompt file holds a list of objects")
+        numbered = [(f"item {n}", item) for n, item in enumerate(items, 1)]
+    else:
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if kind == ".jsonl":
+            numbered = [(f"line {n}", _json_line(path, n, line)) for n, line in lines]
+        else:
+            numbered = [(f"line {n}", {"prompt": line.strip()}) for n, line in lines]
+    if not numbered:
+        raise ValueError(f"--prompt-file {path} has no prompt")
+    if len(numbered) > MAX_IMAGES:
+        raise ValueError(f"--prompt-file {path} has {len(numbered)} prompts; a run makes at most {MAX_IMAGES} images")
+    return [_entry(path, where, item) for where, item in numbered]
+
+
+def _json_line(path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--prompt-file {path} line {n} is not JSON: {e.msg}") from None
+
+
+def _entry(path, where: str, entry) -> dict:
+    """One prompt file entry as settings by metadata key, each of its type (request.Setting.from_json)."""
+    unknown = sorted(set(entry) - set(BY_KEY) - {"size"}) if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or "prompt" not in entry or unknown:
+        raise ValueError(f"--prompt-file {path} {where}: an object with \"prompt\" and any of "
+                         f"{', '.join(k for k in BY_KEY if k != 'prompt')}, size" + (f"; not {unknown}" if unknown else ""))
+    entry = dict(entry)
+    if "size" in entry:  # "WxH"
+        w, _, h = str(entry.pop("size")).partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise ValueError(f"--prompt-file {path} {where}: size must be WIDTHxHEIGHT")
+        entry["width"], entry["height"] = int(w), int(h)
+    if isinstance(entry.get("image"), str):
+        entry["image"] = [entry["image"]]
+    try:
+        return {k: BY_KEY[k].from_json(v) for k, v in entry.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--prompt-file {path} {where}: {e}") from None
 
 
 def seeds_for(seeds: list[int] | None, auto_seeds: int | None, num_images: int) -> list[int]:
@@ -59,19 +86,28 @@ def seeds_for(seeds: list[int] | None, auto_seeds: int | None, num_images: int) 
     if auto_seeds is not None:
         if seeds:
             raise ValueError("--auto-seeds and --seed do not go together")
-        if auto_seeds < 1:
-            raise ValueError(f"--auto-seeds must be at least 1, got {auto_seeds}")
+        check_count("--auto-seeds", auto_seeds)
         return random.sample(range(2**31), auto_seeds)
-    if num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    check_count("--num-images", num_images)
     if seeds and len(seeds) > 1 and num_images > 1:
         raise ValueError("--num-images counts from one --seed; with several seeds, each gives one image")
+    if seeds and len(seeds) > MAX_IMAGES:
+        raise ValueError(f"--seed gives {len(seeds)} images; a run makes at most {MAX_IMAGES}")
     start = seeds[0] if seeds else random.randrange(2**31)
     return list(seeds) if seeds and len(seeds) > 1 else [start + i for i in range(num_images)]
 
 
+def check_count(flag: str, n: int):
+    if not 1 <= n <= MAX_IMAGES:
+        raise ValueError(f"{flag} must be from 1 to {MAX_IMAGES} (images in one run), got {n}")
+
+
 def plan_images(entries: list[dict], seeds: list[int], defaults: dict) -> list[dict]:
     """Every image of the run: each prompt entry once per seed (an entry with its own seed: once)."""
+    count = sum(1 if "seed" in entry else len(seeds) for entry in entries)
+    if count > MAX_IMAGES:
+        raise ValueError(f"the run would make {count} images ({len(entries)} prompts x {len(seeds)} seeds); a run "
+                         f"makes at most {MAX_IMAGES}")
     images = []
     for entry in entries:
         for seed in [entry["seed"]] if "seed" in entry else seeds:
@@ -105,10 +141,15 @@ def output_paths(template: str, images: list[dict], overwrite: bool) -> list[tup
         path = path.expanduser()
         if path.is_dir():
             raise ValueError(f"--output {path} is a folder")
-        asked, k = path, 2
+        asked = path
         while path in taken or (path.exists() and not overwrite):
-            path = asked.with_name(f"{asked.stem}-{k}{asked.suffix}")
-            k += 1
+            path = next_name(asked, path)
         taken.add(path)
         out.append((path, asked if path != asked else None))
     return out
+
+
+def next_name(asked: Path, path: Path) -> Path:
+    """The name after ``path`` for an image asked as ``asked``: NAME-2.png, NAME-3.png, ..."""
+    k = int(path.stem[len(asked.stem) + 1:]) + 1 if path != asked else 2
+    return asked.with_name(f"{asked.stem}-{k}{asked.suffix}")

@@ -7,7 +7,9 @@ POST /v1/images/generations (JSON) and /v1/images/edits (multipart), GET /v1/mod
 own settings go in the body: seed, num_inference_steps, guidance_scale, temperature, top_p, top_k, and the step
 cache (cache: true, false or cache-dit's DBCacheConfig fields; calibrator: {"taylorseer_order": k}); each image's
 seed comes back in its `seed` field (and `revised_prompt` is the prompt used), so a client can reproduce it.
-One generation runs on the device at a time, first come first served; at most --max-queue requests wait.
+One generation runs on the device at a time, first come first served; at most --max-queue requests wait. A JSON
+body is at most 1 MB; each field must have its JSON type (a form's text must read as it); every error comes in
+OpenAI's error envelope, and what is still running --grace seconds after SIGINT or SIGTERM gets a 503.
 Needs the server extra: pip install "mlx-glm-image[server]".
 """
 
@@ -21,6 +23,8 @@ import ipaddress
 import json
 import queue
 import random
+import re
+import socket
 import sys
 import threading
 import time
@@ -31,21 +35,34 @@ from .cli import Parser, add_cache_arguments, add_model_arguments, cache_setting
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_IMAGES = 10  # per request, as OpenAI's API allows
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API allows
+# a JSON body is a prompt and settings: far less than this, even with a prompt as long as the AR model reads; the
+# bound is checked before the body is parsed, so that a huge one costs neither the parse nor the tokenizer
+MAX_JSON_BYTES = 1 << 20
+# the body's fields by the JSON type they take, besides the name table's (pipeline/request.py); a form's text is
+# read as that type. The OpenAI fields GLM-Image has no use for are accepted, and checked all the same.
+FIELDS = {"n": int, "size": str, "response_format": str, "output_format": str, "stream": bool,
+          "progress": bool,  # not OpenAI's: the page asks for progress events in the stream
+          "model": str, "quality": str, "background": str, "moderation": str, "style": str, "user": str,
+          "input_fidelity": str, "output_compression": int}
+SHUTDOWN_MARGIN = 2.0  # seconds past --grace for the answers of the requests still in progress to go out
+CONFIG = (bool, dict)  # the step cache's fields take true, false or an object
+KINDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", dict: "an object",
+         list: "an array", CONFIG: "true, false or an object"}
 PAGE = Path(__file__).parent / "web" / "index.html"  # the page at /: one file, no build step, nothing fetched
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_exceeded", 500: "server_error"}
+    TYPES = {429: "rate_limit_exceeded"}  # else the client's fault (4xx) or the server's (5xx)
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind,
                           "param": self.param, "code": self.code}}
 
 
@@ -56,6 +73,7 @@ class Worker:
 
     def __init__(self, pipe, max_queue: int):
         self.pipe, self.max_queue, self.pending = pipe, max_queue, 0
+        self.deadline, self.grace = None, None  # set by stop()
         self.jobs: queue.Queue = queue.Queue()
         threading.Thread(target=self._loop, daemon=True, name="generation").start()
 
@@ -86,9 +104,15 @@ class Worker:
             events.close()  # a cancelled run stops here and frees what it loaded
         return images
 
+    def stop(self, grace: float):
+        """The server is shutting down: each request still waiting or running after ``grace`` seconds is answered
+        (a 503 in the envelope) and its generation stopped. Called from a signal handler: it only sets values."""
+        self.deadline, self.grace = time.monotonic() + grace, grace
+
     async def run(self, request, requests: list, on_event=None) -> list:
         """The image events of ``requests``, generated in turn; ``on_event(event)`` is called from the worker's
-        thread. A client that disconnects, or a caller that is cancelled, stops the generation."""
+        thread. A client that disconnects, a caller that is cancelled, or the end of a shutdown's grace period
+        stops the generation."""
         if self.pending >= self.max_queue:
             raise ApiError(429, f"the server is busy: {self.pending} requests are queued (--max-queue "
                                 f"{self.max_queue}); retry later", code="queue_full")
@@ -103,53 +127,121 @@ class Worker:
                     return waiting.result()
                 if await request.is_disconnected():
                     raise ApiError(499, "the client disconnected")
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise ApiError(503, f"the server shut down before this request finished (--grace {self.grace:g} "
+                                        "s)", code="shutting_down")
         finally:
             if not future.done():
                 cancelled.set()
             self.pending -= 1
 
 
-def parse_size(size) -> tuple[int | None, int | None]:
-    """OpenAI's "WIDTHxHEIGHT" (or "auto": the pipeline's default, or the first condition image's size)."""
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's "WIDTHxHEIGHT" (or "auto": the pipeline's default, or the first condition image's size). ASCII
+    digits only (str.isdigit takes "²", which int() refuses), and few of them (int() refuses thousands)."""
     if size in (None, "", "auto"):
         return None, None
-    w, sep, h = str(size).partition("x")
-    if not sep or not (w.isdigit() and h.isdigit()):
+    match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", size)
+    if match is None:
         raise ApiError(400, f"size must be WIDTHxHEIGHT in pixels (multiples of 32) or auto, got {size!r}", "size")
-    return int(h), int(w)
+    return int(match[2]), int(match[1])
+
+
+def field_types() -> dict:
+    """Each body field the server knows, by its JSON type: FIELDS and the name table's."""
+    from .pipeline.request import CONFIGS, SETTINGS
+
+    return {**FIELDS, **{s.body: CONFIG if s.type in CONFIGS else s.type for s in SETTINGS if s.body}}
+
+
+def typed(body: dict) -> dict:
+    """The body with each known field checked against its JSON type (a 400 names the first that is not), nulls
+    left out (OpenAI's API reads null as not given), and a number for a float setting as a float: JSON has one
+    number type, and MLX takes no integer past int64 (a guidance of 2**63 would fail in the generation)."""
+    types, out = field_types(), {}
+    for name, value in body.items():
+        kind = types.get(name)
+        if value is None:
+            continue
+        if kind is not None and not _is(value, kind):
+            got = KINDS.get(type(value), type(value).__name__)
+            raise ApiError(400, f"Invalid type for '{name}': expected {KINDS[kind]}, but got {got} instead", name,
+                           "invalid_type")
+        out[name] = _float(value, name) if kind is float else value
+    return out
+
+
+def _float(value, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer of more than 308 digits
+        raise ApiError(400, f"{name} must be a finite number, got an integer of {len(str(value))} digits", name) from None
+
+
+def _is(value, kind) -> bool:
+    """Whether a JSON value is of ``kind``; a boolean is no number (JSON's true is not 1)."""
+    if kind in (int, float):
+        return not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+    return isinstance(value, kind)
+
+
+def form_body(fields: dict) -> dict:
+    """A form's fields (all text) as JSON would carry them: each known field's text read as its type."""
+    types = field_types()
+    return {name: _from_text(text, types[name], name) if name in types else text for name, text in fields.items()}
+
+
+def _from_text(text: str, kind, name: str):
+    """One form field's text as ``kind``; a 400 naming the field otherwise."""
+    try:
+        if kind is int and re.fullmatch(r"-?[0-9]+", text):  # int() would also take " 1", "1_0" and "١"
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind is CONFIG:
+            return json.loads(text)
+        if kind is str:
+            return text
+    except (ValueError, RecursionError):
+        pass
+    raise ApiError(400, f"{name} must be {KINDS[kind]}, got {text!r}", name)
 
 
 def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) -> tuple[list, str]:
     """The pipeline requests for one API request (``n`` of them, seeds seed, seed + 1, ...), checked now, before
-    it waits in the queue. Body fields are the name table's (pipeline/request.py); a form sends them as text.
-    ``defaults``: the server's own (its step cache), for the settings the body leaves out."""
+    it waits in the queue. Body fields are the name table's (pipeline/request.py) and FIELDS, each of its JSON
+    type (a form's, read by form_body). ``defaults``: the server's own (its step cache), for the settings the
+    body leaves out."""
     from .pipeline.request import SETTINGS
     from .pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR
 
-    prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format") or "png"
-    if not isinstance(prompt, str) or not prompt:
+    body = typed(body)
+    prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format", "png")
+    if not prompt:
         raise ApiError(400, "prompt is required (a non-empty string)", "prompt")
-    n = _int(n, "n")
     if not 1 <= n <= MAX_IMAGES:
         raise ApiError(400, f"n must be from 1 to {MAX_IMAGES}, got {n}", "n")
-    if body.get("response_format", "b64_json") not in (None, "b64_json"):
-        raise ApiError(400, "response_format 'url' is not served: this server returns b64_json only", "response_format")
-    if not isinstance(fmt, str) or fmt not in OUTPUT_FORMATS:
+    if body.get("response_format") not in (None, "b64_json"):
+        raise ApiError(400, f"response_format {body['response_format']!r} is not served: this server returns b64_json "
+                            "only", "response_format")
+    if fmt not in OUTPUT_FORMATS:
         raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}", "output_format")
     height, width = parse_size(body.get("size"))
     call = dict(prompt=prompt, image=images, height=height, width=width)
     for s in SETTINGS:
-        if s.body and s.name != "prompt" and body.get(s.body) is not None:
+        if s.body and s.name != "prompt" and s.body in body:
             try:
-                call[s.name] = s.coerce(body[s.body])
+                call[s.name] = s.from_body(body[s.body])
                 if s.check is not None and call[s.name] is not None:
                     s.check(call[s.name])
             except ValueError as e:
                 raise ApiError(400, str(e), s.body) from None
-    if not _flag(body.get("stream"), "stream"):
-        call.pop("previews", None)  # partial images are streamed; without a stream there is nothing to send them in
     if not 0 <= call.get("previews", 0) <= MAX_PARTIAL_IMAGES:
         raise ApiError(400, f"partial_images must be from 0 to {MAX_PARTIAL_IMAGES}, got {call['previews']}", "partial_images")
+    if not body.get("stream"):
+        call.pop("previews", None)  # partial images are streamed; without a stream there is nothing to send them in
     if "cache" not in body:
         call.update({k: v for k, v in (defaults or {}).items() if k not in call})
     elif call.get("cache_config") is SGLANG and "calibrator" not in body:  # `true`: SGLang's settings, TaylorSeer too
@@ -160,16 +252,6 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
         return [pipe.request(**call, seed=seed + i) for i in range(n)], fmt
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-
-
-def _int(value, param: str) -> int:
-    """An integer from JSON or a form field (a string); 400 otherwise."""
-    try:
-        if isinstance(value, (int, str)) and not isinstance(value, bool):
-            return int(value)
-    except ValueError:
-        pass
-    raise ApiError(400, f"{param} must be an integer, got {value!r}", param)
 
 
 def encode_image(image, fmt: str, record: dict | None = None) -> str:
@@ -238,6 +320,30 @@ async def stream_events(worker: Worker, request, requests: list, fmt: str, prefi
             job.cancel()
 
 
+async def read_json(request, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object of a request body, refused with a 413 past ``max_bytes``: by its Content-Length before a
+    byte is read, else counted as it comes (a chunked body has no length)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise _too_large(max_bytes)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > max_bytes:
+            raise _too_large(max_bytes)
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+        raise ApiError(400, f"the body must be JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"a JSON body is at most {max_bytes >> 20} MB: this one is larger", code="body_too_large")
+
+
 async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
     """A multipart edit request: its fields and its images (PIL, RGB), every upload checked."""
     from .pipeline.image_processor import load_image
@@ -259,7 +365,7 @@ async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
             images.append(load_image(io.BytesIO(data), name=upload.filename or "upload"))
         except ValueError as e:
             raise ApiError(400, str(e), "image") from None
-    return fields, images
+    return form_body(fields), images
 
 
 def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int = 8, max_upload_mb: int = 20,
@@ -268,13 +374,20 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
     leaves out (the server's step cache)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="mlx-glm-image", version=_version())
-    worker = Worker(pipe, max_queue)
+    worker = app.state.worker = Worker(pipe, max_queue)  # main() stops it at shutdown
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        # the framework's own answers (no such path or method, a broken multipart body) in the same envelope
+        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code,
+                            headers=error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):
@@ -301,21 +414,14 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
 
     async def answer(request, body: dict, images, prefix: str):
         requests, fmt = image_requests(pipe, body, images, defaults=defaults)
-        if _flag(body.get("stream"), "stream"):
-            return StreamingResponse(stream_events(worker, request, requests, fmt, prefix,
-                                                   _flag(body.get("progress"), "progress")),
+        if body.get("stream"):
+            return StreamingResponse(stream_events(worker, request, requests, fmt, prefix, bool(body.get("progress"))),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return images_response(await _generate(worker, request, requests), requests, fmt)
 
     @app.post("/v1/images/generations", **v1)
     async def generations(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return await answer(request, body, None, "image_generation")
+        return await answer(request, await read_json(request), None, "image_generation")
 
     @app.post("/v1/images/edits", **v1)
     async def edits(request: Request):
@@ -327,15 +433,6 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     return app
-
-
-def _flag(value, param: str) -> bool:
-    """A boolean from JSON or a form field ("true"/"false")."""
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ApiError(400, f"{param} must be true or false, got {value!r}", param)
 
 
 async def _generate(worker: Worker, request, requests):
@@ -378,29 +475,77 @@ def check_host(host: str, api_key: str | None, no_auth: bool):
         raise ValueError(f"--host {host} is reachable from other machines: set --api-key (or pass --no-auth)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def listen(host: str, port: int) -> socket.socket:
+    """The bound socket the server will serve on: bound here, before the model loads, so that a port in use or a
+    host that does not resolve fails in one line at once."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {port}")
     try:
-        import uvicorn
+        # IPv6 only for an IPv6 address, as uvicorn binds: "localhost" stays 127.0.0.1, whatever /etc/hosts lists first
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(app, sock: socket.socket, grace: float):
+    """uvicorn on ``sock`` until SIGINT or SIGTERM. The worker's own deadline answers what is still in progress
+    after ``grace`` seconds in the envelope; uvicorn's, a moment later, would cancel it with a plain-text 500."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.worker.stop(grace)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace + SHUTDOWN_MARGIN))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # the SIGINT uvicorn raises again once it has shut down
+        pass
+    if not server.started:
+        raise RuntimeError("the server did not start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        import uvicorn  # noqa: F401 - imported now: without the server extra, one line before the model loads
 
         from .pipeline import GlmImagePipeline
 
         check_host(args.host, args.api_key, args.no_auth)
         if args.max_queue < 1 or args.max_upload_mb < 1:
             raise ValueError("--max-queue and --max-upload-mb must be at least 1")
+        if not args.grace >= 0:  # NaN too
+            raise ValueError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+        sock = listen(args.host, args.port)
         cache = cache_settings(args)
         defaults = {"cache_config": cache["cache"], "calibrator_config": cache["calibrator"]} if cache else None
         pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory)
         load_adapters(pipe, args.lora)
         app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb, defaults)
         print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (memory: {pipe.memory})", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace)
+        serve(app, sock, args.grace)
     except ModuleNotFoundError as e:
         return fail(ValueError(f"{e.name} is missing: pip install 'mlx-glm-image[server]'"))
     except (ValueError, RuntimeError, OSError) as e:
         return fail(e)
+    except KeyboardInterrupt:  # before serving (uvicorn meets it after): while the model's configs are read, say
+        print("interrupted; the server did not start", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import done
+
+    sys.exit(done(main()))

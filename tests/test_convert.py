@@ -349,7 +349,7 @@ def test_not_enough_free_space(source, tmp_path, monkeypatch):
     from mlx_glm_image.convert import ConvertError
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
-    with pytest.raises(ConvertError, match="has 1.0 KB free, the conversion writes"):
+    with pytest.raises(ConvertError, match="has 1.0 KB free; the conversion needs"):
         convert(str(source[0]), tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
 

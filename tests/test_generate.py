@@ -98,8 +98,8 @@ def test_every_component_converts_exactly(model_dir, tmp_path):
     (["--output", "x.jpg"], "must end in .png"),
     (["--steps", "0"], "steps must be an integer from 1 to 1000, got 0"),
     (["--steps", "1001"], "steps must be an integer from 1 to 1000"),
-    (["--guidance", "inf"], "guidance must be a finite number >= 0, got inf"),
-    (["--guidance", "-1"], "guidance must be a finite number >= 0"),
+    (["--guidance", "inf"], "guidance must be a number from 0 to 100, got inf"),
+    (["--guidance", "-1"], "guidance must be a number from 0 to 100"),
     (["--temperature", "0"], "temperature must be a finite number > 0"),
     (["--temperature", "nan"], "temperature must be a finite number > 0"),
     (["--top-p", "0"], "top-p must be in (0, 1]"),
@@ -108,7 +108,7 @@ def test_every_component_converts_exactly(model_dir, tmp_path):
     (["--seed", "-1"], "seed must be an integer from 0 to 2**64 - 1, got -1"),
     (["--seed", str(2**64)], "seed must be an integer from 0 to 2**64 - 1"),
     (["--seed", "abc"], "argument --seed: invalid int value"),
-    (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--num-images", "0"], "--num-images must be from 1 to 10000 (images in one run), got 0"),
 ])
 def test_bad_input_is_one_line(model_dir, tmp_path, args, message):
     base = ["--model", str(model_dir), "--prompt", "x", "--quiet", "--output", str(tmp_path / "never.png")]

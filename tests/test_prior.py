@@ -117,6 +117,16 @@ def test_processor_editing(tiny):
     assert_close(ours["pixel_values"], ref["pixel_values"], 1e-6, "pixel_values")
 
 
+@pytest.mark.parametrize("h,w,sizes", [(64, 64, []), (128, 64, []), (96, 64, [(112, 80)]),
+                                       (64, 64, [(64, 64), (128, 96)])])
+def test_sequence_length_is_the_generated_sequence(tiny, h, w, sizes):
+    """What the prompt-length check counts = the prompt the AR model gets + the grid tokens it generates."""
+    images = [[_image(hh, ww, i) for i, (ww, hh) in enumerate(sizes)]] if sizes else None
+    prompt = prior_prompt(tiny["model"], tiny["proc"], ['a cat "hi" 猫'], h, w, images)
+    expected = prompt.inputs["input_ids"].shape[1] + prompt.max_new_tokens
+    assert tiny["proc"].sequence_length('a cat "hi" 猫', h, w, sizes) == expected
+
+
 # ---- positions --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("h,w,edit", [(64, 64, False), (64, 96, False), (1024, 512, False), (96, 64, True)])
 def test_rope_index(tiny, h, w, edit):
@@ -241,11 +251,14 @@ def no_eos(tiny):
     tiny["model"].lm_head.weight = saved_m
 
 
-@pytest.mark.parametrize("prompts,h,w,window", [(["a red cat on the mat"], 64, 96, 256), (PROMPTS2, 64, 64, 256),
-                                                (PROMPTS2, 64, 64, 5)])
-def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w, window, monkeypatch):
-    """window 5: the decode step is retraced for a new attention window every few tokens."""
+@pytest.mark.parametrize("prompts,h,w,window,chunk", [(["a red cat on the mat"], 64, 96, 256, 512),
+                                                      (PROMPTS2, 64, 64, 256, 512), (PROMPTS2, 64, 64, 5, 512),
+                                                      (["a red cat on the mat"], 64, 96, 256, 7), (PROMPTS2, 64, 64, 5, 4)])
+def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w, window, chunk, monkeypatch):
+    """window 5: the decode step is retraced for a new attention window every few tokens; chunk 7 and 4: the
+    prompt goes into the cache in several prefill steps (padded rows too)."""
     monkeypatch.setattr(prior_tokens, "WINDOW", window)
+    monkeypatch.setattr(prior_tokens, "PREFILL_CHUNK", chunk)
     tiny = no_eos
     inputs = _torch_inputs(tiny, prompts, h, w)
     grids = inputs["image_grid_thw"][: int(inputs["images_per_sample"][0])]

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server as a subprocess on 127.0.0.1, driven by the official openai client (tiny checkpoint)."""
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,13 +36,14 @@ def free_port() -> int:
 class Server:
     def __init__(self, model, *args):
         self.port = free_port()
+        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server that logs much never blocks on it
         self.proc = subprocess.Popen([sys.executable, "-m", "mlx_glm_image.server", "-m", str(model), "--port",
                                       str(self.port), "--dtype", "float32", *map(str, args)], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
+                raise RuntimeError(self.log())
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
@@ -50,6 +53,21 @@ class Server:
 
     def client(self, key="none", **kw):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, **kw)
+
+    def log(self) -> str:
+        """What the server wrote to stderr so far."""
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def raw(self, method: str, path: str, body=b"", headers=None, timeout=60) -> tuple[int, dict, bytes]:
+        """One HTTP request as given (any body, any headers); the status, headers and body of the answer."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
 
     def rss_mb(self) -> float:
         for line in open(f"/proc/{self.proc.pid}/status"):
@@ -73,6 +91,13 @@ def server(model_dir):
     s = Server(model_dir, "--max-queue", 8, "--memory", "resident")
     yield s
     s.stop()
+
+
+def envelope(data: bytes) -> dict:
+    """The error of OpenAI's envelope, checked to be one."""
+    error = json.loads(data)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str), error
+    return error
 
 
 def decode(item) -> np.ndarray:
@@ -256,7 +281,7 @@ def test_sigint_stops_within_seconds(model_dir):
     t0 = time.time()
     s.proc.send_signal(signal.SIGINT)
     s.proc.wait(timeout=20)
-    assert time.time() - t0 < 10 and "Traceback" not in s.proc.stderr.read()
+    assert time.time() - t0 < 10 and "Traceback" not in s.log()
 
 
 def test_a_public_host_needs_a_key(model_dir):
@@ -338,5 +363,154 @@ def test_an_upload_over_the_limit_is_413(model_dir, tmp_path):
         with open(big, "rb") as f, pytest.raises(openai.APIStatusError) as caught:
             s.client().images.edit(image=f, prompt="x", extra_body=FAST)
         assert caught.value.status_code == 413 and "limited to 1 MB" in str(caught.value)
+    finally:
+        s.stop()
+
+
+def png_bytes(size=(64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def multipart(fields: dict, files: list) -> tuple[bytes, str]:
+    """A multipart/form-data body of text ``fields`` and ``files`` (field name, file name, bytes); its content type."""
+    boundary = "mlx-glm-image-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+              f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for k, name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post_json(server, body, timeout=60) -> tuple[int, dict, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return server.raw("POST", "/v1/images/generations", data, {"Content-Type": "application/json"}, timeout=timeout)
+
+
+def test_a_json_body_over_the_limit_is_413_and_the_server_lives(model_dir):
+    """A 5 MB prompt once took the process down: the body is refused before it is parsed, with or without a
+    Content-Length; a prompt under that bound but past the AR model's positions is the request checks' 400."""
+    s = Server(model_dir, "--memory", "resident")
+    try:
+        body = json.dumps({"prompt": "a red cat " * 500_000, "size": "64x64", **FAST}).encode()
+        status, _, data = post_json(s, body)
+        assert status == 413 and "at most 1 MB" in envelope(data)["message"], (status, data[:300])
+        chunks = (body[i:i + (1 << 16)] for i in range(0, len(body), 1 << 16))  # chunked: counted as it comes
+        status, _, data = s.raw("POST", "/v1/images/generations", chunks, {"Content-Type": "application/json"})
+        assert status == 413 and envelope(data)["code"] == "body_too_large"
+        with pytest.raises(openai.BadRequestError, match="the prompt is too long"):
+            s.client(timeout=60).images.generate(prompt="a red cat " * 90_000, size="64x64", extra_body=FAST)
+        ok = s.client().images.generate(prompt="a cat", size="64x64", extra_body=FAST)
+        assert decode(ok.data[0]).shape == (64, 64, 3) and "Traceback" not in s.log()
+    finally:
+        s.stop()
+
+
+# (field, value): each a 400 naming the field. JSON bodies carry JSON's types (a string is not a number); the
+# OpenAI fields this server does not use are checked all the same.
+WRONG_JSON_TYPES = [
+    ("output_format", []), ("output_format", {}), ("output_format", 0), ("output_format", ["png"]), ("output_format", ""),
+    ("response_format", ["url"]), ("response_format", "jpg"), ("n", "2"), ("n", True), ("n", 1.0), ("seed", "7"),
+    ("num_inference_steps", "1"), ("guidance_scale", "1.5"), ("top_k", [1]), ("cache", "true"), ("calibrator", 2),
+    ("stream", "false"), ("stream", 1), ("progress", [1]), ("partial_images", 7), ("size", "\u00b2x64"),
+    ("size", "\u096c\u096ax\u096c\u096a"), ("size", "1" * 5000 + "x64"), ("size", 64), ("quality", [1]),
+    ("background", {}), ("moderation", []), ("user", 5), ("model", ["x"]), ("style", 1), ("output_compression", "x"),
+    ("prompt", ["x"]), ("temperature", 10**400),
+]
+# the same in a form (edits), where every value is text that must read as its field's type
+WRONG_FORM_TEXT = [("n", "1_0"), ("n", "\u0661"), ("n", " 1"), ("size", "\u096c\u096ax\u096c\u096a"), ("stream", "yes"),
+                   ("progress", "x"), ("output_compression", "abc"), ("output_format", ""), ("partial_images", "7"),
+                   ("cache", "{"), ("seed", "nan")]
+
+
+def test_every_body_field_is_type_checked(server):
+    for field, value in WRONG_JSON_TYPES:
+        status, _, data = post_json(server, {"prompt": "x", "size": "64x64", **FAST, field: value})
+        assert status == 400 and envelope(data)["param"] == field, (field, value, status, data[:200])
+    fields = {"prompt": "x", "size": "64x64", **{k: str(v) for k, v in FAST.items()}}
+    for field, value in WRONG_FORM_TEXT:
+        body, kind = multipart({**fields, field: value}, [("image", "a.png", png_bytes())])
+        status, _, data = server.raw("POST", "/v1/images/edits", body, {"Content-Type": kind})
+        assert status == 400 and envelope(data)["param"] == field, (field, value, status, data[:200])
+    body, kind = multipart({**fields, "stream": "false", "n": "2"}, [("image", "a.png", png_bytes())])
+    status, _, data = server.raw("POST", "/v1/images/edits", body, {"Content-Type": kind})
+    assert status == 200 and len(json.loads(data)["data"]) == 2, "a form's text of the right types is read"
+    status, _, data = post_json(server, {"prompt": "x", "size": "64x64", **FAST, "guidance_scale": 3,
+                                         "temperature": 2**64, "top_k": 0})
+    assert status == 200, "a JSON number is a number: these integers reach MLX as floats"
+    assert "Traceback" not in server.log()
+
+
+def test_settings_past_what_the_pipeline_computes_are_400s(model_dir):
+    """Before: a guidance of 1e308 overflowed into a NaN (a 500 blaming the weights), a TaylorSeer order of 2**64
+    into an OverflowError; both are bounded by their checks now."""
+    s = Server(model_dir, "--memory", "resident")  # its own: a 500 logs a traceback
+    try:
+        cache = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 0}
+        for settings in ({"guidance_scale": 1e308}, {"cache": cache, "calibrator": {"taylorseer_order": 2**64}}):
+            status, _, data = post_json(s, {"prompt": "x", "size": "64x64", **FAST, "num_inference_steps": 3, **settings})
+            assert status == 400, (settings, data[:300])
+    finally:
+        s.stop()
+
+
+def test_odd_bodies_paths_and_methods_are_envelopes(server):
+    for body, status in ((b"[" * 100_000, 400), (b"NaN", 400), (b"{", 400), (b"\xff", 400), (b"[]", 400)):
+        got, _, data = post_json(server, body)
+        assert got == status and envelope(data)["type"] == "invalid_request_error", (body[:10], got, data[:200])
+    for method, path, status in (("GET", "/v1/images/generations", 405), ("GET", "/v1/nope", 404), ("DELETE", "/health", 405)):
+        got, _, data = server.raw(method, path)
+        assert got == status and envelope(data), (method, path, got, data)
+    got, _, data = server.raw("POST", "/v1/images/edits", b"junk", {"Content-Type": "multipart/form-data; boundary=x"})
+    assert got == 400 and envelope(data)
+    assert "Traceback" not in server.log()
+
+
+def test_a_bad_port_or_host_is_one_line_before_the_model_loads(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in ((["--port", "99999"], "error: --port must be from 1 to 65535, got 99999"),
+                              (["--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: "),
+                              (["--host", "no.such.host.invalid", "--no-auth"], "error: cannot listen on no.such.host.invalid:8000: ")):
+            proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.server", "-m", str(model_dir), *args],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=60)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), (args, proc.stderr)
+            assert "serving" not in proc.stdout, "refused before the model loads"
+
+
+def test_requests_past_the_grace_period_get_the_envelope(model_dir):
+    """SIGINT with a generation running and a stream waiting: after --grace seconds each is answered (a 503, an
+    error event), not cut off with a plain-text 500."""
+    s = Server(model_dir, "--memory", "resident", "--grace", 1)
+    try:
+        s.client().images.generate(prompt="warm", size="64x64", extra_body=FAST)
+        long = {"prompt": "x", "size": "128x128", "seed": 1, "num_inference_steps": 1000}
+        answers = {}
+
+        def plain():
+            answers["plain"] = post_json(s, long)
+
+        def stream():
+            try:
+                answers["stream"] = list(s.client().images.generate(prompt="y", size="64x64", stream=True,
+                                                                    extra_body=FAST))
+            except openai.APIError as e:
+                answers["stream"] = e
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+            time.sleep(0.5)
+        s.proc.send_signal(signal.SIGINT)
+        for t in threads:
+            t.join(timeout=30)
+        s.proc.wait(timeout=30)
+        status, _, data = answers["plain"]
+        assert status == 503 and "--grace" in envelope(data)["message"], (status, data)
+        assert isinstance(answers["stream"], openai.APIError) and "--grace" in str(answers["stream"]), answers["stream"]
+        assert "Traceback" not in s.log(), s.log()
     finally:
         s.stop()

@@ -2,7 +2,8 @@
 diffusers' ``from_pretrained``.
 
 Models never read files: ``from_pretrained`` hands over to the loader that ``mlx_glm_image.loading`` installs
-when the package is imported, so the imports point one way (loading -> models).
+when it is imported (first, if need be, by ``from_pretrained``), so that the module imports point one way
+(loading -> models).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class PretrainedModel(nn.Module):
         """A pipeline folder (its ``component/`` is used), the component's own folder, or a Hugging Face repo id
         (only this component's files are fetched); weights are memory-mapped and read on first use. ``split``
         (a ``sharding.Split``): this rank's share of a tensor-parallel model."""
+        if PretrainedModel._loader is None:
+            from .. import loading  # noqa: F401  (it installs the loader)
         return PretrainedModel._loader(cls, path_or_repo, subfolder=subfolder, dtype=dtype, quantize=quantize,
                                        split=split)
 

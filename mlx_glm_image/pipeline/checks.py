@@ -1,6 +1,6 @@
 """Checks of what a user asks for, one function per setting: each raises ValueError with the one line the user
 sees (the CLI prints it, the server answers it as a 400). The name table (request.SETTINGS) says which check a
-setting has; nothing here loads a model."""
+setting has; nothing here loads a model. ``NonFiniteError`` is what a stage raises when what it made is not finite."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import numbers
 
 MAX_STEPS = 1000
+MAX_GUIDANCE = 100  # past it the guided velocity overflows in bf16 long before it means anything
 SEED_LIMIT = 2**64
 
 
@@ -16,14 +17,31 @@ def shown(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+class NonFiniteError(RuntimeError):
+    """A stage produced NaN or infinite values (corrupt weights, an extreme guidance)."""
+
+
+def described(value) -> str:
+    """What a value of the wrong type is, for a message: a string is named as one, so that "7" is not taken for 7."""
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return shown(value)
+
+
 def check_steps(value):
     if not (is_int(value) and 1 <= value <= MAX_STEPS):
         raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {shown(value)}")
 
 
 def check_guidance(value):
-    if not (is_number(value) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0, got {shown(value)}")
+    if not (is_number(value) and math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        raise ValueError(f"guidance must be a number from 0 to {MAX_GUIDANCE}, got {shown(value)}")
 
 
 def check_temperature(value):
@@ -77,6 +95,14 @@ def check_prompt(value):
             p.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("the prompt is not valid UTF-8 text") from None
+
+
+def check_sequence_length(length: int, limit: int):
+    """The AR model reads the prompt and writes the image's grid in one sequence of at most ``limit`` tokens (its
+    max_position_embeddings): a longer one has no positions to run on."""
+    if length > limit:
+        raise ValueError(f"the prompt is too long: with the image's grid it is {length} tokens, and this model reads "
+                         f"at most {limit}")
 
 
 def check_type(value, cls, name: str):

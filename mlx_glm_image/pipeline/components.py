@@ -348,6 +348,20 @@ class Components:
 
         return sampling_settings(self.generation_config(), temperature, top_p, top_k)
 
+    def check_prompt_length(self, prompts, height: int, width: int, images=None):
+        """Each prompt's AR sequence (its tokens, its condition images', the grid it writes) fits the model's
+        max_position_embeddings; read from the configs and the tokenizer only."""
+        from . import checks
+        from .request import image_size
+
+        if self.missing(["vision_language_encoder", "processor"]):
+            return  # the stage that needs them says so
+        limit = self.config("vision_language_encoder").text_config.max_position_embeddings
+        processor = self.get("processor")
+        for prompt, sample in zip(prompts, images or [()] * len(prompts)):
+            sizes = [image_size(im) for im in sample]
+            checks.check_sequence_length(processor.sequence_length(prompt, height, width, sizes), limit)
+
     def prepare_condition_images(self, images: list[list]) -> list[list]:
         """RGB, resized once to what both the VAE and the AR model's vision encoder take (image_processor.py)."""
         from .image_processor import fit_condition_image, to_rgb

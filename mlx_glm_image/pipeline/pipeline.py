@@ -72,10 +72,7 @@ class GlmImagePipeline:
         component's files are fetched when it is first used). Nothing heavy is read here."""
         if loading.is_local(path_or_repo):
             root = Path(path_or_repo).expanduser()
-            if not root.is_dir():
-                raise loading.WeightsError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
-            if not (root / "transformer").is_dir():
-                raise loading.WeightsError(f"{root} is not a GLM-Image pipeline folder (no transformer/ inside)")
+            loading.check_pipeline_folder(root)
             path_or_repo = root
         return cls(source=path_or_repo, dtype=dtype, quantize=quantize, memory=memory, **kwargs)
 

@@ -18,10 +18,12 @@ import numpy as np
 
 from ..models.ar.positions import decode_positions
 from ..models.ar.text_model import KVCache
+from .checks import NonFiniteError
 
 # attention windows grow in steps of this many positions: a compiled decode step per window, and a step never
 # reads more than this many positions past the ones written
 WINDOW = 256
+PREFILL_CHUNK = 512  # prompt tokens per prefill step
 # transformers' GenerationConfig defaults, for the keys a generation_config.json leaves out
 DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # GLM-Image's published sampling settings (docs/checkpoint.md), for a checkpoint without generation_config.json
@@ -99,13 +101,24 @@ class Decoding:
         return min(-(-(self.prompt_length + i + 1) // WINDOW) * WINDOW, self.prompt_length + self.max_new_tokens)
 
     def prefill(self, model, input_ids, position_ids, cache, key) -> mx.array:
-        am = self.attention_mask[:, : input_ids.shape[1]] if self.attention_mask is not None else None
-        logits = model(input_ids, attention_mask=am, position_ids=position_ids, cache=cache, logits_to_keep=1)
-        return self.pick(logits[:, -1], 0, key)
+        """The prompt into the cache, ``PREFILL_CHUNK`` queries at a time (mlx-lm's prefill steps): a long prompt's
+        attention scores then take chunk x prompt memory, not prompt x prompt; the first token after it."""
+        L = input_ids.shape[1]
+        logits = None
+        for start in range(0, L, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, L)
+            for c in cache:
+                c.window = end
+            am = self.attention_mask[:, :end] if self.attention_mask is not None else None
+            logits = model(input_ids[:, start:end], attention_mask=am, position_ids=position_ids[..., start:end],
+                           cache=cache, logits_to_keep=1)
+            if end < L:
+                mx.eval([c.state for c in cache])
+        return self.pick(logits[:, -1], 0, key), finite(logits)
 
     def step(self, model):
         """One decode step as a pure function of arrays, ``(tokens, step, key, cache state, window) -> (next
-        tokens, key, cache state)``, compiled: its shapes change only with the window, so it is traced once per
+        tokens, whether its logits were finite, key, cache state)``, compiled: its shapes change only with the window, so it is traced once per
         window and then replayed without building the graph op by op for every token."""
 
         def step(tokens, i, key, state, window):
@@ -114,9 +127,13 @@ class Decoding:
             logits = model(tokens[:, None], attention_mask=self.attention_mask, position_ids=pos, cache=cache,
                            logits_to_keep=1)[:, -1]
             key, sub = mx.random.split(key)
-            return self.pick(logits, i + 1, sub), key, [c.state for c in cache]
+            return self.pick(logits, i + 1, sub), finite(logits), key, [c.state for c in cache]
 
         return mx.compile(step)
+
+
+def finite(logits: mx.array) -> mx.array:
+    return mx.all(mx.isfinite(logits))
 
 
 def generate(*args, callback=None, **kwargs) -> np.ndarray:
@@ -170,7 +187,7 @@ def generate_step(model, input_ids, attention_mask=None, image_grid_thw=None, im
         sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample))
     cache = model.make_cache(L + max_new_tokens, window=L)
     key, sub = mx.random.split(as_key(key))
-    tok = run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
+    tok, ok = run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
     state = [c.state for c in cache]
     del cache  # the steps take the buffers over; a reference kept here would make the first step copy them
     step = run.step(model) if max_new_tokens > 1 else None
@@ -178,15 +195,17 @@ def generate_step(model, input_ids, attention_mask=None, image_grid_thw=None, im
     finished = np.zeros(B, dtype=bool)
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:
-            nxt, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state, run.window(i))
-            mx.async_eval(nxt)
+            nxt, ok_next, key, state = step(tok, mx.array(i, dtype=mx.int32), key, state, run.window(i))
+            mx.async_eval(nxt, ok_next)
+        if not ok.item():  # NaN logits still sample ids in range: corrupt weights would pass unseen
+            raise NonFiniteError("the prior stage produced non-finite logits (NaN or inf): the weights may be corrupt")
         t = np.where(finished, pad, np.array(tok).astype(np.int64))
         out.append(t)
         yield t
         finished |= np.isin(t, list(eos))
         if finished.all() or i + 1 == max_new_tokens:
             break
-        tok = nxt
+        tok, ok = nxt, ok_next
     # tokens after a sample finished were fed as sampled; they never reach the output, which is padded
     return np.concatenate([input_ids, np.stack(out, axis=1)], axis=1)
 

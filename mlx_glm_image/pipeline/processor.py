@@ -285,6 +285,20 @@ class GlmImageProcessor:
         out["images_per_sample"] = np.array([n_src + len(target)] * len(texts), dtype=np.int64)
         return out
 
+    def sequence_length(self, prompt: str, target_h: int, target_w: int, image_sizes=()) -> int:
+        """The AR model's whole sequence for one prompt: its tokens after the chat template, each condition
+        image's placeholder tokens (``image_sizes``: (width, height) each) and the grid tokens it generates; as
+        ``__call__`` builds it, without preprocessing any image."""
+        content = [{"type": "image"} for _ in image_sizes] + [{"type": "text", "text": prompt}]
+        text = self.render([[{"role": "user", "content": content}]])[0] + self._suffix(target_h, target_w, not image_sizes)
+        n = len(self.tokenizer.encode(text, add_special_tokens=not (self.bos_token and text.startswith(self.bos_token))).ids)
+        ip = self.image_processor
+        for w, h in image_sizes:  # each placeholder becomes its grid's tokens
+            gh, gw = smart_resize(h, w, ip.patch_size * ip.merge_size, ip.shortest_edge, ip.longest_edge)
+            n += (gh // ip.patch_size) * (gw // ip.patch_size) // ip.merge_size**2 - 1
+        th, tw, ph, pw = self._get_target_shape(target_h, target_w)
+        return n + th * tw + (0 if image_sizes else ph * pw) + 1
+
     def apply_chat_template(self, conversations, target_h: int = 1152, target_w: int = 768,
                             add_generation_prompt: bool = False, tokenize: bool = True, padding: bool = True):
         """Render one conversation or a batch of them and tokenize, as transformers' ``apply_chat_template``.

@@ -14,7 +14,6 @@ and read, and ``--config-from-metadata`` are all derived from it: adding a knob 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -141,6 +140,7 @@ class Request:
             self.cache_config.check_blocks(facts.dit_blocks)
         sampling = self.sampling  # as the AR model will sample (it does not run when prior tokens are given)
         if self.prior_token_ids is None:
+            facts.check_prompt_length(prompt, height, width, images)
             sampling = Sampling(**facts.sampling_settings(sampling.temperature, sampling.top_p, sampling.top_k))
         return dataclasses.replace(
             self, prompt=prompt, image=images, image_files=files, height=height, width=width, seed=seed,
@@ -236,31 +236,30 @@ class Setting:
         owner = PARTS[self.part] if self.part else Request
         return next(f.default for f in fields(owner) if f.name == self.name)
 
-    def coerce(self, value):
-        """A body value (JSON, or a form's text) as this setting's type; a ValueError names the field."""
-        if self.type in CONFIGS:
-            return _config_from_body(self.type, value, self.body)
-        if self.type is str:
-            return value
-        if isinstance(value, str):
-            try:
-                return self.type(value)
-            except ValueError:
-                pass
-        elif checks.is_int(value) or (self.type is float and checks.is_number(value)):
-            return value
-        kind = "an integer" if self.type is int else "a number"
-        raise ValueError(f"{self.body or self.key} must be {kind}, got {value!r}")
-
+    def from_body(self, value):
+        """A body value, of its JSON type already (the server checks each field's), as the call takes it: a
+        config from true, false or its fields."""
+        return _config_from_body(self.type, value, self.body) if self.type in CONFIGS else value
 
     def to_json(self, value):
         """The value as the metadata stores it (a config as its fields by cache-dit's names)."""
         return dataclasses.asdict(value) if self.type in CONFIGS and value is not None else value
 
     def from_json(self, value):
-        """A value the metadata or a prompt file stores, as the call takes it."""
-        if self.type in CONFIGS and value is not None:
+        """A value the metadata or a prompt file stores, as the call takes it; a ValueError names a value of the
+        wrong type (its range is the call's check)."""
+        if value is None:
+            return None
+        if self.type in CONFIGS:
             return _config(self.type, value, self.key)
+        if self.name == "image":  # a list of paths
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"image must be a path or a list of paths, got {checks.described(value)}")
+            return value
+        is_type, kind = {int: (checks.is_int, "an integer"), float: (checks.is_number, "a number"),
+                         str: (lambda v: isinstance(v, str), "text")}[self.type]
+        if not is_type(value):
+            raise ValueError(f"{self.key} must be {kind}, got {checks.described(value)}")
         return value
 
 
@@ -280,13 +279,7 @@ def _config(cls, value, where: str):
 
 
 def _config_from_body(cls, value, where: str):
-    """The body's form of a config: true (the published GLM-Image settings), false (off) or its fields (a form
-    field sends them as JSON text)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{where} must be true, false or an object of {cls.__name__} fields, got {value!r}") from None
+    """The body's form of a config: true (the published GLM-Image settings), false (off) or its fields."""
     if isinstance(value, bool):
         return PRESETS[cls] if value else None
     return _config(cls, value, where)
@@ -329,4 +322,3 @@ SETTINGS = (
             help="the step cache's TaylorSeer extrapolation of skipped blocks (order 0: off; --cache: 2)"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
-BY_BODY = {s.body: s for s in SETTINGS if s.body}

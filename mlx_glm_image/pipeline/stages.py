@@ -25,13 +25,10 @@ from .events import Event
 from .glyphs import encode_prompt, repeat
 from .image_processor import VaeImageProcessor
 from .preview import pooled, pooling, predicted_latents, preview_steps
+from .checks import NonFiniteError
 from .prior_tokens import prior_prompt, prior_sequences, prior_token_ids
 from .request import Request, image_size
 from .step_cache import StepCache
-
-
-class NonFiniteError(RuntimeError):
-    """A stage produced NaN or infinite values (corrupt weights, an extreme guidance)."""
 
 
 def check_finite(x: mx.array, stage: str, what: str):

@@ -25,6 +25,8 @@ import mlx.core as mx
 
 from . import checks
 
+MAX_ORDER = 8  # TaylorSeer's extrapolation order: cache-dit uses 1 or 2; high orders extrapolate noise
+
 
 @dataclass(frozen=True, kw_only=True)
 class DBCacheConfig:
@@ -69,8 +71,9 @@ class TaylorSeerCalibratorConfig:
     taylorseer_order: int = 1
 
     def __post_init__(self):
-        if not checks.is_int(self.taylorseer_order) or self.taylorseer_order < 0:
-            raise ValueError(f"taylorseer_order must be an integer >= 0, got {checks.shown(self.taylorseer_order)}")
+        if not checks.is_int(self.taylorseer_order) or not 0 <= self.taylorseer_order <= MAX_ORDER:
+            raise ValueError(f"taylorseer_order must be an integer from 0 to {MAX_ORDER}, got "
+                             f"{checks.shown(self.taylorseer_order)}")
 
 
 # SGLang's published settings for GLM-Image (what --cache, and `"cache": true` in a request, turn on).

@@ -46,8 +46,8 @@ def test_an_unknown_argument_is_named():
 @pytest.mark.parametrize("arguments,message", [
     (dict(num_inference_steps=0), "steps must be an integer from 1 to 1000, got 0"),
     (dict(num_inference_steps=2.5), "steps must be an integer from 1 to 1000, got 2.5"),
-    (dict(guidance_scale=float("inf")), "guidance must be a finite number >= 0, got inf"),
-    (dict(guidance_scale=-1), "guidance must be a finite number >= 0, got -1"),
+    (dict(guidance_scale=float("inf")), "guidance must be a number from 0 to 100, got inf"),
+    (dict(guidance_scale=-1), "guidance must be a number from 0 to 100, got -1"),
     (dict(temperature=0), "temperature must be a finite number > 0, got 0"),
     (dict(top_p=1.5), "top-p must be in (0, 1], got 1.5"),
     (dict(top_k=-1), "top-k must be an integer >= 0 (0: off), got -1"),

@@ -5,8 +5,8 @@ import pytest
 from facts import Facts
 
 from mlx_glm_image.generate import build_parser, call_arguments
-from mlx_glm_image.pipeline.request import BY_BODY, SETTINGS, Request
-from mlx_glm_image.server import ApiError, image_requests
+from mlx_glm_image.pipeline.request import SETTINGS, Request
+from mlx_glm_image.server import ApiError, form_body, image_requests, typed
 
 
 def test_every_name_is_unique_and_every_call_name_is_an_argument():
@@ -32,17 +32,23 @@ def test_the_cli_parser_is_the_table():
     assert call_arguments(image) == {"prompt": "x", "seed": 1, "num_inference_steps": 7, "image": ["a.png"]}
 
 
-@pytest.mark.parametrize("field,value,want", [("seed", "7", 7), ("seed", 7, 7), ("guidance_scale", "2.5", 2.5),
-                                              ("guidance_scale", 2, 2), ("top_p", 0.5, 0.5)])
-def test_a_body_value_is_coerced_to_its_type(field, value, want):
-    assert BY_BODY[field].coerce(value) == want
+@pytest.mark.parametrize("fields,want", [({"seed": "7"}, {"seed": 7}), ({"guidance_scale": "2.5"}, {"guidance_scale": 2.5}),
+                                         ({"stream": "True"}, {"stream": True}), ({"cache": '{"Fn_compute_blocks": 2}'},
+                                                                                  {"cache": {"Fn_compute_blocks": 2}})])
+def test_a_form_field_is_read_as_its_type(fields, want):
+    assert form_body({"prompt": "x", **fields}) == {"prompt": "x", **want}
 
 
-@pytest.mark.parametrize("field,value", [("seed", "x"), ("seed", True), ("seed", 1.5), ("top_k", [1]),
-                                         ("guidance_scale", "much"), ("guidance_scale", {"a": 1})])
-def test_a_body_value_of_the_wrong_type_names_its_field(field, value):
-    with pytest.raises(ValueError, match=f"{field} must be an? (integer|number), got"):
-        BY_BODY[field].coerce(value)
+@pytest.mark.parametrize("field,value,kind", [("seed", "7", "a string"), ("seed", True, "a boolean"),
+                                              ("seed", 1.5, "a number"), ("top_k", [1], "an array"),
+                                              ("guidance_scale", "much", "a string"),
+                                              ("guidance_scale", {"a": 1}, "an object"), ("n", "2", "a string")])
+def test_a_body_value_of_the_wrong_type_names_its_field(field, value, kind):
+    """JSON has types: "7" is a string, not the seed 7 (a form's text is read by form_body)."""
+    with pytest.raises(ApiError) as caught:
+        typed({"prompt": "x", field: value})
+    assert caught.value.param == field and f"Invalid type for '{field}'" in caught.value.message
+    assert f"but got {kind} instead" in caught.value.message
 
 
 class Pipe:
@@ -51,21 +57,22 @@ class Pipe:
 
 
 def test_server_bodies_become_requests():
-    requests, fmt = image_requests(Pipe(), {"prompt": "a cat", "n": 2, "size": "96x64", "seed": "5",
-                                            "num_inference_steps": "3", "guidance_scale": 2, "output_format": "jpeg"})
+    requests, fmt = image_requests(Pipe(), {"prompt": "a cat", "n": 2, "size": "96x64", "seed": 5,
+                                            "num_inference_steps": 3, "guidance_scale": 2, "output_format": "jpeg"})
     assert fmt == "jpeg" and [r.seed for r in requests] == [5, 6]
     assert {(r.height, r.width, r.schedule.num_inference_steps, r.schedule.guidance_scale) for r in requests} == {(64, 96, 3, 2)}
 
 
 @pytest.mark.parametrize("body,param,message", [
     ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "steps must be an integer from 1 to 1000"),
-    ({"prompt": "x", "seed": "abc"}, "seed", "seed must be an integer, got 'abc'"),
+    ({"prompt": "x", "seed": "abc"}, "seed", "Invalid type for 'seed': expected an integer, but got a string"),
     ({"prompt": "x", "top_p": 2}, "top_p", "top-p must be in (0, 1]"),
     ({"prompt": "x", "size": "100x64"}, None, "multiples of 32"),
     ({"prompt": "x", "size": "big"}, "size", "size must be WIDTHxHEIGHT"),
     ({"prompt": ""}, "prompt", "prompt is required"),
     ({"prompt": "x", "n": 11}, "n", "n must be from 1 to 10"),
-    ({"prompt": "x", "output_format": ["png"]}, "output_format", "output_format must be one of"),
+    ({"prompt": "x", "output_format": ["png"]}, "output_format", "Invalid type for 'output_format'"),
+    ({"prompt": "x", "output_format": "gif"}, "output_format", "output_format must be one of"),
 ])
 def test_bad_bodies_are_400_with_the_field(body, param, message):
     with pytest.raises(ApiError) as caught:
@@ -94,17 +101,18 @@ def test_the_step_cache_from_flags_bodies_and_records():
     default = {"cache_config": SGLANG, "calibrator_config": None}
     assert image_requests(Pipe(), {"prompt": "x"}, defaults=default)[0][0].cache_config == SGLANG, "the server's default"
     assert image_requests(Pipe(), {"prompt": "x", "cache": False}, defaults=default)[0][0].cache_config is None
-    assert image_requests(Pipe(), {"prompt": "x", "cache": '{"Bn_compute_blocks": 2}'})[0][0].cache_config.Bn_compute_blocks == 2
-    form = image_requests(Pipe(), {"prompt": "x", "cache": "true"})[0][0]  # a form field is text
+    form = image_requests(Pipe(), form_body({"prompt": "x", "cache": '{"Bn_compute_blocks": 2}'}))[0][0]
+    assert form.cache_config.Bn_compute_blocks == 2
+    form = image_requests(Pipe(), form_body({"prompt": "x", "cache": "true"}))[0][0]  # a form field is text
     assert (form.cache_config, form.calibrator_config) == (SGLANG, SGLANG_CALIBRATOR)
 
 
 @pytest.mark.parametrize("body,message", [
     ({"cache": {"Fn": 2}}, "cache: unknown field 'Fn'; DBCacheConfig has Fn_compute_blocks"),
-    ({"cache": 3}, "cache must be an object of DBCacheConfig fields, got 3"),
+    ({"cache": 3}, "Invalid type for 'cache': expected true, false or an object, but got an integer instead"),
     ({"cache": {"Fn_compute_blocks": 40}}, "Fn_compute_blocks + Bn_compute_blocks (40 + 0) must be at most the DiT's 30 blocks"),
     ({"cache": {"residual_diff_threshold": "high"}}, "residual_diff_threshold must be a finite number, got 'high'"),
-    ({"calibrator": {"taylorseer_order": -1}}, "taylorseer_order must be an integer >= 0"),
+    ({"calibrator": {"taylorseer_order": -1}}, "taylorseer_order must be an integer from 0 to 8"),
 ])
 def test_bad_step_cache_bodies_are_400(body, message):
     with pytest.raises(ApiError) as caught:

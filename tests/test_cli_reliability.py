@@ -52,6 +52,15 @@ def test_a_prompt_longer_than_the_model_reads_is_refused_before_any_load(model_d
     assert time.time() - t0 < 30 and "loaded" not in proc.stderr and not list(tmp_path.glob("*.png"))
 
 
+def test_quoted_text_longer_than_the_glyph_encoder_reads_is_refused(model_dir, tmp_path):
+    """Before: 20,000 quoted strings (within the AR model's context) gave the DiT 80,000 glyph tokens to attend
+    over with the image's."""
+    (tmp_path / "quotes.txt").write_text('"ab" ' * 20_000)
+    proc = cli("-m", model_dir, "--prompt-file", tmp_path / "quotes.txt", *ARGS, "--output", tmp_path / "a.png")
+    assert_one_line(proc, "the prompt's quoted text is too long: 80000 glyph tokens in all, at most 2048")
+    assert "loaded" not in proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--num-images", str(10**26)], f"--num-images must be from 1 to 10000 (images in one run), got {10**26}"),
     (["--num-images", str(10**7)], "--num-images must be from 1 to 10000"),

@@ -105,6 +105,14 @@ def check_sequence_length(length: int, limit: int):
                          f"at most {limit}")
 
 
+def check_glyph_length(length: int, limit: int):
+    """The glyph tokens of a prompt's quoted texts, all of them, are at most ``limit`` (max_sequence_length, which
+    diffusers applies to each string alone): the DiT attends over them and the image's tokens together."""
+    if length > limit:
+        raise ValueError(f"the prompt's quoted text is too long: {length} glyph tokens in all, at most {limit} "
+                         "(max_sequence_length)")
+
+
 def check_type(value, cls, name: str):
     if not isinstance(value, cls):
         raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")

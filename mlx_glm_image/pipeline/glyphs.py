@@ -127,6 +127,19 @@ class ByT5Tokenizer:
 # Glyph embeddings (diffusers' GlmImagePipeline._get_glyph_embeds)
 
 
+def glyph_token_ids(tokenizer: ByT5Tokenizer, glyph_texts: list[str], max_sequence_length: int) -> list[list[int]]:
+    """The token ids of one prompt's glyph strings, each truncated to ``max_sequence_length``, as diffusers makes
+    them (the empty string when there is none)."""
+    ids = tokenizer(glyph_texts or [""], max_length=max_sequence_length, truncation=True)
+    # diffusers' quirk: one pad token in front of every string when the NUMBER of strings is even
+    return [[tokenizer.pad_token_id] * ((len(ids) + 1) % 2) + x for x in ids]
+
+
+def glyph_tokens(prompt: str, max_sequence_length: int = 2048) -> int:
+    """How many glyph tokens one prompt gives the DiT (the encoder states of all its strings, concatenated)."""
+    return sum(map(len, glyph_token_ids(ByT5Tokenizer(), get_glyph_texts(prompt)[0], max_sequence_length)))
+
+
 def get_glyph_embeds(
     text_encoder: T5EncoderModel,
     prompts: str | list[str],
@@ -140,11 +153,7 @@ def get_glyph_embeds(
     dtype = to_dtype(dtype) or text_encoder.dtype
     embeds = []
     for glyph_texts in get_glyph_texts(prompts):
-        if len(glyph_texts) == 0:
-            glyph_texts = [""]
-        ids = tokenizer(glyph_texts, max_length=max_sequence_length, truncation=True)
-        # diffusers' quirk: one pad token in front of every string when the NUMBER of strings is even
-        ids = [[tokenizer.pad_token_id] * ((len(ids) + 1) % 2) + x for x in ids]
+        ids = glyph_token_ids(tokenizer, glyph_texts, max_sequence_length)
         longest = max(len(x) for x in ids)
         mask = mx.array([[1] * len(x) + [0] * (longest - len(x)) for x in ids], dtype=mx.int32)
         tokens = mx.array([x + [tokenizer.pad_token_id] * (longest - len(x)) for x in ids], dtype=mx.int32)

@@ -133,6 +133,11 @@ class Request:
         key = self.generator if isinstance(self.generator, mx.array) else None
         seed = None if key is not None else given_seed if given_seed is not None else random.randrange(2**31)
         prompt = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt) if self.prompt is not None else None
+        if prompt is not None and self.prompt_embeds is None:
+            from .glyphs import glyph_tokens
+
+            for p in prompt:
+                checks.check_glyph_length(glyph_tokens(p, self.max_sequence_length), self.max_sequence_length)
         images, files = self._condition_images(facts, len(prompt) if prompt is not None else self.prompt_embeds.shape[0])
         height, width = _size(images, self.height, self.width, facts.size_multiple)
         checks.check_size(height, width, facts.size_multiple, facts.max_side)
@@ -163,6 +168,8 @@ class Request:
             raise ValueError("`prior_token_image_ids` needs `prior_token_ids` and the condition `image` too.")
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'np', 'mx' or 'latent', got {self.output_type!r}")
+        if not checks.is_int(self.max_sequence_length) or self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be an integer >= 1, got {checks.shown(self.max_sequence_length)}")
         if not checks.is_int(self.num_images_per_prompt) or self.num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
         unknown = [k for k in self.callback_on_step_end_tensor_inputs if k not in TENSOR_INPUTS]

@@ -80,3 +80,20 @@ def test_condition_images_from_paths(tmp_path):
     assert len(facts.fitted) == 1, "fitted once to what the AR model's vision encoder takes"
     with pytest.raises(ValueError, match="does not exist"):
         Request.from_call(Facts(), prompt="x", image=str(tmp_path / "none.png"))
+
+
+def test_the_glyph_tokens_of_a_prompt_are_bounded():
+    """Each quoted string is truncated to max_sequence_length (diffusers); all of them together are bounded too,
+    since the DiT attends over them and the image's tokens at once (before: 20,000 quoted strings reached it)."""
+    from mlx_glm_image.pipeline.glyphs import glyph_tokens
+
+    assert glyph_tokens('a sign "hi"') == 3  # h, i, eos
+    assert glyph_tokens('"hi" and "yo"') == 8  # an even number of strings: a pad in front of each
+    assert glyph_tokens("no quotes") == 1  # the empty string's eos
+    assert glyph_tokens('"' + "x" * 5000 + '"') == 2048  # truncated per string
+    Request.from_call(Facts(), prompt='"' + "x" * 5000 + '"')
+    with pytest.raises(ValueError, match=r"quoted text is too long: 4000 glyph tokens in all, at most 2048 \(max_"):
+        Request.from_call(Facts(), prompt='"ab" ' * 1000)
+    Request.from_call(Facts(), prompt='"ab" ' * 1000, max_sequence_length=4000)
+    with pytest.raises(ValueError, match="max_sequence_length must be an integer >= 1, got 0"):
+        Request.from_call(Facts(), prompt="x", max_sequence_length=0)

@@ -57,10 +57,15 @@ def is_local(path_or_repo) -> bool:
             or ("/" in text and Path(text.split("/")[0]).is_dir()))
 
 
-def fetch(repo_id: str, patterns: list[str] | None) -> Path:
-    """A snapshot of ``repo_id`` on the Hub holding the files that match ``patterns`` (all when None)."""
+def check_repo_id(repo_id: str):
+    """A name that is no local path must look like a Hub repo id (org/name)."""
     if repo_id.count("/") != 1:
         raise WeightsError(f"{repo_id} does not exist (expected a local folder or a Hugging Face repo id like org/name)")
+
+
+def fetch(repo_id: str, patterns: list[str] | None) -> Path:
+    """A snapshot of ``repo_id`` on the Hub holding the files that match ``patterns`` (all when None)."""
+    check_repo_id(repo_id)
     from huggingface_hub import snapshot_download
 
     try:

@@ -11,12 +11,12 @@ import platform
 from pathlib import Path
 
 from . import atomic, loading
-from .pipeline.checks import described
+from .pipeline.checks import check_kind
 from .pipeline.request import SETTINGS, Request
 
 CHUNK = "glm-image"  # the PNG text chunk that holds the JSON record
 RUN_KEYS = ("model", "quantize", "dtype", "lora")  # the pipeline's settings a record carries (and --config-from-metadata reads)
-RUN_TYPES = {"model": (str, "text"), "quantize": (int, "an integer"), "dtype": (str, "text"), "lora": (list, "a list")}
+RUN_TYPES = {"model": str, "quantize": int, "dtype": str, "lora": list}
 
 
 def run_record(pipe) -> dict:
@@ -98,9 +98,9 @@ def read(path: str) -> dict:
     data["image"] = [i.get("path") if isinstance(i, dict) else i for i in images] if isinstance(images, list) else images
     try:
         settings = {s.key: s.from_json(data[s.key]) for s in SETTINGS if s.recorded and s.key in data}
-        for key, (kinds, kind) in RUN_TYPES.items():
-            if data.get(key) is not None and not isinstance(data[key], kinds):
-                raise ValueError(f"{key} must be {kind}, got {described(data[key])}")
+        for key, kind in RUN_TYPES.items():
+            if data.get(key) is not None:
+                check_kind(key, data[key], kind)
     except ValueError as e:
         raise ValueError(f"--config-from-metadata {path}: {e}") from None
     return {**settings, **{k: data[k] for k in RUN_KEYS if k in data}}

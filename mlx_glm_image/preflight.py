@@ -323,9 +323,7 @@ def gather(model: str, bits: int | None = None, memory: str = "auto") -> Facts:
         facts.weights, facts.converted = local_weights(root, widths)
         copied = sum(folder_bytes(root / c) for c in COPIED)
     else:
-        if str(model).count("/") != 1:  # loading.fetch's words
-            raise loading.WeightsError(f"{model} does not exist (expected a local folder or a Hugging Face repo id "
-                                       "like org/name)")
+        loading.check_repo_id(str(model))
         state, facts.hub, listing = ask_hub(model, files=True)
         if state == "answered":
             hub_sizes(facts, listing, widths)

@@ -208,6 +208,7 @@ def test_a_mistyped_folder_is_not_sent_to_the_hub(model_dir, tmp_path):
     ({"prompt": ["a", "b"]}, "prompt must be text, got a list"),
     ({"steps": 2.5}, "steps must be an integer, got 2.5"),
     ({"model": 5}, "model must be text, got 5"),
+    ({"quantize": True}, "quantize must be an integer, got true"),
 ])
 def test_metadata_of_the_wrong_type_is_one_line(model_dir, tmp_path, record, message):
     path = tmp_path / "m.json"

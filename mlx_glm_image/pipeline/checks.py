@@ -118,6 +118,23 @@ def check_type(value, cls, name: str):
         raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
 
 
+def check_kind(name: str, value, kind: type):
+    """A JSON value (a prompt file's, a metadata record's) of ``kind``: int, float, str or list; a bool is no
+    number, and a string is said to be one."""
+    is_kind, said = {int: (is_int, "an integer"), float: (is_number, "a number"), str: (_is_str, "text"),
+                     list: (_is_list, "a list")}[kind]
+    if not is_kind(value):
+        raise ValueError(f"{name} must be {said}, got {described(value)}")
+
+
+def _is_str(x) -> bool:
+    return isinstance(x, str)
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, list)
+
+
 def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 

@@ -104,7 +104,6 @@ class Decoding:
         """The prompt into the cache, ``PREFILL_CHUNK`` queries at a time (mlx-lm's prefill steps): a long prompt's
         attention scores then take chunk x prompt memory, not prompt x prompt; the first token after it."""
         L = input_ids.shape[1]
-        logits = None
         for start in range(0, L, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, L)
             for c in cache:

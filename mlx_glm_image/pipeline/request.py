@@ -263,10 +263,7 @@ class Setting:
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ValueError(f"image must be a path or a list of paths, got {checks.described(value)}")
             return value
-        is_type, kind = {int: (checks.is_int, "an integer"), float: (checks.is_number, "a number"),
-                         str: (lambda v: isinstance(v, str), "text")}[self.type]
-        if not is_type(value):
-            raise ValueError(f"{self.key} must be {kind}, got {checks.described(value)}")
+        checks.check_kind(self.key, value, self.type)
         return value
 
 

@@ -56,7 +56,8 @@ def test_a_json_file_is_a_list_of_entries(tmp_path):
 def test_counts_are_bounded_before_the_plan_is_built():
     for argv, message in [(["--num-images", str(10**26)], "--num-images must be from 1 to 10000"),
                           (["--auto-seeds", str(10**9)], "--auto-seeds must be from 1 to 10000"),
-                          (["--seed", *map(str, range(10_001))], "--seed gives 10001 images")]:
+                          (["--seed", *map(str, range(10_001))],
+                           r"the run would make 10001 images \(1 prompts x 10001 seeds\); a run makes at most 10000")]:
         with pytest.raises(ValueError, match=message):
             planned("--prompt", "x", *argv)
     _, images = planned("--prompt", "x", "--num-images", str(runs.MAX_IMAGES), "--seed", "0")

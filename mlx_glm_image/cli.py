@@ -69,14 +69,23 @@ def interrupting():
 def run_command(module: str, interrupted: str) -> int:
     """A command's entry point: its module (MLX and all) is imported inside, so that a Ctrl-C while it loads is
     the line ``interrupted`` and exit 130 too, as later in its own main."""
-    import importlib
-
     try:
         with interrupting():
-            main = importlib.import_module(f"mlx_glm_image.{module}").main
+            main = import_whole(f"mlx_glm_image.{module}").main
     except KeyboardInterrupt:
         return done(130, interrupted)
     return done(main())
+
+
+def import_whole(name: str):
+    """``name`` imported with signals held to its end: a KeyboardInterrupt raised inside an extension's import
+    (numpy's) comes out of it as an ImportError, not as the interruption it was; held, it is met right after."""
+    import importlib
+
+    from .atomic import signals_held
+
+    with signals_held():
+        return importlib.import_module(name)
 
 
 def done(code: int, said: str | None = None) -> int:

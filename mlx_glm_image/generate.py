@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import (Parser, above_zero, add_cache_arguments, add_model_arguments, cache_settings, fail, interrupting,
-                  load_adapters, model_defaults, prog_name)
+from .cli import (Parser, above_zero, add_cache_arguments, add_model_arguments, cache_settings, fail, import_whole,
+                  interrupting, load_adapters, model_defaults, prog_name)
 
 # The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
 RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     tally = Tally()
     try:
         with interrupting():  # from the first moment: the imports are inside
+            import_whole("mlx_glm_image.pipeline")  # MLX and numpy, which the parser's name table needs
             return _main(argv, tally)
     except KeyboardInterrupt:
         print(tally.interrupted(), file=sys.stderr)

@@ -226,7 +226,8 @@ def test_api_key_and_full_queue(model_dir):
 
         def ask():
             try:
-                done.append(client.images.generate(prompt="x", size="96x64", extra_body={"seed": 1, "num_inference_steps": 30}))
+                # 1000 steps (~2 s here): the first is still running when the others come, however fast the machine
+                done.append(client.images.generate(prompt="x", size="96x64", extra_body={"seed": 1, "num_inference_steps": 1000}))
             except openai.RateLimitError as e:
                 errors.append(e)
 

@@ -53,7 +53,7 @@ def worker(args) -> dict | None:
                            prior_token_ids=mx.random.randint(0, 16384, (1, tokens)),
                            target_size=mx.array([[args.size, args.size]], mx.float32), crop_coords=mx.zeros((1, 2)),
                            guidance_scale=1.5)
-    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler = FlowMatchEulerDiscreteScheduler(common.released("scheduler"))
     scheduler.set_timesteps(args.steps + 1, image_seq_len=tokens)
     stepper = Stepper(model, scheduler, inputs, placement=placement)
     times = []

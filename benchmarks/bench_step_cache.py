@@ -58,7 +58,7 @@ def worker(args) -> dict:
                            target_size=mx.array([[args.size, args.size]], mx.float32), crop_coords=mx.zeros((1, 2)),
                            guidance_scale=1.5)
     noise = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
-    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler = FlowMatchEulerDiscreteScheduler(common.released("scheduler"))
     scheduler.set_timesteps(args.steps, image_seq_len=n)
 
     class Timed(StepCache):

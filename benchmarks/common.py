@@ -5,8 +5,8 @@ subprocess (``run_worker``), so that each side's time and peak memory are its ow
 ``RESULT <json>`` (``report``) and the parent reads it back. The parent's inputs a worker must not take from its own
 checkout (the configs to build, when ``--src`` times another checkout) travel as ``--inputs <json>``.
 
-Configs: each component's released config.json, from the package's config classes, whose defaults are the released
-checkpoint's values (docs/checkpoint.md). Field names are diffusers'/transformers' keyword names, so
+Configs: each component's released config.json, from the package's table of them (``models/released.py``,
+docs/checkpoint.md). Field names are diffusers'/transformers' keyword names, so
 ``reference_kwargs`` makes the torch side's arguments from the same dict. Nothing here imports the package at import time: a worker puts ``--src`` on
 ``sys.path`` first (``use_checkout``).
 """
@@ -14,7 +14,6 @@ checkpoint's values (docs/checkpoint.md). Field names are diffusers'/transformer
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import json
 import os
@@ -140,29 +139,16 @@ def random_denoise_inputs(dit, size: int, text_len: int = 64):
                            prior_token_ids=mx.array(rng.integers(0, c.prior_vq_quantizer_codebook_size, (1, n)), mx.int32),
                            target_size=mx.array([[size, size]], mx.float32), crop_coords=mx.zeros((1, 2)))
     x = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
-    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler = FlowMatchEulerDiscreteScheduler(released("scheduler"))
     scheduler.set_timesteps(50, image_seq_len=n)
     return inputs, x, scheduler
 
 
 def released(component: str) -> dict:
-    """The released ``<component>/config.json`` (component: a folder name of ``mlx_glm_image.convert.COMPONENTS``),
-    from its config class's defaults, as plain JSON values: the class's fields less those no config.json has."""
-    from mlx_glm_image.convert import COMPONENTS
+    """The released ``<component>/config.json`` (component: a folder name of ``mlx_glm_image.models.released``)."""
+    from mlx_glm_image.models import released as configs
 
-    cfg = json.loads(json.dumps(dataclasses.asdict(COMPONENTS[component].config_class())))
-    cfg.pop("quantization", None)  # how a converted folder was quantized
-    if component == "text_encoder":  # derived from feed_forward_proj, as transformers derives them
-        drop(cfg, ("dense_act_fn", "is_gated_act"))
-    if component == "vision_language_encoder":
-        # head_dim follows the width (a smaller variant recomputes it); the older top-level rope keys are None
-        drop(cfg["text_config"], ("head_dim", "rope_theta", "partial_rotary_factor", "rope_scaling"))
-    return cfg
-
-
-def drop(cfg: dict, names):
-    for name in names:
-        cfg.pop(name, None)
+    return configs.config(component)
 
 
 def merged(base: dict, changes: dict) -> dict:

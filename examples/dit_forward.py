@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from mlx_glm_image import GlmImageTransformer2DModel
 from mlx_glm_image.pipeline.denoise import classifier_free_guidance, queued_steps
+from mlx_glm_image.models import released
 from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
 
 parser = argparse.ArgumentParser()
@@ -20,7 +21,7 @@ args = parser.parse_args()
 dit = GlmImageTransformer2DModel.from_pretrained(args.model, dtype="bfloat16")
 latent = args.size // 8
 tokens = (latent // 2) ** 2
-scheduler = FlowMatchEulerDiscreteScheduler().set_timesteps(50, image_seq_len=tokens)
+scheduler = FlowMatchEulerDiscreteScheduler(released.config("scheduler")).set_timesteps(50, image_seq_len=tokens)
 
 x = mx.random.normal((1, dit.config.in_channels, latent, latent), key=mx.random.key(0))
 glyphs = mx.random.normal((1, 12, dit.config.text_embed_dim)) * 0.1  # stand-in for ByT5 embeddings

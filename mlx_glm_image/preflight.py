@@ -30,14 +30,14 @@ from mlx.utils import tree_flatten
 from . import loading
 from . import quantize as Q
 from .convert import COPIED, ConvertError, Plan, check_free_space, human, scan
+from .models import released
 from .pipeline.components import COMPONENTS, MODELS, REQUIRED, RESIDENT_SHARE, memory_budget
 
 WIDTHS = (None, 8, 4)  # the columns: None is the weights as their files store them (no -q)
 MODES = ("resident", "staged")
 HUB_TIMEOUT = 5.0  # seconds the Hub has to answer
 # The released zai-org/GLM-Image when the Hub does not answer: each model's bytes are its parameter count at the
-# released config (the config classes' defaults are the released values, docs/checkpoint.md) times the bytes per
-# value its files store. docs/checkpoint.md: about 36 GB, AR model ~20 GB, DiT ~14 GB, VAE ~0.8 GB, ByT5 ~0.9 GB (fp32).
+# released config (models/released.py, docs/checkpoint.md) times the bytes per value its files store. docs/checkpoint.md: about 36 GB, AR model ~20 GB, DiT ~14 GB, VAE ~0.8 GB, ByT5 ~0.9 GB (fp32).
 RELEASED = {
     "vision_language_encoder": 10_114_245_632 * 2,  # bf16
     "text_encoder": 217_657_472 * 4,  # fp32
@@ -146,7 +146,7 @@ def estimate(cls, config: dict | None, stored: int, widths, where="") -> dict:
     the files store. A converted model (its config has a quantization block) loads as stored."""
     if config and config.get("quantization"):
         return dict.fromkeys(widths, stored)
-    model = loading.build(cls, config or {}, where or cls.component)  # lazy: nothing is allocated
+    model = loading.build(cls, config or released.config(cls.component), where or cls.component)  # lazy: nothing is allocated
     params = dict(tree_flatten(model.parameters()))
     itemsize = stored / max(sum(v.size for v in params.values()), 1)
     out = {}

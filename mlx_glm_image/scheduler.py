@@ -32,12 +32,13 @@ def calculate_shift(
 
 @dataclass
 class SchedulerConfig:
-    # Defaults are the released checkpoint's scheduler_config.json (not the diffusers class defaults).
+    # Defaults: diffusers' (what it reads when a key is absent); the released scheduler_config.json (dynamic, linear
+    # shifting from 0.25 to 0.75) is in models/released.py.
     num_train_timesteps: int = 1000
     shift: float = 1.0
-    use_dynamic_shifting: bool = True
-    base_shift: float = 0.25
-    max_shift: float = 0.75
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     invert_sigmas: bool = False
@@ -45,7 +46,7 @@ class SchedulerConfig:
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
-    time_shift_type: str = "linear"
+    time_shift_type: str = "exponential"
     stochastic_sampling: bool = False
 
     @classmethod

@@ -169,6 +169,35 @@ def test_logits_text_to_image(tiny, prompts, h, w):
     assert_close(np.array(out)[valid], ref.numpy()[valid], what="prefill logits")
 
 
+def test_a_text_config_without_a_rotary_share_runs_as_transformers_runs_it(tmp_path):
+    """Upstream's own tests (diffusers' pipeline test, transformers' modeling test) name no partial_rotary_factor:
+    transformers rotates the whole 16-wide head, sections [4, 2, 2]. Logits and greedy ids equal transformers'."""
+    rope = {"num_attention_heads": 8, "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [4, 2, 2]}}
+    tproc, tmodel, _ = write_prior(tmp_path, eos_row_zero=True, text=rope)
+    assert "partial_rotary_factor" not in json.loads(
+        (tmp_path / "vision_language_encoder" / "config.json").read_text())["text_config"]["rope_parameters"]
+    model = GlmImageForConditionalGeneration.from_pretrained(tmp_path)
+    assert model.config.text_config.rotary_dim == 16
+    small = dict(root=tmp_path, tproc=tproc, tmodel=tmodel, proc=GlmImageProcessor.from_pretrained(tmp_path))
+    inputs = _torch_inputs(small, ["a red cat on the mat"], 64, 96)
+    ref = _torch_logits(small, inputs)
+    out = model(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
+                image_grid_thw=inputs["image_grid_thw"].numpy(), images_per_sample=inputs["images_per_sample"].numpy())
+    assert_close(out, ref, what="prefill logits")
+    from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline as P
+
+    grids = inputs["image_grid_thw"][: int(inputs["images_per_sample"][0])]
+    n_new = P._compute_generation_params(grids, True)[0]
+    with torch.no_grad():
+        greedy = tmodel.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new - 1,
+                                 forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
+    prompt = prior_prompt(model, small["proc"], ["a red cat on the mat"], 64, 96)
+    ours = sample_prior_sequences(model, prompt, do_sample=False)
+    np.testing.assert_array_equal(ours, greedy)
+    assert len(np.unique(greedy[:, inputs["input_ids"].shape[1]:])) > 5
+
+
 def test_logits_with_source_image(tiny):
     images = [[_image(80, 112, 0)], [_image(100, 72, 1)]]
     inputs = _torch_inputs(tiny, PROMPTS2, 96, 64, images)

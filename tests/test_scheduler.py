@@ -144,9 +144,9 @@ def test_from_pretrained(tmp_path):
     for where in (tmp_path, tmp_path / "scheduler", tmp_path / "scheduler" / "scheduler_config.json"):
         s = FlowMatchEulerDiscreteScheduler.from_pretrained(where)
         assert s.config.time_shift_type == "linear" and s.config.base_shift == 0.25
-    # defaults are the released config
-    d = FlowMatchEulerDiscreteScheduler().config
-    assert d.use_dynamic_shifting and d.time_shift_type == "linear" and d.max_shift == 0.75
+    # a config.json without a key reads as diffusers reads it (tests/test_config_defaults.py checks every field)
+    d = FlowMatchEulerDiscreteScheduler({"num_train_timesteps": 1000}).config
+    assert not d.use_dynamic_shifting and d.time_shift_type == "exponential" and d.max_shift == 1.15
 
 
 @pytest.mark.parametrize("guidance_scale", [1.5, 4.0])

@@ -44,17 +44,17 @@ def _tiny_tokenizer():
     return fast, vocab
 
 
-def _tiny_config(vocab, vision_patch=8):
+def _tiny_config(vocab, vision_patch=8, text=None):
     from transformers import GlmImageConfig
 
     return GlmImageConfig(
-        text_config=dict(
+        text_config={**dict(
             vocab_size=len(vocab), hidden_size=128, intermediate_size=192, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, vision_vocab_size=N_VISION, pad_token_id=vocab["<pad>"],
             eos_token_id=IMAGE_END,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                  mrope_section=[2, 3, 3]),
-        ),
+        ), **(text or {})},
         vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, image_size=128, patch_size=vision_patch),
         vq_config=dict(embed_dim=16, num_embeddings=64, latent_channels=32),
         image_token_id=vocab["<|image|>"], image_start_token_id=IMAGE_START, image_end_token_id=IMAGE_END,
@@ -123,11 +123,12 @@ def write_diffusion_side(folder, codebook=40, layers=2, time_scale=1.0):
                          vae=vae, transformer=dit, scheduler=scheduler)
 
 
-def write_prior(root, eos_row_zero=False, vision_patch=8):
+def write_prior(root, eos_row_zero=False, vision_patch=8, text=None):
     """processor/ and vision_language_encoder/ (sharded). Returns (torch processor, torch model, vocab).
 
     vision_patch=16 makes a condition image's token grid H/32 x W/32 (the processor halves the image), as in the released model
-    (its prior ids, upsampled 2x, then cover the DiT's H/16 x W/16 grid); 8 gives more tokens for parity.
+    (its prior ids, upsampled 2x, then cover the DiT's H/16 x W/16 grid); 8 gives more tokens for parity. ``text``:
+    text_config keys that replace the tiny ones.
     """
     from transformers import GlmImageForConditionalGeneration as TorchModel
     from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
@@ -139,7 +140,7 @@ def write_prior(root, eos_row_zero=False, vision_patch=8):
                                    size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})
     tproc = TorchProcessor(image_processor=ip, tokenizer=fast, chat_template=TEMPLATE)
     tproc.save_pretrained(root / "processor")
-    tmodel = TorchModel(_tiny_config(vocab, vision_patch)).eval()
+    tmodel = TorchModel(_tiny_config(vocab, vision_patch, text)).eval()
     _randomize(tmodel)
     if eos_row_zero:  # a random tiny model otherwise ends before its grid is complete
         with torch.no_grad():

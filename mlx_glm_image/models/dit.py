@@ -29,13 +29,14 @@ CACHE_MODES = ("write", "read", "skip")
 
 @dataclass
 class GlmImageTransformerConfig:
-    # Defaults: the released transformer/config.json (docs/checkpoint.md), not diffusers' class defaults.
+    # Defaults: diffusers' (what it reads when a key is absent), as every config class here; the released values
+    # (32 heads of 128) are in released.py.
     patch_size: int = 2
     in_channels: int = 16
     out_channels: int = 16
     num_layers: int = 30
-    attention_head_dim: int = 128
-    num_attention_heads: int = 32
+    attention_head_dim: int = 40
+    num_attention_heads: int = 64
     text_embed_dim: int = 1472
     time_embed_dim: int = 512
     condition_dim: int = 256

@@ -20,17 +20,18 @@ from .base import PretrainedModel, config_from_dict
 
 @dataclass
 class T5Config:
-    # Defaults: the released text_encoder/config.json (ByT5's geometry; docs/checkpoint.md), as every config class here.
-    vocab_size: int = 384
-    d_model: int = 1472
+    # Defaults: transformers' T5Config (what it reads when a key is absent), as every config class here; the
+    # released values (ByT5's geometry) are in released.py.
+    vocab_size: int = 32128
+    d_model: int = 512
     d_kv: int = 64
-    d_ff: int = 3584
-    num_layers: int = 12
-    num_heads: int = 6
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"
+    feed_forward_proj: str = "relu"
     # Not read from config.json: derived from feed_forward_proj as transformers' T5Config does.
     dense_act_fn: str = ""
     is_gated_act: bool = False

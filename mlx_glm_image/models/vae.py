@@ -23,35 +23,28 @@ from .base import PretrainedModel, config_from_dict
 Evaluate = Callable[[mx.array], None] | None
 
 
-RELEASED_LATENTS_MEAN = (-0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
-                         0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625,
-                         -0.255859375)
-RELEASED_LATENTS_STD = (3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125, 2.1875, 2.046875, 2.71875,
-                        2.390625, 2.390625, 2.453125, 2.25, 2.15625)
-
-
 @dataclass
 class AutoencoderKLConfig:
-    # Defaults: the released vae/config.json (docs/checkpoint.md), as every config class here; diffusers'
-    # class defaults differ (mid-block attention and quant convs on), and a config.json names them all anyway.
+    # Defaults: diffusers' (what it reads when a key is absent), as every config class here; the released values
+    # (four blocks, no mid-block attention, no quant convs) are in released.py.
     in_channels: int = 3
     out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
-    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
-    block_out_channels: tuple = (128, 512, 1024, 1024)
-    layers_per_block: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
     act_fn: str = "silu"
-    latent_channels: int = 16
+    latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int | list = 1024
+    sample_size: int | list = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    latents_mean: list | None = field(default_factory=lambda: list(RELEASED_LATENTS_MEAN))
-    latents_std: list | None = field(default_factory=lambda: list(RELEASED_LATENTS_STD))
+    latents_mean: list | None = None
+    latents_std: list | None = None
     force_upcast: bool = True
-    use_quant_conv: bool = False
-    use_post_quant_conv: bool = False
-    mid_block_add_attention: bool = False
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
     quantization: dict | None = field(default=None, repr=False)
 
     @classmethod

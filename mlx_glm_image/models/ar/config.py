@@ -2,8 +2,8 @@
 
 Three nested blocks as transformers writes them: ``text_config`` (the GLM-4-style decoder), ``vision_config`` (the
 ViT used for image editing) and ``vq_config`` (the quantizer that turns ViT features into image tokens).
-Unknown keys are ignored so that newer configs still load. Defaults: the released config.json's values
-(docs/checkpoint.md), as every config class here.
+Unknown keys are ignored so that newer configs still load. Defaults: transformers' (what it reads when a key is
+absent), as every config class here; the released values are in ``released.py``.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ class TextConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        rope = dict(self.rope_scaling or {})
-        rope.update(self.rope_parameters or {})
+        # transformers' reading: an older rope_scaling replaces rope_parameters; the top-level keys fill what
+        # neither names; the rotary share falls back to 1.0 and mrope_section to [8, 12, 12] (those two defaults do
+        # not fit together: the released config names both, docs/checkpoint.md)
+        rope = dict(self.rope_scaling or self.rope_parameters or {})
         rope.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0)
-        # the released 0.5 (transformers falls back to 1.0, which its own default mrope_section does not fit)
-        rope.setdefault("partial_rotary_factor", self.partial_rotary_factor or 0.5)
+        rope.setdefault("partial_rotary_factor", 1.0 if self.partial_rotary_factor is None else self.partial_rotary_factor)
         rope.setdefault("mrope_section", [8, 12, 12])
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":

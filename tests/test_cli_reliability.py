@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import signal_points
 from PIL import Image
 from tiny_checkpoints import write_pipeline
 
@@ -150,21 +151,36 @@ def test_ctrl_c_after_some_images_says_how_many(model_dir, tmp_path):
     assert said.startswith(f"interrupted; {written} of 40 image(s) written (the last: "), said
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.08, 0.1, 0.15, 0.2, 0.35, 0.5])
-def test_ctrl_c_in_the_first_moments_is_one_line(model_dir, tmp_path, delay):
-    """Before: a Ctrl-C while the package imported MLX (before main ran) was a KeyboardInterrupt traceback. Now
-    the package imports nothing heavy, so main's handler is in place once the interpreter has started (its own
-    first ~30 ms, and compiling a changed module, are before any of our code: the warm-up compiles them). A fresh
-    venv found one more: a Ctrl-C inside numpy's C import came out as an ImportError traceback; MLX and numpy are
-    now imported with the signal held to the import's end (cli.import_whole)."""
-    subprocess.run([sys.executable, "-c", "import mlx_glm_image.generate"], check=True, cwd=ROOT)
-    proc = start("-m", model_dir, "--prompt", "a cat", *ARGS, "--output", tmp_path / "a.png")
-    time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=60)
-    err = proc.stderr.read()
-    assert "Traceback" not in err, err
-    assert code == 130 and err.strip().splitlines()[-1] == "interrupted; no image written" or code == 0, (code, err)
+def test_a_signal_at_any_moment_of_a_run_is_one_line_and_leaves_nothing(model_dir, tmp_path):
+    """From the moment the entry point (cli.generate) runs: while it imports the package's MLX side (a Ctrl-C
+    inside numpy's C import once came out as an ImportError traceback: MLX and numpy are imported with the signal
+    held to the import's end, cli.import_whole), reads the checkpoint, or writes the image, a Ctrl-C or SIGTERM is
+    one line and exit 130 (or the run had finished), and leaves no temporary. The moments are the ones the run
+    reports (its imports and file changes), so a busy machine sends each signal at the same place."""
+    args = lambda out: ["-m", model_dir, "--prompt", "a cat", *ARGS, "--output", out]  # noqa: E731
+    moments = signal_points.listing("generate", args(tmp_path / "whole.png"), tmp_path)
+    assert "import numpy" in moments and any(m.startswith("os.link") for m in moments)
+    for i, where in enumerate(signal_points.spread(moments, 12)):
+        out, sig = tmp_path / f"a{i}.png", (signal.SIGINT, signal.SIGTERM)[i % 2]
+        proc = signal_points.interrupted_at("generate", args(out), where, sig, tmp_path)
+        case = (where, moments[where - 1], proc.stderr)
+        assert "Traceback" not in proc.stderr, case
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], case
+        if proc.returncode == 0:
+            assert out.exists(), case
+            continue
+        said = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 130 and said.startswith("interrupted; "), case
+        assert out.exists() == said.startswith("interrupted; 1 of 1 image(s) written"), case
+
+
+def test_a_signal_before_the_entry_point_leaves_nothing(model_dir, tmp_path):
+    """Before the command's own code runs, Python answers a Ctrl-C itself; nothing has been made, nothing is left."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = signal_points.before_the_entry_point("generate", ["-m", model_dir, "--prompt", "a cat", *ARGS,
+                                                                 "--output", tmp_path / "a.png"], sig, tmp_path)
+        assert proc.returncode in (1, -sig), proc.stderr
+        assert not list(tmp_path.iterdir())
 
 
 def test_nan_in_the_ar_weights_stops_at_the_prior_stage(model_dir, tmp_path):

@@ -7,11 +7,11 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import signal_points
 from test_convert import ROOT, assert_clean_failure, copy_source, run_cli, write_pipeline
 from tiny_checkpoints import write_prior
 
@@ -355,23 +355,35 @@ def test_main_meets_ctrl_c_with_its_own_handler(source, tmp_path, capsys, monkey
         seen["handler"](signal.SIGINT, None)
 
 
-def test_ctrl_c_while_the_converter_imports(source, tmp_path):
-    """The converter's module takes ~0.2 s to import (MLX) before main() runs: the entry point (cli.convert)
-    imports it with Ctrl-C already one line; the conversion then takes ~1 s (tiny shards)."""
-    for i, delay in enumerate([0.05, 0.1, 0.15, 0.2, 0.25, 0.3]):
-        out = tmp_path / f"out{i}"
-        proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(source), "--mlx-path",
-                                 str(out), "--shard-size-gb", "0.00002"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert "Traceback" not in err, (delay, err)
-        assert no_partials(tmp_path)
+def test_a_signal_at_any_moment_of_the_converter_is_one_line_and_leaves_nothing(source, tmp_path):
+    """From the moment the entry point (cli.convert) runs: while it imports the converter (MLX, numpy, ...), reads
+    its arguments, writes the shards or swaps the folder in, a Ctrl-C or SIGTERM is one line and exit 130 (or the
+    conversion had finished), and leaves no partial folder. The moments are the ones the converter reports (its
+    imports and file changes), not times: a busy machine sends each signal at the same place."""
+    args = lambda out: ["--hf-path", source, "--mlx-path", out, "--shard-size-gb", "0.00002"]  # noqa: E731
+    moments = signal_points.listing("convert", args(tmp_path / "whole"), tmp_path)
+    assert "import mlx.core" in moments and any(m.startswith("os.rename") for m in moments)
+    chosen = signal_points.spread(moments, 12)
+    for i, where in enumerate(chosen):
+        out, sig = tmp_path / f"out{i}", (signal.SIGINT, signal.SIGTERM)[i % 2]
+        proc = signal_points.interrupted_at("convert", args(out), where, sig, tmp_path)
+        case = (where, moments[where - 1], proc.stderr)
+        assert "Traceback" not in proc.stderr, case
+        assert no_partials(tmp_path), case
         if proc.returncode == 0:  # the signal came after the end: a complete conversion
-            assert (out / "model_index.json").exists(), (delay, err)
+            assert (out / "model_index.json").exists(), case
             continue
-        said = err.strip().splitlines()[-1]
-        assert proc.returncode == 130, (delay, err)
+        said = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 130, case
         assert (said == "interrupted; nothing was written" and not out.exists()
-                or said == f"interrupted; the conversion had finished: {out} is complete"), (delay, err)
+                or said == f"interrupted; the conversion had finished: {out} is complete"), case
+
+
+def test_a_signal_before_the_entry_point_leaves_nothing(source, tmp_path):
+    """Before the command's own code runs (the interpreter importing mlx_glm_image.cli) Python answers a Ctrl-C
+    itself, with its traceback; nothing has been made yet, and nothing is left."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = signal_points.before_the_entry_point("convert", ["--hf-path", source, "--mlx-path", tmp_path / "out"],
+                                                    sig, tmp_path)
+        assert proc.returncode in (1, -sig), proc.stderr
+        assert not (tmp_path / "out").exists() and no_partials(tmp_path)

@@ -38,7 +38,7 @@ def worker(args) -> dict:
     dit = GlmImageTransformer2DModel(args.inputs)
     mx.eval(dit.parameters())
     c = dit.config
-    inputs, x, scheduler = common.random_denoise_inputs(dit, args.size, TEXT_LEN)
+    inputs, x, sampler = common.random_denoise_inputs(dit, args.size, TEXT_LEN)
     rng = np.random.default_rng(1)  # the adapters' weights
     modules = dict(dit.named_modules())
     layers = {}
@@ -51,7 +51,7 @@ def worker(args) -> dict:
     adapter = lora.LoraAdapter(name="bench", source="random", sha256="", layers=layers)
 
     def step():
-        v = Stepper(dit, scheduler, inputs).guided_velocity(10, x)
+        v = Stepper(dit, sampler, inputs).guided_velocity(10, x, sampler.model_timestep(10))
         mx.eval(v)
 
     def timed():

@@ -27,17 +27,18 @@ def worker(args) -> dict | None:
     common.use_checkout()
     import mlx.core as mx
 
-    from mlx_glm_image import GlmImageTransformer2DModel
+    from mlx_glm_image import GlmImageTransformer2DModel, load_model
     from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper
+    from mlx_glm_image.pipeline.flow import FlowMatchEulerSampler
     from mlx_glm_image.pipeline.parallel import join
-    from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
+    from mlx_glm_image.scheduler import SchedulerConfig
 
     from mlx.utils import tree_flatten
 
     mx.random.seed(0)
     placement = join({"split": "cfg", "tensor": "tensor"}.get(args.worker))
     if args.worker == "tensor":
-        model = GlmImageTransformer2DModel.from_pretrained(args.folder, dtype="float32",
+        model = load_model(GlmImageTransformer2DModel, args.folder, dtype="float32",
                                                            split=placement.splits["transformer"])
     else:
         model = GlmImageTransformer2DModel(args.inputs)
@@ -53,9 +54,9 @@ def worker(args) -> dict | None:
                            prior_token_ids=mx.random.randint(0, 16384, (1, tokens)),
                            target_size=mx.array([[args.size, args.size]], mx.float32), crop_coords=mx.zeros((1, 2)),
                            guidance_scale=1.5)
-    scheduler = FlowMatchEulerDiscreteScheduler(common.released("scheduler"))
-    scheduler.set_timesteps(args.steps + 1, image_seq_len=tokens)
-    stepper = Stepper(model, scheduler, inputs, placement=placement)
+    sampler = FlowMatchEulerSampler(SchedulerConfig.from_dict(common.released("scheduler")), image_seq_len=tokens,
+                                    num_inference_steps=args.steps + 1)
+    stepper = Stepper(model, sampler, inputs, placement=placement)
     times = []
     t0 = time.perf_counter()
     for i, _ in stepper.steps(x):  # each yield: a step evaluated (and, split, its velocities exchanged)

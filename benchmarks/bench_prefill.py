@@ -25,7 +25,9 @@ def run_worker(args) -> dict:
     from mlx.utils import tree_flatten, tree_map
 
     from mlx_glm_image.models.ar import GlmImageConfig, GlmImageForConditionalGeneration
-    from mlx_glm_image.pipeline import prior_tokens
+    from mlx_glm_image.pipeline import prior_grid, prior_tokens
+    from mlx_glm_image.pipeline.processor import TargetGrids
+    from mlx_glm_image.pipeline.sample_utils import make_sampler
 
     mx.set_default_device(mx.cpu)
     prior_tokens.PREFILL_CHUNK = args.inputs["chunk"]
@@ -38,13 +40,13 @@ def run_worker(args) -> dict:
     text = np.random.default_rng(0).integers(20000, 160000, n).tolist()
     # then the 64x64 suffix: <grid_bos>2 2<grid_eos><grid_bos>16 16<grid_eos><bos> (digits stand-ins)
     ids = np.array([text + [167845, 2, 2, 167846, 167845, 16, 16, 167846, cfg["image_start_token_id"]]])
-    prompt = prior_tokens.PriorPrompt(
+    prompt = prior_grid.PriorPrompt(
         inputs={"input_ids": ids, "attention_mask": np.ones_like(ids), "image_grid_thw": np.array([[1, 2, 2], [1, 16, 16]]),
                 "images_per_sample": np.array([2])},
-        max_new_tokens=261, offset=256, grid=(2, 2))
+        grids=TargetGrids((2, 2), (16, 16)))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    next(prior_tokens.prior_sequences(model, prompt, mx.random.key(0), top_k=1))
+    next(prior_grid.prior_sequences(model, prompt, make_sampler(top_k=1), mx.random.key(0)))
     return dict(seconds=time.perf_counter() - t0, peak_gb=(mx.get_peak_memory() - weights) / 1e9,
                 weights_gb=weights / 1e9)
 

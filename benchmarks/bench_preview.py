@@ -58,7 +58,7 @@ def worker(args) -> dict:
     from mlx_glm_image import AutoencoderKL, GlmImageTransformer2DModel
     from mlx_glm_image.pipeline.denoise import Stepper
     from mlx_glm_image.pipeline.image_processor import VaeImageProcessor
-    from mlx_glm_image.pipeline.preview import pooled, pooling, predicted_latents
+    from mlx_glm_image.pipeline.preview import pooled, pooling
     from mlx_glm_image.pipeline.stages import decode_latents
 
     if args.device == "cpu":
@@ -66,20 +66,20 @@ def worker(args) -> dict:
     cfg = args.inputs
     dit, vae = GlmImageTransformer2DModel(cfg["transformer"]), AutoencoderKL(cfg["vae"])
     mx.eval(dit.parameters(), vae.parameters())
-    inputs, x, scheduler = common.random_denoise_inputs(dit, args.size, TEXT_LEN)
+    inputs, x, sampler = common.random_denoise_inputs(dit, args.size, TEXT_LEN)
     lat = x.shape[-1]
-    stepper = Stepper(dit, scheduler, inputs)
+    stepper = Stepper(dit, sampler, inputs)
     factor = pooling(args.size, args.size, lat, lat)
 
     def step():
-        v = stepper.guided_velocity(10, x)
-        mx.eval(scheduler.step(v, 10, x), v)
+        v = stepper.guided_velocity(10, x, sampler.model_timestep(10))
+        mx.eval(sampler.step(v, 10, x), v)
         return v
 
     v = step()
 
     def preview():
-        small = pooled(predicted_latents(x, v, float(scheduler.sigmas[11])), factor)
+        small = pooled(sampler.x0(x, v, 10), factor)
         return VaeImageProcessor(vae.scale_factor).postprocess(decode_latents(vae, small), "pil")
 
     def timed(fn):

@@ -66,7 +66,8 @@ def run_mlx(args) -> dict:
     from mlx.utils import tree_flatten, tree_map_with_path
 
     from mlx_glm_image.models.ar import GlmImageConfig, GlmImageForConditionalGeneration
-    from mlx_glm_image.pipeline.prior_tokens import generate
+    from mlx_glm_image.pipeline.prior_tokens import drain, generate_step
+    from mlx_glm_image.pipeline.sample_utils import make_sampler
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
@@ -97,15 +98,18 @@ def run_mlx(args) -> dict:
 
     ids = prompt_ids(cfg)
     grids = np.array(GRIDS)
-    kw = dict(image_grid_thw=grids, images_per_sample=np.array([2]), do_sample=True, key=0, eos_token_id=None,
-              **SAMPLING)
-    generate(model, ids, max_new_tokens=2, **kw)  # warm-up
+    inputs = dict(input_ids=ids, image_grid_thw=grids, images_per_sample=np.array([2]))
+
+    def generate(max_new_tokens):
+        return drain(generate_step(model, inputs, max_new_tokens=max_new_tokens, sampler=make_sampler(**SAMPLING), key=0))
+
+    generate(2)  # warm-up
     mx.reset_peak_memory()
     t = time.perf_counter()
-    generate(model, ids, max_new_tokens=1, **kw)
+    generate(1)
     t1 = time.perf_counter() - t
     t = time.perf_counter()
-    out = generate(model, ids, max_new_tokens=args.tokens, **kw)
+    out = generate(args.tokens)
     tn = time.perf_counter() - t
     n = out.shape[1] - ids.shape[1]
     import mlx_glm_image
@@ -131,14 +135,16 @@ def profile_step(model, ids, grids, compiled: bool, steps: int = 40) -> dict:
     import numpy as np
 
     from mlx_glm_image.models.ar.positions import decode_positions
+    from mlx_glm_image.pipeline.prior_grid import whole_grid
     from mlx_glm_image.pipeline.prior_tokens import Decoding
+    from mlx_glm_image.pipeline.sample_utils import make_sampler
 
     B, L = ids.shape
     n = 1281
     pos, table = model.get_rope_index(ids, grids, np.array([2]))
     V = model.config.text_config.vision_vocab_size
-    run = Decoding(L, mx.array(decode_positions(table, 0, n, B, L)), None, mx.zeros((V,), mx.bool_), n, n - 1, None,
-                   dict(SAMPLING, do_sample=True))
+    run = Decoding(prompt_length=L, positions=mx.array(decode_positions(table, 0, n, B, L)), attention_mask=None,
+                   max_new_tokens=n, sampler=make_sampler(**SAMPLING), logits_processors=whole_grid(n, [V - 1], V))
     cache = model.make_cache(L + n, window=L)
     tok, _ = run.prefill(model, mx.array(ids), mx.array(pos), cache, mx.random.key(0))
     state, key = [c.state for c in cache], mx.random.key(1)

@@ -21,9 +21,8 @@ import time
 
 import common
 
-SETTINGS = {  # name -> (DBCacheConfig fields, TaylorSeer order)
-    "sglang": (dict(Fn_compute_blocks=2, Bn_compute_blocks=1, max_warmup_steps=4, residual_diff_threshold=0.4,
-                    max_continuous_cached_steps=4), 2),
+SETTINGS = {  # name -> (DBCacheConfig fields, TaylorSeer order); None: the package's --cache preset
+    "sglang": None,
     "F1B0-R0.2": (dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4, residual_diff_threshold=0.2), None),
     # random weights change more from step to step than trained ones: a loose threshold, to see the cost of skipping
     "F1B0-R0.9": (dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4, residual_diff_threshold=0.9), None),
@@ -39,8 +38,9 @@ def worker(args) -> dict:
 
     from mlx_glm_image import DBCacheConfig, GlmImageTransformer2DModel, TaylorSeerCalibratorConfig
     from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper, every_block, queued_steps
-    from mlx_glm_image.pipeline.step_cache import StepCache
-    from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
+    from mlx_glm_image.pipeline.flow import FlowMatchEulerSampler
+    from mlx_glm_image.pipeline.step_cache import SGLANG, StepCache
+    from mlx_glm_image.scheduler import SchedulerConfig
 
     if args.device == "cpu":
         mx.set_default_device(mx.cpu)
@@ -58,8 +58,8 @@ def worker(args) -> dict:
                            target_size=mx.array([[args.size, args.size]], mx.float32), crop_coords=mx.zeros((1, 2)),
                            guidance_scale=1.5)
     noise = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
-    scheduler = FlowMatchEulerDiscreteScheduler(common.released("scheduler"))
-    scheduler.set_timesteps(args.steps, image_seq_len=n)
+    sampler = FlowMatchEulerSampler(SchedulerConfig.from_dict(common.released("scheduler")), image_seq_len=n,
+                                    num_inference_steps=args.steps)
 
     class Timed(StepCache):
         """The step cache, with the host's wait for each decision timed."""
@@ -80,7 +80,7 @@ def worker(args) -> dict:
                 return done.value
 
     def loop(policy):
-        stepper = Stepper(dit, scheduler, inputs, blocks=policy)
+        stepper = Stepper(dit, sampler, inputs, blocks=policy)
         computed = total = 0
         x = noise
         for _, x in stepper.steps(noise):
@@ -91,12 +91,12 @@ def worker(args) -> dict:
         """The loop as it ran before: the whole forward per pass, the step hook evaluating each block step."""
         x = noise
         shape = inputs.prior_token_ids.shape
-        for i in range(len(scheduler.timesteps)):
-            t = mx.full((1,), scheduler.model_timestep(i), dtype=mx.float32)
+        for i in range(sampler.num_inference_steps):
+            t = mx.full((1,), sampler.model_timestep(i), dtype=mx.float32)
             vs = [dit(x.astype(dtype), e, inputs.prior_token_ids, mx.full(shape, drop), t, inputs.target_size,
                       inputs.crop_coords, step_hook=queued_steps(), return_dict=False)[0].astype(mx.float32)
                   for e, drop in ((text, False), (empty, True))]
-            x = scheduler.step(vs[1] + 1.5 * (vs[0] - vs[1]), i, x)
+            x = sampler.step(vs[1] + 1.5 * (vs[0] - vs[1]), i, x)
             mx.eval(x)
         return x
 
@@ -114,8 +114,13 @@ def worker(args) -> dict:
     rows = {"uncached": dict(zip(("s", "min_s", "max_s"), timed(lambda: loop(every_block)[0])), computed=1.0)}
     rows["before the seams"] = dict(zip(("s", "min_s", "max_s"), timed(before_the_seams)), computed=1.0)
     for name in args.settings:
-        fields, order = SETTINGS[name]
-        make = lambda: Timed(DBCacheConfig(**fields), TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None)  # noqa: E731
+        if SETTINGS[name] is None:
+            cache, calibrator = SGLANG.cache_config, SGLANG.calibrator_config
+        else:
+            fields, order = SETTINGS[name]
+            cache = DBCacheConfig(**fields)
+            calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+        make = lambda: Timed(cache, calibrator)  # noqa: E731
         x, fraction = loop(make())
         Timed.waited = 0.0
         row = dict(zip(("s", "min_s", "max_s"), timed(lambda: loop(make())[0])), computed=fraction)

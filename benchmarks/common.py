@@ -124,12 +124,13 @@ def write_component(model, folder, config: dict):
 
 def random_denoise_inputs(dit, size: int, text_len: int = 64):
     """(DenoiseInputs, noise latents) of random values for one ``size`` x ``size`` image of ``dit`` (its text
-    ``text_len`` tokens, the negative one token), and the scheduler set for 50 steps at that size."""
+    ``text_len`` tokens, the negative one token), and the released schedule's sampler for 50 steps at that size."""
     import mlx.core as mx
     import numpy as np
 
     from mlx_glm_image.pipeline.denoise import DenoiseInputs
-    from mlx_glm_image.scheduler import FlowMatchEulerDiscreteScheduler
+    from mlx_glm_image.pipeline.flow import FlowMatchEulerSampler
+    from mlx_glm_image.scheduler import SchedulerConfig
 
     c = dit.config
     rng = np.random.default_rng(0)
@@ -139,9 +140,8 @@ def random_denoise_inputs(dit, size: int, text_len: int = 64):
                            prior_token_ids=mx.array(rng.integers(0, c.prior_vq_quantizer_codebook_size, (1, n)), mx.int32),
                            target_size=mx.array([[size, size]], mx.float32), crop_coords=mx.zeros((1, 2)))
     x = mx.array(rng.standard_normal((1, c.in_channels, lat, lat)).astype(np.float32))
-    scheduler = FlowMatchEulerDiscreteScheduler(released("scheduler"))
-    scheduler.set_timesteps(50, image_seq_len=n)
-    return inputs, x, scheduler
+    sampler = FlowMatchEulerSampler(SchedulerConfig.from_dict(released("scheduler")), image_seq_len=n)
+    return inputs, x, sampler
 
 
 def released(component: str) -> dict:

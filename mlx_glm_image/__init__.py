@@ -17,6 +17,7 @@ _WHERE = {
     "GlmImageTransformer2DModel": "models",
     "T5EncoderModel": "models",
     "TaylorSeerCalibratorConfig": "pipeline.step_cache",
+    "load_model": "loading",
 }
 __all__ = sorted(_WHERE)
 

@@ -115,6 +115,11 @@ def server() -> int:
     return run_command("server", "interrupted; the server did not start")
 
 
+def train() -> int:
+    """``mlx-glm-image-train`` and ``python -m mlx_glm_image.train``."""
+    return run_command("train.command", "interrupted; nothing was written")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = False, fill_defaults: bool = True):
     """The options of every command that loads a pipeline (mflux's add_*_arguments): -m, -q, --dtype, --memory.
     Without ``fill_defaults`` each option defaults to None, so that the command knows what the user gave (the
@@ -134,17 +139,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
     parser.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: bfloat16)")
     parser.add_argument("--memory", choices=list(MEMORY_MODES),
                         help="staged: load each model for its stage and free it after (peak = the largest stage); "
-                             "resident: keep every model loaded; auto: resident when the weights fit (default: auto)")
+                             "resident: keep every model loaded; auto: resident when the weights fit "
+                             f"(default: {defaults['memory']})")
     parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                         help="a LoRA adapter for the AR model or the DiT (PEFT's or diffusers' files: a folder, a "
                              ".safetensors file or a Hub repo id), at SCALE (default 1); repeat for several")
 
 
 def model_defaults() -> dict:
-    """What -m, --dtype and --memory are when not given."""
+    """What -m, --dtype and --memory are when not given (--memory: the pipeline's own default)."""
+    from .pipeline.components import DEFAULT_MEMORY
     from .pipeline.pipeline import DEFAULT_REPO
 
-    return {"model": DEFAULT_REPO, "dtype": "bfloat16", "memory": "auto"}
+    return {"model": DEFAULT_REPO, "dtype": "bfloat16", "memory": DEFAULT_MEMORY}
 
 
 # cache-dit's own example flags for the DBCacheConfig fields (its _utils/utils.py), beside the long names
@@ -154,25 +161,26 @@ CACHE_ALIASES = {"Fn_compute_blocks": "--Fn", "Bn_compute_blocks": "--Bn", "resi
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser):
-    """The step cache's options (pipeline/step_cache.py), by cache-dit's names: --cache turns on SGLang's published
-    GLM-Image settings, each field flag changes one of them (and turns the cache on)."""
+    """The step cache's options (pipeline/step_cache.py), by cache-dit's names: --cache turns on the preset
+    (step_cache.SGLANG), each field flag changes one of its settings (and turns the cache on)."""
     from dataclasses import fields
 
-    from .pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR, DBCacheConfig
+    from .pipeline.step_cache import SGLANG, DBCacheConfig
 
     parser.add_argument("--cache", dest="cache_on", action="store_true", default=None,
                         help="the step cache: skip the DiT's middle blocks at steps where they would barely change, "
-                             "for speed at the cost of small changes to the image (SGLang's GLM-Image settings: "
-                             "F2 B1, warmup 4, threshold 0.4, at most 4 cached steps in a row, TaylorSeer order 2)")
+                             f"for speed at the cost of small changes to the image ({SGLANG.source}: "
+                             f"{SGLANG.described()})")
     for f in fields(DBCacheConfig):
         if f.name == "enable_separate_cfg":
             continue
         flags = ["--" + f.name.replace("_", "-")] + ([CACHE_ALIASES[f.name]] if f.name in CACHE_ALIASES else [])
         parser.add_argument(*flags, dest=f"cache_{f.name}", type=float if f.type == "float" else int, metavar="N",
-                            help=f"{f.metadata['help']} (cache-dit's {f.name}; --cache: {getattr(SGLANG, f.name)})")
+                            help=f"{f.metadata['help']} (cache-dit's {f.name}; --cache: "
+                                 f"{getattr(SGLANG.cache_config, f.name)})")
     parser.add_argument("--taylorseer-order", type=int, metavar="K",
                         help=f"the step cache's TaylorSeer extrapolation order, 0 for none "
-                             f"(with --cache: {SGLANG_CALIBRATOR.taylorseer_order})")
+                             f"(with --cache: {SGLANG.calibrator_config.taylorseer_order})")
 
 
 def cache_settings(args) -> dict | None:
@@ -180,14 +188,17 @@ def cache_settings(args) -> dict | None:
     or None when none was given (a ValueError names a bad value)."""
     import dataclasses
 
-    from .pipeline.step_cache import published
+    from .pipeline.step_cache import SGLANG, TaylorSeerCalibratorConfig
 
     changed = {k[len("cache_"):]: v for k, v in vars(args).items() if k.startswith("cache_") and k != "cache_on"
                and v is not None}
-    if not (args.cache_on or changed or args.taylorseer_order is not None):
+    order = args.taylorseer_order
+    if not (args.cache_on or changed or order is not None):
         return None
-    cache, calibrator = published(args.taylorseer_order)
-    return {"cache": dataclasses.replace(cache, **changed), "calibrator": calibrator}
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+    settings = SGLANG.settings(**({} if order is None else {"calibrator_config": calibrator}))
+    return {"cache": dataclasses.replace(settings["cache_config"], **changed),
+            "calibrator": settings["calibrator_config"]}
 
 
 def load_adapters(pipe, entries) -> None:
@@ -200,7 +211,7 @@ def load_adapters(pipe, entries) -> None:
             source, scale = lora.parse(entry)
             entry = {"source": source, "scale": scale}
         name = pipe.load_lora_weights(entry["source"], adapter_name=entry.get("name"), scale=entry["scale"])
-        have = pipe.components.adapters[name][0].sha256
+        have = pipe.components.adapters[name].sha256
         if entry.get("sha256") not in (None, have):
             raise lora.LoraError(f"--lora {entry['source']} is not the adapter the image was made with (its weights "
                                  "changed)")

@@ -20,7 +20,6 @@ from mlx.utils import tree_flatten
 
 from . import quantize as Q
 from . import sharding
-from .models.base import PretrainedModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # safetensors dtype names -> bytes per element (for sizes computed from headers alone)
@@ -362,10 +361,13 @@ def _nonpositive_numbers(config: dict, prefix: str = "") -> list[str]:
 
 
 def load_model(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None, split=None):
-    """``cls.from_pretrained``: find the component, build the model from its config, load its weights lazily, and
-    quantize it by its own predicate when ``quantize`` (a QuantSpec or bits) is given and the folder is not
-    quantized already. A ``generation_config.json`` beside the weights becomes ``model.generation_config``.
-    With a tensor ``split`` (sharding.Split) this rank holds its share of the model's planned layers."""
+    """A model of class ``cls`` (``models/``) from a pipeline folder (its ``cls.component/`` is used), the
+    component's own folder, or a Hugging Face repo id (only this component's files are fetched), as mlx-lm's
+    ``load_model``: find the component, build the model from its config, load its weights lazily (memory-mapped,
+    read on first use), and quantize it by its own predicate when ``quantize`` (a QuantSpec or bits) is given and
+    the folder is not quantized already. A ``generation_config.json`` beside the weights becomes
+    ``model.generation_config``. With a tensor ``split`` (sharding.Split) this rank holds its share of the
+    model's planned layers."""
     folder = component_folder(path_or_repo, cls.component, subfolder)
     config = read_config(folder)
     model = build(cls, config, folder)
@@ -383,5 +385,3 @@ def load_model(cls, path_or_repo, subfolder: str | None = None, dtype=None, quan
         model.generation_config = read_config(folder, "generation_config.json")
     return model
 
-
-PretrainedModel._loader = staticmethod(load_model)

@@ -12,20 +12,27 @@ each active adapter adds ``weight * scaling * (x @ A.T) @ B.T`` with ``scaling =
 ``/ sqrt(r)``). Removing them puts the very base layer back, so its outputs are bit-identical to before. ``fuse``
 folds the active adapters into full-precision weights (one matmul a layer instead of three), keeping the originals
 to unfuse.
+
+Training puts one trainable adapter on the same layer (mlx-lm's ``LoRALinear.from_base``): ``lora_A`` (r, in) and
+``lora_B`` (out, r) in PEFT's layout, initialised as PEFT initialises them, on the linear layers a ``LoraConfig``
+targets (PEFT's ``target_modules`` rule, ``add_trainable``); ``save_peft`` writes them as ``PeftModel.save_pretrained``
+does, so the file this module reads back is the adapter trained.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from . import loading
+from . import atomic, loading
 
 FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")  # PEFT's, diffusers'
 PREFIXES = ("base_model.model.", "transformer.")  # PEFT's wrapper; a diffusers pipeline's component name
@@ -36,17 +43,23 @@ class LoraError(ValueError):
     """An adapter that cannot be used as asked; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraAdapter:
-    """One adapter file, read: per module path, (A (r, in), B (out, r), scaling)."""
+    """One adapter: who it is (the one record of it: its name, where it came from, its weights' SHA-256, the model
+    it is for) and its layers, per module path (A (r, in), B (out, r), scaling)."""
 
     name: str
     source: str  # as the user gave it: a folder, a file or a repo id
     sha256: str  # of the weights file
-    layers: dict
+    model: str | None = None  # the component whose linear layers it names (``matched``); None until then
+    layers: dict = field(repr=False, compare=False)
 
     def targets(self) -> list[str]:
         return sorted(self.layers)
+
+    def record(self, scale: float) -> dict:
+        """The adapter at ``scale`` as the metadata and a converted folder's config record it."""
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "scale": scale, "model": self.model}
 
 
 def parse(text: str) -> tuple[str, float]:
@@ -94,24 +107,30 @@ def read(source: str, name: str | None = None) -> LoraAdapter:
                             "which are not a low-rank pair")
         r = a.shape[0]
         alpha = alphas.get(module, _pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", r)))
-        layers[module] = (a, b, alpha / (math.sqrt(r) if config.get("use_rslora") else r))
+        layers[module] = (a, b, scaling(alpha, r, config.get("use_rslora", False)))
     if not layers:
         raise LoraError(f"--lora {source}: {path.name} holds no LoRA weights")
     mx.eval([t for a, b, _ in layers.values() for t in (a, b)])  # read now, on this thread (see apply)
     return LoraAdapter(name=name or _default_name(source), source=str(source), sha256=loading.file_sha256(path), layers=layers)
 
 
-def component_of(adapter: LoraAdapter, skeletons: dict) -> str:
-    """Which model (by component name) the adapter's module paths are linear layers of; one line if none."""
+def matched(adapter: LoraAdapter, skeletons: dict) -> LoraAdapter:
+    """The adapter with its ``model``: the one (by component name, of ``skeletons``) whose linear layers its module
+    paths are, with the shapes it has; one line if none."""
     missing = {}
     for component, model in skeletons.items():
         linears = {path for path, m in model.named_modules() if _is_linear(m)}
         missing[component] = [t for t in adapter.targets() if t not in linears]
         if not missing[component]:
             check_shapes(adapter, model)
-            return component
+            return dataclasses.replace(adapter, model=component)
     shown = "; ".join(f"{c} has no linear layer {m[0]}" for c, m in missing.items())
     raise LoraError(f"--lora {adapter.source}: its target modules fit no model here ({shown})")
+
+
+def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's: ``lora_alpha / r``; rsLoRA's ``lora_alpha / sqrt(r)``."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def check_shapes(adapter: LoraAdapter, model: nn.Module):
@@ -124,7 +143,8 @@ def check_shapes(adapter: LoraAdapter, model: nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A linear layer (plain or quantized, never changed) with low-rank adapters beside it."""
+    """A linear layer (plain or quantized, never changed) with low-rank adapters beside it: the named ones read from
+    files (``apply``), and at most one trainable pair (``from_base``)."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -141,16 +161,42 @@ class LoRALinear(nn.Module):
         self.adapters = adapters
         object.__setattr__(self, "_weights", dict(weights))
 
+    @classmethod
+    def from_base(cls, base: nn.Module, *, r: int, scaling: float, key: mx.array) -> LoRALinear:
+        """``base`` (a linear layer, or one with adapters already) with a trainable pair: ``lora_A`` as torch's
+        ``nn.Linear`` initialises a weight (kaiming-uniform, a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) and
+        ``lora_B`` zeros, as PEFT does, so the layer starts equal to its base; float32 whatever the base."""
+        layer = base if isinstance(base, LoRALinear) else cls(base)
+        out_dims, in_dims = _dims(layer.base)
+        bound = 1 / math.sqrt(in_dims)
+        layer.lora_A = mx.random.uniform(-bound, bound, (r, in_dims), key=key)
+        layer.lora_B = mx.zeros((out_dims, r))
+        layer.scaling = scaling
+        layer.unfreeze(recurse=False, keys=["lora_A", "lora_B"])
+        return layer
+
+    @property
+    def trainable(self) -> bool:
+        return "lora_A" in self
+
+    def pairs(self) -> list[tuple]:
+        """(A, B, scaling, weight) of every adapter on this layer."""
+        named = [(a, b, s, self._weights[n]) for n, (a, b, s) in self.adapters.items()]
+        return named + ([(self.lora_A, self.lora_B, self.scaling, 1.0)] if self.trainable else [])
+
     def __call__(self, x):
         y = self.base(x)
         for name, (a, b, scaling) in self.adapters.items():
             y = y + (self._weights[name] * scaling) * ((x @ a.T) @ b.T)
+        if self.trainable:  # float32 beside any base: back in the base's dtype, as mlx-lm's
+            y = y + (self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)).astype(y.dtype)
         return y
 
 
 def apply(model: nn.Module, active: list[tuple[LoraAdapter, float]]):
     """Make ``model``'s adapters exactly ``active`` ((adapter, weight) pairs): wrap the layers they name, set every
-    wrapped layer's adapters and weights, and put back the base layer where none is left."""
+    wrapped layer's adapters and weights, and put back the base layer where none is left (a layer being trained
+    keeps its trainable pair)."""
     unfuse(model)
     wanted: dict[str, dict] = {}
     for adapter, weight in active:
@@ -158,7 +204,7 @@ def apply(model: nn.Module, active: list[tuple[LoraAdapter, float]]):
             wanted.setdefault(path, {})[adapter.name] = (adapter, weight)
     modules = dict(model.named_modules())
     for path, module in modules.items():
-        if isinstance(module, LoRALinear) and path not in wanted:
+        if isinstance(module, LoRALinear) and path not in wanted and not module.trainable:
             _replace(model, path, module.base)
     modules = dict(model.named_modules())
     for path, by_name in wanted.items():
@@ -176,10 +222,10 @@ def fuse(model: nn.Module) -> list[str]:
     the original weight is kept, for ``unfuse``. Returns the paths fused."""
     fused = []
     for path, layer in dict(model.named_modules()).items():
-        if isinstance(layer, LoRALinear) and isinstance(layer.base, nn.Linear) and layer.adapters:
+        if isinstance(layer, LoRALinear) and isinstance(layer.base, nn.Linear) and layer.pairs():
             base = layer.base
             merged = nn.Linear(base.weight.shape[1], base.weight.shape[0], bias="bias" in base)
-            merged.weight = merged_weight(base.weight, [(a, b, s, layer.weights[n]) for n, (a, b, s) in layer.adapters.items()])
+            merged.weight = merged_weight(base.weight, layer.pairs())
             if "bias" in base:
                 merged.bias = base.bias
             mx.eval(merged.weight)
@@ -208,11 +254,6 @@ def folded(adapters: list[tuple[LoraAdapter, float]], key: str, weight: mx.array
     return merged_weight(weight, pairs) if pairs else weight
 
 
-def record(adapter: LoraAdapter, weight: float, component: str) -> dict:
-    """An adapter as the metadata and a converted folder's config record it."""
-    return {"name": adapter.name, "source": adapter.source, "sha256": adapter.sha256, "scale": weight, "model": component}
-
-
 class FusedLinear(nn.Module):
     """A layer with its adapters folded in; ``unfused`` is the LoRALinear (and base) it came from."""
 
@@ -229,6 +270,118 @@ class FusedLinear(nn.Module):
 def remove(model: nn.Module):
     """Every adapter off: the base layers back in place."""
     apply(model, [])
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """The trainable adapters to put on a model, in PEFT's ``LoraConfig`` fields (``adapter_config.json`` holds them
+    as they are): ``target_modules`` a list of names (a module path ending in ``.name``, or the whole path) or one
+    regex (the whole path fully matched); ``layers_to_transform`` the block numbers to take (with a list of names
+    only), found after ``layers_pattern`` (default: the last ``.<name>.<number>.`` in the path)."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    use_rslora: bool = False
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise LoraError("layers_to_transform takes a list of target modules, not a pattern")
+
+    @property
+    def scaling(self) -> float:
+        return scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def targets(self, path: str) -> bool:
+        """Whether the module at ``path`` is a target (PEFT's ``check_target_module_exists``)."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, path) is not None
+        if path in self.target_modules:
+            return True
+        if not any(path.endswith(f".{name}") for name in self.target_modules):
+            return False
+        if self.layers_to_transform is None:
+            return True
+        # the first numbered segment (PEFT: not a nested index such as an expert's), after layers_pattern if given
+        block = re.match(rf"(?:^|.*?\.){self.layers_pattern}\.(\d+)\." if self.layers_pattern
+                         else r".*?\.[^.]*\.(\d+)\.", path)
+        return block is not None and int(block.group(1)) in self.layers_to_transform
+
+    def unused(self, paths) -> list[str]:
+        """The target names (or the one pattern) that pick none of ``paths``: a misspelt --targets."""
+        if isinstance(self.target_modules, str):
+            return [] if any(self.targets(p) for p in paths) else [self.target_modules]
+        return [n for n in self.target_modules if not any(LoraConfig(target_modules=(n,)).targets(p) for p in paths)]
+
+    def peft_dict(self) -> dict:
+        """``adapter_config.json`` as PEFT writes it for a LoRA on a causal LM."""
+        targets = self.target_modules if isinstance(self.target_modules, str) else sorted(self.target_modules)
+        return {"peft_type": "LORA", "task_type": None, "r": self.r, "lora_alpha": self.lora_alpha,
+                "target_modules": targets, "use_rslora": self.use_rslora, "lora_dropout": 0.0, "bias": "none",
+                "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+                "layers_to_transform": None if self.layers_to_transform is None else list(self.layers_to_transform),
+                "layers_pattern": self.layers_pattern, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def target_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, int]]:
+    """{path: (in, out)} of the linear layers (plain or quantized) that ``config`` targets, in path order: the one
+    rule of which layers get adapters, for training and for the plan of a run."""
+    found = {p: _dims(_base(m))[::-1] for p, m in sorted(model.named_modules()) if _is_linear(m) and config.targets(p)}
+    if not found:
+        raise LoraError(f"no linear layer of the model matches the target modules {config.target_modules}")
+    return found
+
+
+def add_trainable(model: nn.Module, config: LoraConfig, key: mx.array) -> list[str]:
+    """Freeze ``model`` and put a trainable adapter on each linear layer ``config`` targets (mlx-lm's
+    ``linear_to_lora_layers``); each layer's A from its own split of ``key``, in path order. Returns the paths."""
+    model.freeze()
+    modules = dict(model.named_modules())
+    paths = list(target_shapes(model, config))
+    for path, k in zip(paths, mx.random.split(key, len(paths))):
+        _replace(model, path, LoRALinear.from_base(modules[path], r=config.r, scaling=config.scaling, key=k))
+    mx.eval(model.trainable_parameters())
+    return paths
+
+
+def trained(model: nn.Module) -> dict[str, tuple[mx.array, mx.array]]:
+    """The trainable pairs of ``model``: module path -> (lora_A, lora_B)."""
+    return {path: (m.lora_A, m.lora_B) for path, m in model.named_modules()
+            if isinstance(m, LoRALinear) and m.trainable}
+
+
+def save_peft(folder: Path, model: nn.Module, config: LoraConfig) -> Path:
+    """The trained adapter as ``PeftModel.save_pretrained`` writes it: ``adapter_model.safetensors`` (keys
+    ``base_model.model.<module>.lora_A.weight``) and ``adapter_config.json`` in ``folder``, each file written whole
+    (the folder may hold more: a run's checkpoints). Returns the folder."""
+    folder = Path(folder)
+    _save_trained(folder / FILES[0], model, PREFIXES[0], {"format": "pt"})
+    with atomic.replacing(folder / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(config.peft_dict(), indent=2))
+    return folder
+
+
+def save_diffusers(folder: Path, model: nn.Module, config: LoraConfig) -> Path:
+    """The DiT's trained adapter as diffusers' ``save_lora_adapter`` writes it: ``pytorch_lora_weights.safetensors``
+    (keys ``<module>.lora_A.weight``, the config in its ``lora_adapter_metadata``) in ``folder``, written whole.
+    Returns the file."""
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config.peft_dict(), indent=2, sort_keys=True)}
+    return _save_trained(Path(folder) / FILES[1], model, "", metadata)
+
+
+def _save_trained(dst: Path, model: nn.Module, prefix: str, metadata: dict) -> Path:
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for path, (a, b) in trained(model).items():
+        tensors[f"{prefix}{path}.lora_A.weight"] = np.array(a)
+        tensors[f"{prefix}{path}.lora_B.weight"] = np.array(b)
+    with atomic.replacing(dst) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return dst
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,52 +1,21 @@
-"""The metadata that regenerates an image, both ways in this one module: ``record`` makes it (every setting of the
-name table, pipeline/request.py, by its metadata key; the run's model, quantization and dtype; what made it),
-``write`` puts it in the PNG (a "glm-image" text chunk holding JSON, beside a human-readable "parameters") and,
-when asked, in a JSON file beside it, and ``read`` takes it back for ``--config-from-metadata``.
+"""The metadata format, both ways in this one module: ``write`` puts an image's record (pipeline/record.py
+assembles it) in the PNG (a "glm-image" text chunk holding JSON, beside a human-readable "parameters") and, when
+asked, in a JSON file beside it, and ``read`` takes it back for ``--config-from-metadata``: every setting of the
+name table (pipeline/request.py) by its metadata key, and the run's model, quantization, dtype and adapters.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-from . import atomic, loading
+from . import atomic
 from .pipeline.checks import check_kind
-from .pipeline.request import SETTINGS, Request
+from .pipeline.request import SETTINGS
 
 CHUNK = "glm-image"  # the PNG text chunk that holds the JSON record
 RUN_KEYS = ("model", "quantize", "dtype", "lora")  # the pipeline's settings a record carries (and --config-from-metadata reads)
 RUN_TYPES = {"model": str, "quantize": int, "dtype": str, "lora": list}
-
-
-def run_record(pipe) -> dict:
-    """What a pipeline contributes to each record: how it was asked for, and what it loaded."""
-    from .loading import DTYPES
-
-    components = pipe.components
-    source = str(components.source)
-    # a local folder is recorded resolved, so that the record regenerates from any folder; as given too
-    model = str(Path(source).expanduser().resolve()) if loading.is_local(source) else source
-    return {"model": model, "model_given": source, "quantize": components.quantize.bits if components.quantize else None,
-            "dtype": next(name for name, dtype in DTYPES.items() if dtype == components.dtype),
-            "quantization": components.quantization(), "revision": components.revision(),
-            "lora": components.adapter_records()}
-
-
-def record(request: Request, run: dict, index: int = 0) -> dict:
-    """Everything that changes the pixels of image ``index`` of a request, and what made them."""
-    import mlx.core as mx
-
-    from . import __version__
-
-    out = {s.key: s.to_json(request.value(s)) for s in SETTINGS if s.recorded and s.name not in ("prompt", "image")}
-    prompts = request.prompt or (None,)
-    out = {"prompt": prompts[index // request.num_images_per_prompt], **out}
-    out["image"] = [{"path": str(Path(p).expanduser().resolve()), "sha256": loading.file_sha256(p)} for p in request.image_files]
-    out.update(run)
-    out["versions"] = {"mlx-glm-image": __version__, "mlx": mx.__version__}
-    out["device"] = f"{mx.default_device()} ({platform.machine()}, {platform.system()})"
-    return out
 
 
 def png_info(record: dict):

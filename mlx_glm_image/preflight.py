@@ -6,9 +6,9 @@ weights once loaded, as its files store them and with ``-q 8`` / ``-q 4``; which
 (resident: every model at once; staged: the largest stage); free disk against the download and against a
 conversion's output; whether the Hugging Face Hub answers. Exit 0 when the model can run here, 1 with the reason.
 
-The sizes come without a weight download: a local folder's safetensors headers, planned by the converter itself
-(convert.Plan / convert.scan); a Hub repo's file listing (sizes only) with its small config.json files; or, when
-the Hub does not answer, the released checkpoint's figures (``RELEASED``). A ``-q`` width is the bytes of the
+The sizes come without a weight download: a local folder's safetensors headers, planned as the converter plans
+(conversion.Plan / conversion.scan); a Hub repo's file listing (sizes only) with its small config.json files; or,
+when the Hub does not answer, the released checkpoint's figures (``RELEASED``). A ``-q`` width is the bytes of the
 layers the model's own predicate quantizes (quantize.quantizable_layers) at quantize.quantized_nbytes.
 """
 
@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from . import loading
 from . import quantize as Q
-from .convert import COPIED, ConvertError, Plan, check_free_space, human, scan
+from .conversion import COPIED, ConvertError, Plan, check_free_space, human, scan
 from .models import released
 from .pipeline.components import COMPONENTS, MODELS, REQUIRED, RESIDENT_SHARE, memory_budget
 

@@ -71,15 +71,31 @@ def check_stored(quantization) -> None:
     mode; the defaults where absent) and, per layer, false (kept) or an object overriding the spec."""
     if not isinstance(quantization, dict):
         raise QuantizeError(f"quantization must be an object with bits, group_size and mode, got {quantization!r}")
-    spec = quant_spec(quantization.get("bits"), quantization.get("group_size"), quantization.get("mode", "affine"))
+    _block_spec(quantization)
     for layer, override in quantization.items():
         if layer in ("bits", "group_size", "mode"):
             continue
-        if isinstance(override, dict):
-            quant_spec(override.get("bits", spec.bits), override.get("group_size", spec.group_size),
-                       override.get("mode", spec.mode))
-        elif not isinstance(override, bool):
+        if not isinstance(override, (bool, dict)):
             raise QuantizeError(f"quantization of {layer} must be false or an object, got {override!r}")
+        stored_spec(quantization, layer)
+
+
+def stored_spec(quantization: dict, layer: str) -> QuantSpec | None:
+    """The spec a config.json's ``quantization`` block gives ``layer``: None where it keeps the layer (false), the
+    layer's own object over the block's spec, else the block's spec."""
+    spec = _block_spec(quantization)
+    override = quantization.get(layer, True)
+    if override is False:
+        return None
+    if isinstance(override, dict):
+        return quant_spec(override.get("bits", spec.bits), override.get("group_size", spec.group_size),
+                          override.get("mode", spec.mode))
+    return spec
+
+
+def _block_spec(quantization: dict) -> QuantSpec:
+    """A ``quantization`` block's own spec (the defaults where absent)."""
+    return quant_spec(quantization.get("bits"), quantization.get("group_size"), quantization.get("mode", "affine"))
 
 
 def as_spec(quantize) -> QuantSpec:

@@ -13,6 +13,7 @@ import re
 import string
 from pathlib import Path
 
+from .pipeline.checks import parse_size, read_text
 from .pipeline.request import BY_KEY
 
 TEMPLATE_FIELDS = {"seed", "index", "prompt"}
@@ -24,14 +25,7 @@ MAX_IMAGES = 10_000  # per run: a week of images on a Mac; the plan of each is h
 def read_prompt_file(path: str) -> list[dict]:
     """A .txt file (one prompt per line), .jsonl (one object per line: "prompt" and per-image overrides) or .json
     (a list of such objects); each entry checked, by line or item number, before any work."""
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"--prompt-file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"--prompt-file {path} is a folder") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
+    text = read_text(path, "--prompt-file")
     kind = Path(path).suffix.lower()
     if kind == ".json":
         try:
@@ -66,14 +60,13 @@ def _entry(path, where: str, entry) -> dict:
         raise ValueError(f"--prompt-file {path} {where}: an object with \"prompt\" and any of "
                          f"{', '.join(k for k in BY_KEY if k != 'prompt')}, size" + (f"; not {unknown}" if unknown else ""))
     entry = dict(entry)
-    if "size" in entry:  # "WxH"
-        w, _, h = str(entry.pop("size")).partition("x")
-        if not (w.isdigit() and h.isdigit()):
-            raise ValueError(f"--prompt-file {path} {where}: size must be WIDTHxHEIGHT")
-        entry["width"], entry["height"] = int(w), int(h)
     if isinstance(entry.get("image"), str):
         entry["image"] = [entry["image"]]
     try:
+        if "size" in entry:  # "WxH" as the server's body says it; "auto": the run's size
+            width, height = parse_size(entry.pop("size"))
+            if width is not None:
+                entry["width"], entry["height"] = width, height
         return {k: BY_KEY[k].from_json(v) for k, v in entry.items()}
     except (TypeError, ValueError) as e:
         raise ValueError(f"--prompt-file {path} {where}: {e}") from None

@@ -1,7 +1,9 @@
-"""GLM-Image's flow-matching schedule (diffusers 0.42.1 GlmImagePipeline + FlowMatchEulerDiscreteScheduler).
+"""GLM-Image's flow-matching schedule: the scheduler component's configuration (scheduler_config.json, diffusers
+0.42.1 FlowMatchEulerDiscreteScheduler's fields) and the timesteps and sigmas it gives a run, built as
+GlmImagePipeline builds them.
 
-The schedule is numpy (it is a handful of floats, computed exactly as the reference does, float32 included);
-the Euler step is MLX. Guidance is the pipeline's (``pipeline/denoise.py``).
+The schedule is numpy (a handful of floats, computed exactly as the reference does, float32 included). Nothing
+here holds a run's state: the sampler made for each request (``pipeline/flow.py``) keeps its schedule.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from . import loading
@@ -30,7 +31,7 @@ def calculate_shift(
     return m * max_shift + base_shift
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     # Defaults: diffusers' (what it reads when a key is absent); the released scheduler_config.json (dynamic, linear
     # shifting from 0.25 to 0.75) is in models/released.py.
@@ -53,6 +54,15 @@ class SchedulerConfig:
     def from_dict(cls, d: dict) -> "SchedulerConfig":
         return config_from_dict(cls, d)
 
+    @classmethod
+    def from_pretrained(cls, folder_or_path: str | os.PathLike, subfolder: str | None = None) -> "SchedulerConfig":
+        """From a scheduler folder (or its scheduler_config.json, a pipeline folder or a Hub repo id)."""
+        path = Path(folder_or_path)
+        if path.is_file():
+            return cls.from_dict(json.loads(path.read_text()))
+        folder = loading.component_folder(folder_or_path, "scheduler", subfolder)
+        return cls.from_dict(loading.read_config(folder, "scheduler_config.json"))
+
     def __post_init__(self):
         if self.time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
@@ -64,139 +74,80 @@ class SchedulerConfig:
             raise NotImplementedError("stochastic_sampling is not supported (GLM-Image does not use it)")
 
 
-class FlowMatchEulerDiscreteScheduler:
-    """Euler sampler over GLM-Image's shifted sigmas.
+def schedule(
+    config: SchedulerConfig,
+    num_inference_steps: int | None = 50,
+    image_seq_len: int | None = None,
+    timesteps: list[float] | np.ndarray | None = None,
+    sigmas: list[float] | np.ndarray | None = None,
+    mu: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of GlmImagePipeline's schedule for ``image_seq_len`` DiT tokens ((H/8/2) * (W/8/2)).
 
-    ``set_timesteps`` builds the schedule the way GlmImagePipeline.__call__ does (not the way the bare
-    diffusers scheduler would on its own): timesteps ``linspace(1000, 1, N + 1)[:-1]`` truncated to integers,
-    sigmas ``timesteps / 1000`` shifted with ``mu = calculate_shift(image_seq_len)``, a final 0 appended.
-    ``timesteps`` stay unshifted (the DiT receives ``t - 1``).
+    Timesteps ``linspace(1000, 1, N + 1)[:-1]`` truncated to integers, sigmas ``timesteps / 1000`` shifted with
+    ``mu = calculate_shift(image_seq_len)``, a final 0 appended (N + 1 sigmas, float32). The timesteps stay
+    unshifted (the DiT receives ``t - 1``). Custom ``timesteps`` are truncated to integers as the pipeline does;
+    custom ``sigmas`` are used as given (then shifted); either one must have ``num_inference_steps`` entries when
+    both a count and a list decide the length. ``mu`` overrides the value computed from ``image_seq_len``.
     """
-
-    order = 1
-
-    def __init__(self, config: SchedulerConfig | dict | None = None, **kwargs):
-        if config is None:
-            config = SchedulerConfig(**kwargs)
-        elif isinstance(config, dict):
-            config = SchedulerConfig.from_dict({**config, **kwargs})
-        self.config = config
-        n = config.num_train_timesteps
-        # The construction-time schedule (diffusers __init__): used for sigma_min / sigma_max only.
-        timesteps = np.linspace(1, n, n, dtype=np.float32)[::-1].copy()
-        sigmas = timesteps / n
-        if not config.use_dynamic_shifting:
-            sigmas = config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
-        self.sigma_min = float(sigmas[-1])
-        self.sigma_max = float(sigmas[0])
-        self.timesteps = (sigmas * n).astype(np.float32)
-        self.sigmas = sigmas.astype(np.float32)
-        self.num_inference_steps = None
-
-    @classmethod
-    def from_pretrained(cls, folder_or_path: str | os.PathLike, subfolder: str | None = None):
-        """From a scheduler folder (or its scheduler_config.json, a pipeline folder or a Hub repo id)."""
-        path = Path(folder_or_path)
-        if path.is_file():
-            return cls(json.loads(path.read_text()))
-        folder = loading.component_folder(folder_or_path, "scheduler", subfolder)
-        return cls(loading.read_config(folder, "scheduler_config.json"))
-
-    # -- schedule -------------------------------------------------------------------------------------
-
-    def _time_shift(self, mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
-        if self.config.time_shift_type == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = 50,
-        image_seq_len: int | None = None,
-        timesteps: list[float] | np.ndarray | None = None,
-        sigmas: list[float] | np.ndarray | None = None,
-        mu: float | None = None,
-    ):
-        """GlmImagePipeline's schedule for ``image_seq_len`` DiT tokens ((H/8/2) * (W/8/2)).
-
-        Custom ``timesteps`` are truncated to integers as the pipeline does; custom ``sigmas`` are used as given
-        (then shifted); either one must have ``num_inference_steps`` entries when both a count and a list
-        decide the length. ``mu`` overrides the value computed from ``image_seq_len``.
-        """
-        cfg = self.config
-        if timesteps is None:
-            if num_inference_steps is None:
-                raise ValueError("pass num_inference_steps, timesteps or sigmas")
-            if num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-            timesteps = np.linspace(cfg.num_train_timesteps, 1.0, num_inference_steps + 1)[:-1]
+    if timesteps is None:
+        if num_inference_steps is None:
+            raise ValueError("pass num_inference_steps, timesteps or sigmas")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        timesteps = np.linspace(config.num_train_timesteps, 1.0, num_inference_steps + 1)[:-1]
+    else:
+        timesteps = np.asarray(timesteps)
+    timesteps = timesteps.astype(np.int64).astype(np.float32)
+    sigmas = timesteps / config.num_train_timesteps if sigmas is None else sigmas
+    if mu is None:
+        if image_seq_len is None:
+            if config.use_dynamic_shifting:
+                raise ValueError("image_seq_len (or mu) is required: the schedule depends on the resolution")
         else:
-            timesteps = np.asarray(timesteps)
-        timesteps = timesteps.astype(np.int64).astype(np.float32)
-        sigmas = timesteps / cfg.num_train_timesteps if sigmas is None else sigmas
+            mu = calculate_shift(image_seq_len, config.base_image_seq_len, config.base_shift, config.max_shift)
+    # From here on: diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(timesteps=, sigmas=, mu=), which is
+    # what retrieve_timesteps calls (both lists are always given by the pipeline).
+    return _shifted(config, timesteps, sigmas, mu)
+
+
+def _time_shift(config: SchedulerConfig, mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
+    if config.time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+    return mu / (mu + (1 / t - 1) ** sigma)
+
+
+def _shifted(cfg: SchedulerConfig, timesteps, sigmas, mu) -> tuple[np.ndarray, np.ndarray]:
+    if len(sigmas) != len(timesteps):
+        raise ValueError(f"sigmas ({len(sigmas)}) and timesteps ({len(timesteps)}) should have the same length")
+    if len(sigmas) == 0:
+        raise ValueError("the schedule is empty")
+    timesteps = np.asarray(timesteps).astype(np.float32)
+    sigmas = np.asarray(sigmas).astype(np.float32)
+    n = len(sigmas)
+    if cfg.use_dynamic_shifting:
         if mu is None:
-            if image_seq_len is None:
-                if cfg.use_dynamic_shifting:
-                    raise ValueError("image_seq_len (or mu) is required: the schedule depends on the resolution")
-            else:
-                mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.base_shift, cfg.max_shift)
-        # From here on: diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(timesteps=, sigmas=, mu=),
-        # which is what retrieve_timesteps calls (both lists are always given by the pipeline).
-        self._set_timesteps(timesteps=timesteps, sigmas=sigmas, mu=mu)
-        return self
-
-    def _set_timesteps(self, timesteps, sigmas, mu):
-        cfg = self.config
-        if len(sigmas) != len(timesteps):
-            raise ValueError(f"sigmas ({len(sigmas)}) and timesteps ({len(timesteps)}) should have the same length")
-        if len(sigmas) == 0:
-            raise ValueError("the schedule is empty")
-        timesteps = np.asarray(timesteps).astype(np.float32)
-        sigmas = np.asarray(sigmas).astype(np.float32)
-        n = len(sigmas)
-        if cfg.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("mu must be given when use_dynamic_shifting is set")
-            sigmas = self._time_shift(mu, 1.0, sigmas)
-        else:
-            sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
-        if cfg.shift_terminal:
-            one_minus_z = 1 - sigmas
-            scale_factor = one_minus_z[-1] / (1 - cfg.shift_terminal)
-            sigmas = 1 - (one_minus_z / scale_factor)
-        if cfg.use_karras_sigmas:
-            lo, hi = float(sigmas[-1]), float(sigmas[0])
-            ramp = np.linspace(0, 1, n)
-            rho = 7.0
-            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-        elif cfg.use_exponential_sigmas:
-            lo, hi = float(sigmas[-1]), float(sigmas[0])
-            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
-        sigmas = np.asarray(sigmas).astype(np.float32)
-        if cfg.invert_sigmas:
-            sigmas = (1.0 - sigmas).astype(np.float32)
-            timesteps = (sigmas * cfg.num_train_timesteps).astype(np.float32)
-            sigmas = np.concatenate([sigmas, np.ones(1, np.float32)])
-        else:
-            sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
-        self.timesteps = timesteps
-        self.sigmas = sigmas
-        self.num_inference_steps = n
-
-    # -- sampling -------------------------------------------------------------------------------------
-
-    def model_timestep(self, step_index: int) -> float:
-        """What the DiT receives at this step: the unshifted timestep minus one."""
-        return float(self.timesteps[step_index]) - 1.0
-
-    def step(self, model_output: mx.array, step_index: int, sample: mx.array) -> mx.array:
-        """One Euler step ``x + (sigma_next - sigma) * v``, in float32 like diffusers, cast to the velocity's dtype."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
-        if not 0 <= step_index < self.num_inference_steps:
-            raise ValueError(f"step_index {step_index} is outside the schedule of {self.num_inference_steps} steps")
-        # dt computed from the float32 sigmas exactly as torch does (sigma_next - sigma in float32)
-        dt = float(np.float32(self.sigmas[step_index + 1]) - np.float32(self.sigmas[step_index]))
-        prev = sample.astype(mx.float32) + mx.array(dt, dtype=mx.float32) * model_output
-        return prev.astype(model_output.dtype)
-
+            raise ValueError("mu must be given when use_dynamic_shifting is set")
+        sigmas = _time_shift(cfg, mu, 1.0, sigmas)
+    else:
+        sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
+    if cfg.shift_terminal:
+        one_minus_z = 1 - sigmas
+        scale_factor = one_minus_z[-1] / (1 - cfg.shift_terminal)
+        sigmas = 1 - (one_minus_z / scale_factor)
+    if cfg.use_karras_sigmas:
+        lo, hi = float(sigmas[-1]), float(sigmas[0])
+        ramp = np.linspace(0, 1, n)
+        rho = 7.0
+        sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    elif cfg.use_exponential_sigmas:
+        lo, hi = float(sigmas[-1]), float(sigmas[0])
+        sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    sigmas = np.asarray(sigmas).astype(np.float32)
+    if cfg.invert_sigmas:
+        sigmas = (1.0 - sigmas).astype(np.float32)
+        timesteps = (sigmas * cfg.num_train_timesteps).astype(np.float32)
+        sigmas = np.concatenate([sigmas, np.ones(1, np.float32)])
+    else:
+        sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+    return timesteps, sigmas

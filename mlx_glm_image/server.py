@@ -7,9 +7,11 @@ POST /v1/images/generations (JSON) and /v1/images/edits (multipart), GET /v1/mod
 own settings go in the body: seed, num_inference_steps, guidance_scale, temperature, top_p, top_k, and the step
 cache (cache: true, false or cache-dit's DBCacheConfig fields; calibrator: {"taylorseer_order": k}); each image's
 seed comes back in its `seed` field (and `revised_prompt` is the prompt used), so a client can reproduce it.
-One generation runs on the device at a time, first come first served; at most --max-queue requests wait. A JSON
-body is at most 1 MB; each field must have its JSON type (a form's text must read as it); every error comes in
-OpenAI's error envelope, and what is still running --grace seconds after SIGINT or SIGTERM gets a 503.
+One generation runs on the device at a time, first come first served; at most --max-queue requests are waiting
+or running (the one running counts). A JSON body is at most 1 MB; each field must have its JSON type (a form's
+text must read as it: images_api.py reads the body); every error comes in OpenAI's error envelope, and what is
+still running --grace seconds after SIGINT or SIGTERM gets a 503. This module is the HTTP app: the worker, the
+endpoints, the stream, the command.
 Needs the server extra: pip install "mlx-glm-image[server]".
 """
 
@@ -22,8 +24,6 @@ import io
 import ipaddress
 import json
 import queue
-import random
-import re
 import socket
 import sys
 import threading
@@ -31,39 +31,13 @@ import time
 from pathlib import Path
 
 from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, load_adapters, prog_name
+from .images_api import MAX_IMAGES, OUTPUT_FORMATS, ApiError, form_body, image_requests
 
-OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-MAX_IMAGES = 10  # per request, as OpenAI's API allows
-MAX_PARTIAL_IMAGES = 3  # as OpenAI's API allows
 # a JSON body is a prompt and settings: far less than this, even with a prompt as long as the AR model reads; the
 # bound is checked before the body is parsed, so that a huge one costs neither the parse nor the tokenizer
 MAX_JSON_BYTES = 1 << 20
-# the body's fields by the JSON type they take, besides the name table's (pipeline/request.py); a form's text is
-# read as that type. The OpenAI fields GLM-Image has no use for are accepted, and checked all the same.
-FIELDS = {"n": int, "size": str, "response_format": str, "output_format": str, "stream": bool,
-          "progress": bool,  # not OpenAI's: the page asks for progress events in the stream
-          "model": str, "quality": str, "background": str, "moderation": str, "style": str, "user": str,
-          "input_fidelity": str, "output_compression": int}
 SHUTDOWN_MARGIN = 2.0  # seconds past --grace for the answers of the requests still in progress to go out
-CONFIG = (bool, dict)  # the step cache's fields take true, false or an object
-KINDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", dict: "an object",
-         list: "an array", CONFIG: "true, false or an object"}
 PAGE = Path(__file__).parent / "web" / "index.html"  # the page at /: one file, no build step, nothing fetched
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {429: "rate_limit_exceeded"}  # else the client's fault (4xx) or the server's (5xx)
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": self.message, "type": kind,
-                          "param": self.param, "code": self.code}}
 
 
 class Worker:
@@ -114,7 +88,7 @@ class Worker:
         thread. A client that disconnects, a caller that is cancelled, or the end of a shutdown's grace period
         stops the generation."""
         if self.pending >= self.max_queue:
-            raise ApiError(429, f"the server is busy: {self.pending} requests are queued (--max-queue "
+            raise ApiError(429, f"the server is busy: {self.pending} requests are waiting or running (--max-queue "
                                 f"{self.max_queue}); retry later", code="queue_full")
         self.pending += 1
         cancelled, future = threading.Event(), concurrent.futures.Future()
@@ -134,124 +108,6 @@ class Worker:
             if not future.done():
                 cancelled.set()
             self.pending -= 1
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """OpenAI's "WIDTHxHEIGHT" (or "auto": the pipeline's default, or the first condition image's size). ASCII
-    digits only (str.isdigit takes "²", which int() refuses), and few of them (int() refuses thousands)."""
-    if size in (None, "", "auto"):
-        return None, None
-    match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", size)
-    if match is None:
-        raise ApiError(400, f"size must be WIDTHxHEIGHT in pixels (multiples of 32) or auto, got {size!r}", "size")
-    return int(match[2]), int(match[1])
-
-
-def field_types() -> dict:
-    """Each body field the server knows, by its JSON type: FIELDS and the name table's."""
-    from .pipeline.request import CONFIGS, SETTINGS
-
-    return {**FIELDS, **{s.body: CONFIG if s.type in CONFIGS else s.type for s in SETTINGS if s.body}}
-
-
-def typed(body: dict) -> dict:
-    """The body with each known field checked against its JSON type (a 400 names the first that is not), nulls
-    left out (OpenAI's API reads null as not given), and a number for a float setting as a float: JSON has one
-    number type, and MLX takes no integer past int64 (a guidance of 2**63 would fail in the generation)."""
-    types, out = field_types(), {}
-    for name, value in body.items():
-        kind = types.get(name)
-        if value is None:
-            continue
-        if kind is not None and not _is(value, kind):
-            got = KINDS.get(type(value), type(value).__name__)
-            raise ApiError(400, f"Invalid type for '{name}': expected {KINDS[kind]}, but got {got} instead", name,
-                           "invalid_type")
-        out[name] = _float(value, name) if kind is float else value
-    return out
-
-
-def _float(value, name: str) -> float:
-    try:
-        return float(value)
-    except OverflowError:  # an integer of more than 308 digits
-        raise ApiError(400, f"{name} must be a finite number, got an integer of {len(str(value))} digits", name) from None
-
-
-def _is(value, kind) -> bool:
-    """Whether a JSON value is of ``kind``; a boolean is no number (JSON's true is not 1)."""
-    if kind in (int, float):
-        return not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
-    return isinstance(value, kind)
-
-
-def form_body(fields: dict) -> dict:
-    """A form's fields (all text) as JSON would carry them: each known field's text read as its type."""
-    types = field_types()
-    return {name: _from_text(text, types[name], name) if name in types else text for name, text in fields.items()}
-
-
-def _from_text(text: str, kind, name: str):
-    """One form field's text as ``kind``; a 400 naming the field otherwise."""
-    try:
-        if kind is int and re.fullmatch(r"-?[0-9]+", text):  # int() would also take " 1", "1_0" and "١"
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is bool and text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        if kind is CONFIG:
-            return json.loads(text)
-        if kind is str:
-            return text
-    except (ValueError, RecursionError):
-        pass
-    raise ApiError(400, f"{name} must be {KINDS[kind]}, got {text!r}", name)
-
-
-def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) -> tuple[list, str]:
-    """The pipeline requests for one API request (``n`` of them, seeds seed, seed + 1, ...), checked now, before
-    it waits in the queue. Body fields are the name table's (pipeline/request.py) and FIELDS, each of its JSON
-    type (a form's, read by form_body). ``defaults``: the server's own (its step cache), for the settings the
-    body leaves out."""
-    from .pipeline.request import SETTINGS
-    from .pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR
-
-    body = typed(body)
-    prompt, n, fmt = body.get("prompt"), body.get("n", 1), body.get("output_format", "png")
-    if not prompt:
-        raise ApiError(400, "prompt is required (a non-empty string)", "prompt")
-    if not 1 <= n <= MAX_IMAGES:
-        raise ApiError(400, f"n must be from 1 to {MAX_IMAGES}, got {n}", "n")
-    if body.get("response_format") not in (None, "b64_json"):
-        raise ApiError(400, f"response_format {body['response_format']!r} is not served: this server returns b64_json "
-                            "only", "response_format")
-    if fmt not in OUTPUT_FORMATS:
-        raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}", "output_format")
-    height, width = parse_size(body.get("size"))
-    call = dict(prompt=prompt, image=images, height=height, width=width)
-    for s in SETTINGS:
-        if s.body and s.name != "prompt" and s.body in body:
-            try:
-                call[s.name] = s.from_body(body[s.body])
-                if s.check is not None and call[s.name] is not None:
-                    s.check(call[s.name])
-            except ValueError as e:
-                raise ApiError(400, str(e), s.body) from None
-    if not 0 <= call.get("previews", 0) <= MAX_PARTIAL_IMAGES:
-        raise ApiError(400, f"partial_images must be from 0 to {MAX_PARTIAL_IMAGES}, got {call['previews']}", "partial_images")
-    if not body.get("stream"):
-        call.pop("previews", None)  # partial images are streamed; without a stream there is nothing to send them in
-    if "cache" not in body:
-        call.update({k: v for k, v in (defaults or {}).items() if k not in call})
-    elif call.get("cache_config") is SGLANG and "calibrator" not in body:  # `true`: SGLang's settings, TaylorSeer too
-        call["calibrator_config"] = SGLANG_CALIBRATOR
-    seed = call.pop("seed", None)
-    seed = random.randrange(2**31) if seed is None else seed
-    try:
-        return [pipe.request(**call, seed=seed + i) for i in range(n)], fmt
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
 
 
 def encode_image(image, fmt: str, record: dict | None = None) -> str:
@@ -410,7 +266,7 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlx-glm-image",
                                             "lora": [{k: r[k] for k in ("name", "scale", "model", "source")}
-                                                     for r in pipe.components.adapter_records()]}]}
+                                                     for r in pipe.components.adapters.records()]}]}
 
     async def answer(request, body: dict, images, prefix: str):
         requests, fmt = image_requests(pipe, body, images, defaults=defaults)

@@ -119,16 +119,30 @@ def _fits(share: Share, group_size: int, bits: int = 32) -> bool:
     return share.axis == "out" or all(a % group_size == 0 and (a * bits) % 32 == 0 for r in share.ranges for a in r)
 
 
+def check_groups(plan: list[Share], quantized: dict[str, tuple[int, int]]):
+    """Refuse in one line a share that cuts a quantization group: ``quantized`` maps the planned layers that are
+    (or will be) quantized to their (group size, bits)."""
+    for share in plan:
+        if share.path in quantized and not _fits(share, *quantized[share.path]):
+            raise ShardingError(f"{share.path}: a share of {share.width} inputs does not hold whole quantization groups "
+                                f"of {quantized[share.path][0]}; use fewer ranks or a smaller quantization group")
+
+
 def narrow(model: nn.Module, plan: list[Share], quantized_later=(), group_size: int = 0):
     """Each planned layer becomes one of its share's shape, of the same kind (nothing is read). ``quantized_later``:
-    the layers a load-time quantization (of ``group_size``) will quantize: their shares must hold whole groups."""
+    the layers a load-time quantization (of ``group_size``) will quantize. Their shares and those of the layers a
+    folder stores quantized must hold whole groups: the placement refuses that from the configs before the ranks
+    exchange anything (pipeline/parallel.py); this is the guard at load time, on the layers as they are."""
+    quantized = {path: (group_size, 32) for path in quantized_later}  # not packed yet: the groups decide
     for share in plan:
         layer = _get(model, share.path)
         if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
             raise ShardingError(f"{share.path} is a {type(layer).__name__}, not a linear layer")
-        if share.path in quantized_later and not _fits(share, group_size):
-            raise ShardingError(f"{share.path}: a share of {share.width} inputs does not hold whole quantization groups "
-                                f"of {group_size}; use fewer ranks or a smaller quantization group")
+        if isinstance(layer, nn.QuantizedLinear):
+            quantized[share.path] = (layer.group_size, layer.bits)
+    check_groups(plan, quantized)
+    for share in plan:
+        layer = _get(model, share.path)
         inputs, outputs = _dims(layer)
         if share.axis == "in":
             inputs = share.width
@@ -136,9 +150,6 @@ def narrow(model: nn.Module, plan: list[Share], quantized_later=(), group_size: 
             outputs = share.width
         bias = "bias" in layer
         if isinstance(layer, nn.QuantizedLinear):
-            if not _fits(share, layer.group_size, layer.bits):
-                raise ShardingError(f"{share.path}: a share of {share.width} inputs does not hold whole quantization "
-                                    f"groups of {layer.group_size}; use fewer ranks or a smaller quantization group")
             new = nn.QuantizedLinear(inputs, outputs, bias, layer.group_size, layer.bits, mode=layer.mode)
         else:
             new = nn.Linear(inputs, outputs, bias)

@@ -1,7 +1,12 @@
-"""Shared test helpers: seeded tiny models, torch <-> MLX conversion, one relative-error measure.
+"""Shared test helpers: seeded tiny models, torch <-> MLX conversion, one relative-error measure, and the tiny
+checkpoints of tests/tiny_checkpoints.py, each written once for the session.
 
-The fast tier (tests/fast) runs without the references (torch, diffusers, transformers): nothing here needs them.
+The fast tier (tests/fast) runs without the references (torch, diffusers, transformers): nothing here needs them
+until a fixture that writes a checkpoint runs (tiny_checkpoints imports torch).
 """
+
+import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -64,6 +69,38 @@ def monkeypatch(monkeypatch):
 
     monkeypatch.setattr = setattr
     return monkeypatch
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline (the diffusion side and the AR side, as zai-org/GLM-Image lays them out). Every test reads
+    this one folder: one that changes the folder takes ``model_copy``."""
+    from tiny_checkpoints import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-glm-image")
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path) -> Path:
+    """A copy of the tiny pipeline in the test's own folder, to change."""
+    return Path(shutil.copytree(model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def diffusion_side(tmp_path_factory):
+    """The diffusion side alone (a 40-code DiT, no AR model): (folder, diffusers' pipeline of the same modules)."""
+    from tiny_checkpoints import write_diffusion_side
+
+    folder = tmp_path_factory.mktemp("diffusion-side") / "tiny-glm-image"
+    return folder, write_diffusion_side(folder)
+
+
+@pytest.fixture(scope="session")
+def transformer_only(tmp_path_factory) -> Path:
+    """A DiT-only pipeline folder, its transformer/ in several shards: what the converter's tests read."""
+    from tiny_checkpoints import write_transformer_only
+
+    return write_transformer_only(tmp_path_factory.mktemp("transformer-only") / "glm-image")
 
 
 @pytest.fixture(autouse=True)

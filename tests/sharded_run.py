@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 
-from mlx_glm_image import GlmImagePipeline
+from mlx_glm_image import GlmImagePipeline, load_model
 from mlx_glm_image.models import GlmImageForConditionalGeneration
 from mlx_glm_image.quantize import QuantSpec
 from mlx_glm_image.sharding import Split
@@ -23,8 +23,8 @@ pos = mx.broadcast_to(mx.arange(7)[None, None], (3, 1, 7))
 
 
 def hidden_states(source, **load):
-    whole = GlmImageForConditionalGeneration.from_pretrained(source, dtype="float32", **load)
-    part = GlmImageForConditionalGeneration.from_pretrained(source, dtype="float32", split=split, **load)
+    whole = load_model(GlmImageForConditionalGeneration, source, dtype="float32", **load)
+    part = load_model(GlmImageForConditionalGeneration, source, dtype="float32", split=split, **load)
     a, b = whole.model.language_model(ids, pos, None, None), part.model.language_model(ids, pos, None, None)
     return float(mx.abs(a - b).max() / mx.abs(a).max()), part
 

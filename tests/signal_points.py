@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from commands import ROOT
 
 RUNNER = r"""
 import os, sys

@@ -4,36 +4,27 @@ the default repo with the Hub offline or silent: its figures, its exit code, its
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from commands import cli
 from mlx.utils import tree_flatten
 from safetensors import safe_open
-from tiny_checkpoints import write_pipeline
 
 from mlx_glm_image import loading, preflight as P
-from mlx_glm_image.convert import convert, human
+from mlx_glm_image.loading import load_model
+from mlx_glm_image.conversion import human
+from mlx_glm_image.convert import convert
 from mlx_glm_image.pipeline.components import MODELS, RESIDENT_SHARE
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("check") / "tiny-glm-image")
-
 
 def check(*args, hf_home, **env):
     """``--check`` in a subprocess with its own (empty) Hub cache; (process, seconds)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     environ.update(HF_HOME=str(hf_home), **env)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--check", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=environ, timeout=120)
+    proc = cli("--check", *args, env=environ, timeout=120)
     return proc, time.perf_counter() - t0
 
 
@@ -74,7 +65,7 @@ def test_quantized_figures_are_what_loading_holds(model_dir, monkeypatch):
     assert not facts.converted and facts.source == "a local folder" and facts.download == 0
     for name, cls in MODELS.items():
         for bits in (None, 8, 4, 3):
-            model = cls.from_pretrained(model_dir, dtype=None, quantize=bits)
+            model = load_model(cls, model_dir, dtype=None, quantize=bits)
             held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             assert facts.weights[name][bits] == held, (name, bits)
         # the estimate from the config alone (the Hub's and the released figures' path) agrees
@@ -210,11 +201,9 @@ def test_a_bad_model_is_one_line(model, message, tmp_path):
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == message + "\n"
 
 
-def test_a_folder_without_weights_is_one_line(model_dir, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(model_dir, broken)
-    for f in (broken / "vae").glob("*.safetensors"):
+def test_a_folder_without_weights_is_one_line(model_copy, tmp_path):
+    for f in (model_copy / "vae").glob("*.safetensors"):
         f.unlink()
-    proc, _ = check("-m", broken, hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
+    proc, _ = check("-m", model_copy, hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == f"error: no .safetensors weights in {broken / 'vae'}\n"
+    assert proc.stderr == f"error: no .safetensors weights in {model_copy / 'vae'}\n"

@@ -6,40 +6,15 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import signal_points
+from commands import assert_one_line, cli, start
 from PIL import Image
-from tiny_checkpoints import write_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--height", "64", "--width", "64", "--steps", "2", "--top-k", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("reliability") / "tiny-glm-image")
-
-
-def start(*args, cwd=ROOT):
-    return subprocess.Popen([sys.executable, "-m", "mlx_glm_image.generate", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
-
-
-def assert_one_line(proc, message):
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
 def test_a_prompt_longer_than_the_model_reads_is_refused_before_any_load(model_dir, tmp_path):
@@ -89,7 +64,8 @@ def test_a_prompt_file_times_seeds_over_the_limit(model_dir, tmp_path):
 def test_two_runs_with_the_same_output_keep_both_images(model_dir, tmp_path):
     """Before: both planned a.png (it did not exist yet) and both wrote it: one image was lost."""
     out = tmp_path / "a.png"
-    runs = [start("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", seed, "--output", out) for seed in (1, 2)]
+    runs = [start("generate", "-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", seed, "--output", out)
+            for seed in (1, 2)]
     for p in runs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     pngs = sorted(tmp_path.glob("*.png"))
@@ -132,7 +108,7 @@ def test_a_killed_run_leaves_no_temporary_behind(model_dir, tmp_path):
     stale.write_bytes(b"")
     mine = tmp_path / "notes.partial"  # not this tool's: kept
     mine.write_bytes(b"x")
-    proc = start("-m", model_dir, "--prompt", "a cat", *ARGS, "--num-images", 40, "--seed", 1,
+    proc = start("generate", "-m", model_dir, "--prompt", "a cat", *ARGS, "--num-images", 40, "--seed", 1,
                  "--output", tmp_path / "t.png")
     assert signal_once_written(proc, tmp_path, "t_*.png", 2, signal.SIGTERM) == 130
     err = proc.stderr.read()
@@ -143,8 +119,8 @@ def test_a_killed_run_leaves_no_temporary_behind(model_dir, tmp_path):
 
 def test_ctrl_c_after_some_images_says_how_many(model_dir, tmp_path):
     """Staged memory writes the images in the last stage; the count is of the files there."""
-    proc = start("-m", model_dir, "--prompt", "a cat", *ARGS, "--num-images", 40, "--seed", 1, "--memory", "staged",
-                 "--output", tmp_path / "c.png")
+    proc = start("generate", "-m", model_dir, "--prompt", "a cat", *ARGS, "--num-images", 40, "--seed", 1,
+                 "--memory", "staged", "--output", tmp_path / "c.png")
     assert signal_once_written(proc, tmp_path, "c_*.png", 3, signal.SIGINT) == 130
     said = proc.stderr.read().strip().splitlines()[-1]
     written = len(list(tmp_path.glob("c_*.png")))
@@ -183,17 +159,16 @@ def test_a_signal_before_the_entry_point_leaves_nothing(model_dir, tmp_path):
         assert not list(tmp_path.iterdir())
 
 
-def test_nan_in_the_ar_weights_stops_at_the_prior_stage(model_dir, tmp_path):
+def test_nan_in_the_ar_weights_stops_at_the_prior_stage(model_copy, tmp_path):
     """Before: NaN logits still sample ids inside the codebook, so the run ended with exit 0 and a PNG."""
     from safetensors.numpy import load_file, save_file
 
-    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
-    for shard in (model / "vision_language_encoder").glob("*.safetensors"):
+    for shard in (model_copy / "vision_language_encoder").glob("*.safetensors"):
         tensors = load_file(shard)
         if "lm_head.weight" in tensors:
             tensors["lm_head.weight"][3, 0] = np.nan
             save_file(tensors, shard, metadata={"format": "pt"})
-    proc = cli("-m", model, "--prompt", "a cat", *ARGS, "--output", tmp_path / "a.png")
+    proc = cli("-m", model_copy, "--prompt", "a cat", *ARGS, "--output", tmp_path / "a.png")
     assert_one_line(proc, "the prior stage produced non-finite logits (NaN or inf): the weights may be corrupt")
     assert not list(tmp_path.glob("*.png"))
 
@@ -216,8 +191,7 @@ def test_a_mistyped_folder_is_not_sent_to_the_hub(model_dir, tmp_path):
     """Before: models/glm-imag looked like a repo id and went to the Hub although models/ is a folder here."""
     (tmp_path / "models").mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "-m", "models/glm-imag", "--prompt", "x",
-                           "--quiet"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = cli("-m", "models/glm-imag", "--prompt", "x", "--quiet", cwd=tmp_path, env=env)
     assert_one_line(proc, "models/glm-imag does not exist (not asked of the Hub: models/ is a folder here)")
 
 

@@ -1,48 +1,28 @@
 """convert.py: a diffusers checkpoint written by save_pretrained -> MLX folder, fp32 and quantized."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from commands import run, start
 from conftest import assert_close, rel_err, to_mx
 from safetensors.torch import load_file, save_file
 
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import GlmImageTransformer2DModel as TorchDiT
 
-from mlx_glm_image import GlmImageTransformer2DModel
+from mlx_glm_image import GlmImageTransformer2DModel, load_model
 from mlx_glm_image.convert import convert
 from mlx_glm_image.loading import read_safetensors_header
 
-ROOT = Path(__file__).resolve().parents[1]
-
-DIT = dict(
-    patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=32, num_attention_heads=4,
-    text_embed_dim=64, time_embed_dim=64, condition_dim=16, prior_vq_quantizer_codebook_size=64,
-)
-
-
-def write_pipeline(folder: Path, shard="200KB") -> TorchDiT:
-    """A diffusers-layout folder: model_index.json, transformer/ (sharded, index json), scheduler/."""
-    torch.manual_seed(0)
-    dit = TorchDiT(**DIT).eval()
-    dit.save_pretrained(folder / "transformer", max_shard_size=shard)
-    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear").save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline", "transformer": ["diffusers", "GlmImageTransformer2DModel"]}))
-    return dit
-
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("src") / "glm-image"
-    dit = write_pipeline(folder)
-    assert len(list((folder / "transformer").glob("*.safetensors"))) >= 3
-    return folder, dit
+def source(transformer_only):
+    """The DiT-only folder and diffusers' DiT read from it (the reference)."""
+    assert len(list((transformer_only / "transformer").glob("*.safetensors"))) >= 3
+    return transformer_only, TorchDiT.from_pretrained(transformer_only / "transformer").eval()
 
 
 def dit_inputs(batch=2, h=8, w=12, text=5):
@@ -75,7 +55,7 @@ def test_fp32_conversion_matches_diffusers(source, tmp_path):
     assert (out / "transformer" / "model.safetensors.index.json").exists()
     assert (out / "scheduler" / "scheduler_config.json").exists() and (out / "model_index.json").exists()
     assert "quantization" not in json.loads((out / "transformer" / "config.json").read_text())
-    model = GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+    model = load_model(GlmImageTransformer2DModel, out / "transformer")
     kw = dit_inputs()
     assert_close(forward(model, kw), reference(dit, kw), 1e-4)
 
@@ -92,8 +72,8 @@ def test_quantized_conversion_loads_back_exactly(source, tmp_path, bits, group, 
     assert q["proj_out"] is False and q["time_condition_embed.timestep_embedder.linear_1"] is False
 
     kw = dit_inputs()
-    a = forward(GlmImageTransformer2DModel.from_pretrained(out / "transformer"), kw)
-    model = GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+    a = forward(load_model(GlmImageTransformer2DModel, out / "transformer"), kw)
+    model = load_model(GlmImageTransformer2DModel, out / "transformer")
     b = forward(model, kw)
     assert np.array_equal(np.array(a), np.array(b)), "two loads of the same files must agree bit for bit"
     assert type(model.transformer_blocks[0].attn1.to_q).__name__ == "QuantizedLinear"
@@ -161,7 +141,7 @@ def test_other_quantization_modes_load_back(source, tmp_path, mode):
     src, dit = source
     out = tmp_path / mode
     convert(str(src), out, quantize=True, q_mode=mode, verbose=False)
-    model = GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+    model = load_model(GlmImageTransformer2DModel, out / "transformer")
     assert model.transformer_blocks[0].attn1.to_q.mode == mode
     kw = dit_inputs()
     assert rel_err(forward(model, kw), reference(dit, kw)) < 0.15
@@ -170,7 +150,7 @@ def test_other_quantization_modes_load_back(source, tmp_path, mode):
 def test_dtype_cast(source, tmp_path):
     src, dit = source
     convert(str(src), tmp_path / "bf16", dtype="bfloat16", verbose=False)
-    model = GlmImageTransformer2DModel.from_pretrained(tmp_path / "bf16" / "transformer")
+    model = load_model(GlmImageTransformer2DModel, tmp_path / "bf16" / "transformer")
     assert model.dtype == mx.bfloat16
     kw = dit_inputs()
     assert rel_err(forward(model, kw), reference(dit, kw)) < 0.03
@@ -178,10 +158,6 @@ def test_dtype_cast(source, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit 1, no traceback, nothing half-written, an existing DST untouched.
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def assert_clean_failure(proc, message, parent: Path):
@@ -205,7 +181,8 @@ def shard_of(folder: Path, key: str) -> Path:
 
 
 def test_missing_source(tmp_path):
-    assert_clean_failure(run_cli("--hf-path", tmp_path / "nope", "--mlx-path", tmp_path / "out"), "does not exist", tmp_path)
+    proc = run("convert.py", "--hf-path", tmp_path / "nope", "--mlx-path", tmp_path / "out")
+    assert_clean_failure(proc, "does not exist", tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -214,7 +191,7 @@ def test_truncated_shard(source, tmp_path):
     shard = sorted((src / "transformer").glob("*.safetensors"))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), "truncated", tmp_path)
+    assert_clean_failure(run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "out"), "truncated", tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -222,7 +199,8 @@ def test_corrupt_shard(source, tmp_path):
     src = copy_source(source[0], tmp_path / "src")
     shard = sorted((src / "transformer").glob("*.safetensors"))[0]
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\0" * 64)
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), "not a valid safetensors file", tmp_path)
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "out")
+    assert_clean_failure(proc, "not a valid safetensors file", tmp_path)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -241,7 +219,7 @@ def test_wrong_keys_and_shapes(source, tmp_path, edit, message):
     else:
         tensors["proj_out.bias"] = torch.zeros(3)
     save_file(tensors, shard)
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), message, tmp_path)
+    assert_clean_failure(run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "out"), message, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -250,30 +228,32 @@ def test_existing_destination_needs_force(source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", out), "already exists; pass --force", tmp_path)
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", out)
+    assert_clean_failure(proc, "already exists; pass --force", tmp_path)
     assert (out / "mine.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
     # a failing --force run leaves the old folder as it was
     bad = copy_source(src, tmp_path / "bad")
     shard = sorted((bad / "transformer").glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-10])
-    assert_clean_failure(run_cli("--hf-path", bad, "--mlx-path", out, "--force"), "truncated", tmp_path)
+    assert_clean_failure(run("convert.py", "--hf-path", bad, "--mlx-path", out, "--force"), "truncated", tmp_path)
     assert (out / "mine.txt").read_text() == "keep me"
 
-    proc = run_cli("--hf-path", src, "--mlx-path", out, "--force", "-q", "--q-bits", "8")
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", out, "--force", "-q", "--q-bits", "8")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "mine.txt").exists() and (out / "transformer" / "config.json").exists()
     assert "transformer" in proc.stdout and "total" in proc.stdout
-    model = GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+    model = load_model(GlmImageTransformer2DModel, out / "transformer")
     kw = dit_inputs()
     assert rel_err(forward(model, kw), reference(dit, kw)) < 0.01
 
 
 def test_bad_quantization_arguments(source, tmp_path):
     src, _ = source
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "o", "-q", "--q-mode", "nvfp4", "--q-bits", "8"),
-                         "mode nvfp4 takes bits [4]", tmp_path)
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "o", "--components", "unet"), "unknown component 'unet'", tmp_path)
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "o", "-q", "--q-mode", "nvfp4", "--q-bits", "8")
+    assert_clean_failure(proc, "mode nvfp4 takes bits [4]", tmp_path)
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "o", "--components", "unet")
+    assert_clean_failure(proc, "unknown component 'unet'", tmp_path)
 
 
 def test_hub_repo_id_fetches_only_the_needed_files(source, tmp_path, monkeypatch):
@@ -300,7 +280,7 @@ def test_hub_repo_id_fetches_only_the_needed_files(source, tmp_path, monkeypatch
     convert("zai-org/GLM-Image", tmp_path / "out", components=["transformer"], verbose=False)
     assert asked["repo"] == "zai-org/GLM-Image"
     assert "transformer/*" in asked["patterns"] and not any(p.startswith("vae") for p in asked["patterns"])
-    model = GlmImageTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer")
+    model = load_model(GlmImageTransformer2DModel, tmp_path / "out" / "transformer")
     kw = dit_inputs()
     assert_close(forward(model, kw), reference(dit, kw), 1e-4)
 
@@ -308,7 +288,7 @@ def test_hub_repo_id_fetches_only_the_needed_files(source, tmp_path, monkeypatch
 def test_an_mlx_folder_is_not_converted_again(source, tmp_path):
     src, _ = source
     convert(str(src), tmp_path / "once", verbose=False)
-    proc = run_cli("--hf-path", tmp_path / "once", "--mlx-path", tmp_path / "twice")
+    proc = run("convert.py", "--hf-path", tmp_path / "once", "--mlx-path", tmp_path / "twice")
     assert_clean_failure(proc, "already an MLX conversion", tmp_path)
 
 
@@ -325,7 +305,7 @@ def test_destination_is_never_the_source(source, tmp_path, where):
     src = copy_source(source[0], tmp_path / "src")
     before = tree_bytes(src)
     dst = {"same": src, "inside": src / "mlx", "containing": tmp_path}[where]
-    proc = run_cli("--hf-path", src, "--mlx-path", dst, "-q", "--force")
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", dst, "-q", "--force")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: --mlx-path {dst} is the source, inside it or contains it; choose another folder"]
     assert tree_bytes(src) == before, "the source is byte-identical"
@@ -337,16 +317,17 @@ def test_source_missing_a_listed_component_is_refused(source, tmp_path):
     index = json.loads((src / "model_index.json").read_text())
     index["vae"] = ["diffusers", "AutoencoderKL"]
     (src / "model_index.json").write_text(json.dumps(index))
-    assert_clean_failure(run_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), "lacks vae/, which model_index.json lists", tmp_path)
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "out")
+    assert_clean_failure(proc, "lacks vae/, which model_index.json lists", tmp_path)
     assert not (tmp_path / "out").exists()
-    proc = run_cli("--hf-path", src, "--mlx-path", tmp_path / "out", "--components", "transformer")
+    proc = run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "out", "--components", "transformer")
     assert proc.returncode == 0, proc.stderr
 
 
 def test_not_enough_free_space(source, tmp_path, monkeypatch):
     import shutil
 
-    from mlx_glm_image.convert import ConvertError
+    from mlx_glm_image.conversion import ConvertError
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
     with pytest.raises(ConvertError, match="has 1.0 KB free; the conversion needs"):
@@ -360,7 +341,7 @@ def test_files_follow_the_umask(source, tmp_path):
 
     old = os.umask(0o022)
     try:
-        proc = run_cli("--hf-path", source[0], "--mlx-path", tmp_path / "out", "-q")
+        proc = run("convert.py", "--hf-path", source[0], "--mlx-path", tmp_path / "out", "-q")
     finally:
         os.umask(old)
     assert proc.returncode == 0, proc.stderr
@@ -381,9 +362,7 @@ def test_sigterm_and_sighup_leave_no_partial_folder(source, tmp_path):
                                       (signal.SIGTERM, None), (signal.SIGTERM, 1.5)]):
         parent = tmp_path / f"run{i}"
         parent.mkdir()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(source[0]), "--mlx-path",
-                                 str(parent / "out"), "--shard-size-gb", "0.00002"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start("convert.py", "--hf-path", source[0], "--mlx-path", parent / "out", "--shard-size-gb", "0.00002")
         if delay is None:  # the moment the temporary folder appears
             deadline = time.time() + 30
             while not list(parent.glob(".*.partial")) and proc.poll() is None and time.time() < deadline:
@@ -455,7 +434,7 @@ def test_a_signal_another_thread_takes_waits_for_the_block(source, tmp_path, mon
     else:
         assert said == f"interrupted; the conversion had finished: {out} is complete"
         assert json.loads((out / "model_index.json").read_text())["_mlx_glm_image"]
-        GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+        load_model(GlmImageTransformer2DModel, out / "transformer")
 
 
 def test_stale_partial_of_a_killed_run_is_removed(source, tmp_path):
@@ -464,7 +443,7 @@ def test_stale_partial_of_a_killed_run_is_removed(source, tmp_path):
     (stale / "transformer").mkdir(parents=True)
     alive = tmp_path / f".out.{__import__('os').getpid()}.def456.partial"  # a conversion still running
     alive.mkdir()
-    proc = run_cli("--hf-path", source[0], "--mlx-path", tmp_path / "out")
+    proc = run("convert.py", "--hf-path", source[0], "--mlx-path", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     assert not stale.exists() and alive.exists()
     assert f"removed {stale}" in proc.stderr

@@ -5,28 +5,19 @@ import json
 import resource
 import signal
 import struct
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import signal_points
-from test_convert import ROOT, assert_clean_failure, copy_source, run_cli, write_pipeline
+from commands import run
+from test_convert import assert_clean_failure, copy_source
 from tiny_checkpoints import write_prior
 
-from mlx_glm_image import GlmImageTransformer2DModel, atomic, loading
+from mlx_glm_image import GlmImageTransformer2DModel, atomic, load_model, loading
 from mlx_glm_image import convert as C
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A DiT-only pipeline folder (transformer/ in several shards, scheduler/)."""
-    folder = tmp_path_factory.mktemp("src") / "glm-image"
-    write_pipeline(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +32,9 @@ def ar_source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quantized(source, tmp_path_factory):
+def quantized(transformer_only, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "q4"
-    C.convert(str(source), out, quantize=True, q_bits=4, verbose=False)
+    C.convert(str(transformer_only), out, quantize=True, q_bits=4, verbose=False)
     return out
 
 
@@ -72,7 +63,7 @@ def no_partials(parent: Path) -> bool:
 # 1. A write that fails (disk full): one line naming the file and the free space; the old output stays
 
 
-def test_a_failed_write_is_one_line_and_the_old_output_stays(source, tmp_path):
+def test_a_failed_write_is_one_line_and_the_old_output_stays(transformer_only, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
@@ -81,8 +72,7 @@ def test_a_failed_write_is_one_line_and_the_old_output_stays(source, tmp_path):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(source), "--mlx-path", str(out),
-                           "--force"], capture_output=True, text=True, cwd=ROOT, preexec_fn=small_files)
+    proc = run("convert.py", "--hf-path", transformer_only, "--mlx-path", out, "--force", preexec_fn=small_files)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     said = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("converting")]  # the bar
     assert len(said) == 1 and said[0].startswith("error: could not write "), proc.stderr
@@ -95,8 +85,8 @@ def test_a_failed_write_is_one_line_and_the_old_output_stays(source, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
-def test_shard_size_must_be_positive_and_finite(source, tmp_path, value):
-    proc = run_cli("--hf-path", source, "--mlx-path", tmp_path / "out", f"--shard-size-gb={value}")
+def test_shard_size_must_be_positive_and_finite(transformer_only, tmp_path, value):
+    proc = run("convert.py", "--hf-path", transformer_only, "--mlx-path", tmp_path / "out", f"--shard-size-gb={value}")
     assert_clean_failure(proc, "--shard-size-gb", tmp_path)
     assert "a finite number of GB above 0" in proc.stderr and not (tmp_path / "out").exists()
 
@@ -125,8 +115,8 @@ def without(field):
     (lambda h: {k: v if k == "__metadata__" else {**v, "data_offsets": "ab"} for k, v in h.items()}, "data_offsets"),
     (lambda h: {k: v if k == "__metadata__" else {**v, "shape": [-1]} for k, v in h.items()}, "shape"),
 ])
-def test_a_malformed_safetensors_header_is_one_line(source, tmp_path, capsys, edit, why):
-    src = copy_source(source, tmp_path / "src")
+def test_a_malformed_safetensors_header_is_one_line(transformer_only, tmp_path, capsys, edit, why):
+    src = copy_source(transformer_only, tmp_path / "src")
     shard = sorted((src / "transformer").glob("*.safetensors"))[0]
     rewrite_header(shard, edit)
     code, lines = run_main(capsys, "--hf-path", src, "--mlx-path", tmp_path / "out")
@@ -139,8 +129,8 @@ def test_a_malformed_safetensors_header_is_one_line(source, tmp_path, capsys, ed
 
 
 @pytest.mark.parametrize("key", ["num_attention_heads", "attention_head_dim", "patch_size", "time_embed_dim"])
-def test_a_zero_size_in_the_dit_config_is_one_line(source, tmp_path, capsys, key):
-    src = copy_source(source, tmp_path / "src")
+def test_a_zero_size_in_the_dit_config_is_one_line(transformer_only, tmp_path, capsys, key):
+    src = copy_source(transformer_only, tmp_path / "src")
     path = src / "transformer" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), key: 0}))
     code, lines = run_main(capsys, "--hf-path", src, "--mlx-path", tmp_path / "out")
@@ -206,7 +196,7 @@ def test_a_bad_quantization_block_is_refused_at_load(quantized, tmp_path, block,
     path = folder / "transformer" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization": block}))
     with pytest.raises(loading.WeightsError) as error:
-        GlmImageTransformer2DModel.from_pretrained(folder / "transformer")
+        load_model(GlmImageTransformer2DModel, folder / "transformer")
     message = str(error.value)
     assert str(path) in message and why in message and "\n" not in message, message
 
@@ -216,18 +206,18 @@ def test_a_bad_quantization_block_is_refused_at_load(quantized, tmp_path, block,
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_a_file_as_destination_is_refused_and_kept(source, tmp_path, capsys, force):
+def test_a_file_as_destination_is_refused_and_kept(transformer_only, tmp_path, capsys, force):
     dst = tmp_path / "model.safetensors"
     dst.write_text("the user's file")
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", dst, *(["--force"] if force else []))
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", dst, *(["--force"] if force else []))
     assert_one_line(code, lines, f"--mlx-path {dst} is a file, not a folder")
     assert dst.read_text() == "the user's file" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
 
 
-def test_a_dangling_link_as_destination_is_refused_and_kept(source, tmp_path, capsys):
+def test_a_dangling_link_as_destination_is_refused_and_kept(transformer_only, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.symlink_to(tmp_path / "elsewhere")
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", dst, "--force")
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", dst, "--force")
     assert_one_line(code, lines, f"--mlx-path {dst} is a link to nothing, not a folder")
     assert dst.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -246,7 +236,7 @@ def test_a_folder_never_replaces_a_file(tmp_path):
 # 8. Ctrl-C once the new output is in place: it says so, whenever the signal meets the converter
 
 
-def test_ctrl_c_just_after_the_swap_says_the_conversion_is_complete(source, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_just_after_the_swap_says_the_conversion_is_complete(transformer_only, tmp_path, capsys, monkeypatch):
     real = atomic.replacing
 
     @contextmanager
@@ -257,17 +247,17 @@ def test_ctrl_c_just_after_the_swap_says_the_conversion_is_complete(source, tmp_
 
     monkeypatch.setattr(atomic, "replacing", replacing_then_ctrl_c)
     out = tmp_path / "out"
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", out)
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", out)
     assert code == 130 and lines[-1] == f"interrupted; the conversion had finished: {out} is complete", lines
-    GlmImageTransformer2DModel.from_pretrained(out / "transformer")
+    load_model(GlmImageTransformer2DModel, out / "transformer")
 
 
-def test_ctrl_c_before_the_swap_says_nothing_was_written(source, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_before_the_swap_says_nothing_was_written(transformer_only, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(C, "copy_tree", interrupted)  # the last step inside the temporary folder
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", tmp_path / "out")
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", tmp_path / "out")
     assert code == 130 and lines[-1] == "interrupted; nothing was written", lines
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
 
@@ -276,13 +266,13 @@ def test_ctrl_c_before_the_swap_says_nothing_was_written(source, tmp_path, capsy
 # 9. The free-space refusal states what the conversion needs, margin included
 
 
-def test_the_free_space_refusal_states_the_real_need(source, tmp_path, capsys, monkeypatch):
+def test_the_free_space_refusal_states_the_real_need(transformer_only, tmp_path, capsys, monkeypatch):
     import shutil
 
-    planned = C.convert(str(source), tmp_path / "plan", dry_run=True, verbose=False)
+    planned = C.convert(str(transformer_only), tmp_path / "plan", dry_run=True, verbose=False)
     free = sum(after for _, _, after in planned) + (1 << 20)  # more than the files, less than files + margin
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, free))
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", tmp_path / "out")
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", tmp_path / "out")
     assert_one_line(code, lines, f"has {C.human(free)} free; the conversion needs ", "of files plus a margin of 5% and")
     needed = float(lines[0].split("needs ")[1].split()[0])
     assert needed * 1e6 > free, lines
@@ -292,8 +282,8 @@ def test_the_free_space_refusal_states_the_real_need(source, tmp_path, capsys, m
 # 10. A component model_index.json lists as [null, null] (saved as None) is absent by design
 
 
-def test_a_component_saved_as_none_is_not_required(source, tmp_path, capsys):
-    src = copy_source(source, tmp_path / "src")
+def test_a_component_saved_as_none_is_not_required(transformer_only, tmp_path, capsys):
+    src = copy_source(transformer_only, tmp_path / "src")
     index = json.loads((src / "model_index.json").read_text())
     (src / "model_index.json").write_text(json.dumps({**index, "vae": [None, None], "processor": [None, None]}))
     code, lines = run_main(capsys, "--hf-path", src, "--mlx-path", tmp_path / "out")
@@ -310,9 +300,9 @@ def test_a_component_saved_as_none_is_not_required(source, tmp_path, capsys):
     (["--q-group-size", "32"], (4, 32, "affine")),
     (["--q-mode", "mxfp4"], (4, 32, "mxfp4")),
 ])
-def test_a_quantization_option_implies_q(source, tmp_path, capsys, args, spec):
+def test_a_quantization_option_implies_q(transformer_only, tmp_path, capsys, args, spec):
     out = tmp_path / "out"
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", out, *args)
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", out, *args)
     assert code == 0, lines
     q = json.loads((out / "transformer" / "config.json").read_text())["quantization"]
     assert (q["bits"], q["group_size"], q["mode"]) == spec
@@ -328,16 +318,16 @@ def test_help_says_quantization_options_imply_q(capsys):
 # 12. Ctrl-C from the very start: one line, exit 130
 
 
-def test_ctrl_c_while_main_reads_its_arguments(source, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_while_main_reads_its_arguments(transformer_only, tmp_path, capsys, monkeypatch):
     def parser():
         raise KeyboardInterrupt
 
     monkeypatch.setattr(C, "build_parser", parser)
-    code, lines = run_main(capsys, "--hf-path", source, "--mlx-path", tmp_path / "out")
+    code, lines = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", tmp_path / "out")
     assert code == 130 and lines == ["interrupted; nothing was written"]
 
 
-def test_main_meets_ctrl_c_with_its_own_handler(source, tmp_path, capsys, monkeypatch):
+def test_main_meets_ctrl_c_with_its_own_handler(transformer_only, tmp_path, capsys, monkeypatch):
     """Whatever SIGINT handler the entry point set while importing, main's is the one the conversion runs with."""
     seen = {}
 
@@ -347,7 +337,7 @@ def test_main_meets_ctrl_c_with_its_own_handler(source, tmp_path, capsys, monkey
     monkeypatch.setattr(C, "print_summary", summary)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code, _ = run_main(capsys, "--hf-path", source, "--mlx-path", tmp_path / "out")
+        code, _ = run_main(capsys, "--hf-path", transformer_only, "--mlx-path", tmp_path / "out")
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert code == 0 and callable(seen["handler"])
@@ -355,12 +345,12 @@ def test_main_meets_ctrl_c_with_its_own_handler(source, tmp_path, capsys, monkey
         seen["handler"](signal.SIGINT, None)
 
 
-def test_a_signal_at_any_moment_of_the_converter_is_one_line_and_leaves_nothing(source, tmp_path):
+def test_a_signal_at_any_moment_of_the_converter_is_one_line_and_leaves_nothing(transformer_only, tmp_path):
     """From the moment the entry point (cli.convert) runs: while it imports the converter (MLX, numpy, ...), reads
     its arguments, writes the shards or swaps the folder in, a Ctrl-C or SIGTERM is one line and exit 130 (or the
     conversion had finished), and leaves no partial folder. The moments are the ones the converter reports (its
     imports and file changes), not times: a busy machine sends each signal at the same place."""
-    args = lambda out: ["--hf-path", source, "--mlx-path", out, "--shard-size-gb", "0.00002"]  # noqa: E731
+    args = lambda out: ["--hf-path", transformer_only, "--mlx-path", out, "--shard-size-gb", "0.00002"]  # noqa: E731
     moments = signal_points.listing("convert", args(tmp_path / "whole"), tmp_path)
     assert "import mlx.core" in moments and any(m.startswith("os.rename") for m in moments)
     chosen = signal_points.spread(moments, 12)
@@ -379,11 +369,11 @@ def test_a_signal_at_any_moment_of_the_converter_is_one_line_and_leaves_nothing(
                 or said == f"interrupted; the conversion had finished: {out} is complete"), case
 
 
-def test_a_signal_before_the_entry_point_leaves_nothing(source, tmp_path):
+def test_a_signal_before_the_entry_point_leaves_nothing(transformer_only, tmp_path):
     """Before the command's own code runs (the interpreter importing mlx_glm_image.cli) Python answers a Ctrl-C
     itself, with its traceback; nothing has been made yet, and nothing is left."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        proc = signal_points.before_the_entry_point("convert", ["--hf-path", source, "--mlx-path", tmp_path / "out"],
-                                                    sig, tmp_path)
+        args = ["--hf-path", transformer_only, "--mlx-path", tmp_path / "out"]
+        proc = signal_points.before_the_entry_point("convert", args, sig, tmp_path)
         assert proc.returncode in (1, -sig), proc.stderr
         assert not (tmp_path / "out").exists() and no_partials(tmp_path)

@@ -1,33 +1,22 @@
 """The CLI end to end on a tiny random checkpoint: prompt -> AR prior tokens -> DiT -> VAE -> PNG; conversion of
 every component; clear one-line errors."""
 
-import subprocess
-import sys
+import shutil
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from commands import assert_one_line, cli, run
 from conftest import assert_close
 from PIL import Image
-from tiny_checkpoints import write_pipeline
 
 from mlx_glm_image.convert import convert
+from mlx_glm_image.loading import load_model
 from mlx_glm_image.models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 
-ROOT = Path(__file__).resolve().parents[1]
 # --top-k 1: the random tiny AR model would otherwise sample its end token before the grid is complete
 BASE = ["--prompt", 'a red cat "big"', "--height", "64", "--width", "96", "--steps", "2", "--seed", "3", "--top-k", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("cli") / "tiny-glm-image")
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_text_to_image_png_with_metadata_and_seed(model_dir, tmp_path):
@@ -71,20 +60,20 @@ def test_every_component_converts_exactly(model_dir, tmp_path):
         assert (dst / name).is_dir()
     rng = np.random.default_rng(0)
 
-    vae_a, vae_b = AutoencoderKL.from_pretrained(model_dir / "vae"), AutoencoderKL.from_pretrained(dst / "vae")
+    vae_a, vae_b = load_model(AutoencoderKL, model_dir / "vae"), load_model(AutoencoderKL, dst / "vae")
     z = mx.array(rng.standard_normal((1, 4, 8, 12)).astype(np.float32))
     assert_close(vae_b.decode(z), vae_a.decode(z), 1e-6)
 
-    t5_a, t5_b = T5EncoderModel.from_pretrained(model_dir / "text_encoder"), T5EncoderModel.from_pretrained(dst / "text_encoder")
+    t5_a, t5_b = load_model(T5EncoderModel, model_dir / "text_encoder"), load_model(T5EncoderModel, dst / "text_encoder")
     ids = mx.array([[5, 9, 77, 1]])
     assert_close(t5_b(ids), t5_a(ids), 1e-6)
 
-    ar_a = GlmImageForConditionalGeneration.from_pretrained(model_dir / "vision_language_encoder")
-    ar_b = GlmImageForConditionalGeneration.from_pretrained(dst / "vision_language_encoder")
+    ar_a = load_model(GlmImageForConditionalGeneration, model_dir / "vision_language_encoder")
+    ar_b = load_model(GlmImageForConditionalGeneration, dst / "vision_language_encoder")
     ids = mx.array([[90, 91, 92, 93, 94]])
     assert_close(ar_b(ids), ar_a(ids), 1e-6)
 
-    dit = GlmImageTransformer2DModel.from_pretrained(dst / "transformer")
+    dit = load_model(GlmImageTransformer2DModel, dst / "transformer")
     assert dit.config.num_layers == 2
 
 
@@ -119,13 +108,6 @@ def test_bad_input_is_one_line(model_dir, tmp_path, args, message):
     assert not (tmp_path / "never.png").exists()
 
 
-def assert_one_line(proc, message):
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_bad_output_place_fails_before_any_model_loads(model_dir, tmp_path):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "file").write_text("x")
@@ -138,8 +120,6 @@ def test_bad_output_place_fails_before_any_model_loads(model_dir, tmp_path):
 
 
 def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, capsys):
-    import shutil
-
     from mlx_glm_image import generate, metadata
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 4096))
@@ -158,37 +138,25 @@ def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, 
 
 
 def test_invalid_utf8_prompt(model_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--model", str(model_dir), "--prompt",
-                           b"caf\xe9 \xff".decode("latin-1").encode("latin-1"), "--output", str(tmp_path / "a.png")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = cli("--model", model_dir, "--prompt", b"caf\xe9 \xff", "--output", tmp_path / "a.png")
     assert_one_line(proc, "the prompt is not valid UTF-8 text")
 
 
-def copy_model(model_dir, tmp_path, drop=None):
-    import shutil
-
-    dst = shutil.copytree(model_dir, tmp_path / "model")
-    if drop:
-        shutil.rmtree(dst / drop)
-    return dst
-
-
-def test_missing_component_is_named_before_the_ar_stage(model_dir, tmp_path):
-    model = copy_model(model_dir, tmp_path, drop="text_encoder")
+def test_missing_component_is_named_before_the_ar_stage(model_copy, tmp_path):
+    shutil.rmtree(model_copy / "text_encoder")
     t0 = time.time()
-    proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
+    proc = cli("--model", model_copy, *BASE, "--output", tmp_path / "a.png")
     assert_one_line(proc, "lacks text_encoder/")
     assert time.time() - t0 < 10 and not (tmp_path / "a.png").exists()
 
 
-def test_config_of_the_wrong_type(model_dir, tmp_path):
+def test_config_of_the_wrong_type(model_copy, tmp_path):
     import json
 
-    model = copy_model(model_dir, tmp_path)
-    config = json.loads((model / "transformer" / "config.json").read_text())
+    config = json.loads((model_copy / "transformer" / "config.json").read_text())
     config["num_layers"] = "two"
-    (model / "transformer" / "config.json").write_text(json.dumps(config))
-    proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
+    (model_copy / "transformer" / "config.json").write_text(json.dumps(config))
+    proc = cli("--model", model_copy, *BASE, "--output", tmp_path / "a.png")
     assert_one_line(proc, "config.json does not describe a transformer: num_layers must be int, got 'two'")
 
 
@@ -196,19 +164,17 @@ def test_hub_failure_is_one_line(tmp_path):
     import os
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--model", "nobody/no-such-model", *BASE,
-                           "--output", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = cli("--model", "nobody/no-such-model", *BASE, "--output", tmp_path / "a.png", env=env)
     assert_one_line(proc, "could not fetch nobody/no-such-model from the Hugging Face Hub")
 
 
-def test_nan_weights_stop_at_the_stage_without_a_png(model_dir, tmp_path):
+def test_nan_weights_stop_at_the_stage_without_a_png(model_copy, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    model = copy_model(model_dir, tmp_path)
-    for shard in (model / "transformer").glob("*.safetensors"):
+    for shard in (model_copy / "transformer").glob("*.safetensors"):
         tensors = load_file(shard)
         save_file({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in tensors.items()}, shard)
-    proc = cli("--model", model, *BASE, "--output", tmp_path / "a.png")
+    proc = cli("--model", model_copy, *BASE, "--output", tmp_path / "a.png")
     assert_one_line(proc, "the denoise stage produced non-finite latents")
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*.tmp"))
 
@@ -304,10 +270,9 @@ def test_help_explains():
     assert proc.returncode == 0 and "--prompt" in proc.stdout and "quote the text" in proc.stdout
 
 
-def test_converting_a_source_without_its_vae_is_refused(model_dir, tmp_path):
-    model = copy_model(model_dir, tmp_path, drop="vae")
-    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(model), "--mlx-path",
-                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+def test_converting_a_source_without_its_vae_is_refused(model_copy, tmp_path):
+    shutil.rmtree(model_copy / "vae")
+    proc = run("convert.py", "--hf-path", model_copy, "--mlx-path", tmp_path / "out")
     assert_one_line(proc, "lacks vae/, which model_index.json lists")
     assert not (tmp_path / "out").exists()
 

@@ -7,16 +7,13 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_checkpoints import write_diffusion_side
 
-from mlx_glm_image import GlmImagePipeline, GlmImageTransformer2DModel, loading
+from mlx_glm_image import GlmImagePipeline, GlmImageTransformer2DModel, load_model, loading
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loading") / "tiny-glm-image"
-    write_diffusion_side(root)
-    return root
+def folder(diffusion_side):
+    return diffusion_side[0]
 
 
 @pytest.fixture
@@ -57,10 +54,10 @@ def test_component_folder_rule(folder, fake_hub):
     assert (hub / "config.json").is_file() and not list(hub.glob("*.safetensors"))
 
 
-def test_model_from_pretrained_everywhere(folder, fake_hub):
-    a = GlmImageTransformer2DModel.from_pretrained(folder)
-    b = GlmImageTransformer2DModel.from_pretrained(folder / "transformer")
-    c = GlmImageTransformer2DModel.from_pretrained("org/name", subfolder="transformer")
+def test_load_model_everywhere(folder, fake_hub):
+    a = load_model(GlmImageTransformer2DModel, folder)
+    b = load_model(GlmImageTransformer2DModel, folder / "transformer")
+    c = load_model(GlmImageTransformer2DModel, "org/name", subfolder="transformer")
     assert fake_hub == [["transformer/*", "model_index.json"]]
     x = dict(hidden_states=mx.ones((1, 4, 4, 4)), encoder_hidden_states=mx.ones((1, 2, 32)),
              prior_token_id=mx.zeros((4,), mx.int32), prior_token_drop=mx.zeros((4,), mx.bool_),

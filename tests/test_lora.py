@@ -3,8 +3,6 @@ the DiT (same tiny random models, adapters saved by the references); over quanti
 back bit for bit; staged memory applies them again; the CLI and the server take them, and the metadata records them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,33 +10,27 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
+from commands import cli, run
 from conftest import assert_close, rel_err, to_mx
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-from tiny_checkpoints import write_pipeline
 
 from mlx_glm_image import lora
 from mlx_glm_image.pipeline import GlmImagePipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 AR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]  # the published guides' choice
 DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 CALL = dict(prompt='a red cat "big"', height=64, width=96, num_inference_steps=2, seed=3, top_k=1, output_type="np")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("lora") / "tiny-glm-image")
-
-
-@pytest.fixture(scope="module")
-def ar_adapter(folder, tmp_path_factory):
+def ar_adapter(model_dir, tmp_path_factory):
     """A PEFT adapter on transformers' tiny AR model (random, non-zero B), saved as PeftModel.save_pretrained does,
     with the reference model that made it."""
     from transformers import GlmImageForConditionalGeneration
 
     torch.manual_seed(1)
-    base = GlmImageForConditionalGeneration.from_pretrained(folder / "vision_language_encoder").eval()
+    base = GlmImageForConditionalGeneration.from_pretrained(model_dir / "vision_language_encoder").eval()
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=AR_TARGETS, init_lora_weights=False,
                                            alpha_pattern={"down_proj": 2}))
     out = tmp_path_factory.mktemp("ar-adapter")
@@ -47,13 +39,13 @@ def ar_adapter(folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dit_adapter(folder, tmp_path_factory):
+def dit_adapter(model_dir, tmp_path_factory):
     """A diffusers DiT adapter (add_adapter + save_lora_adapter: pytorch_lora_weights.safetensors, config in its
     metadata), with the reference DiT carrying it."""
     from diffusers import GlmImageTransformer2DModel
 
     torch.manual_seed(2)
-    dit = GlmImageTransformer2DModel.from_pretrained(folder / "transformer").eval()
+    dit = GlmImageTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
     dit.add_adapter(LoraConfig(r=8, lora_alpha=4, target_modules=DIT_TARGETS, init_lora_weights=False), adapter_name="style")
     out = tmp_path_factory.mktemp("dit-adapter")
     dit.save_lora_adapter(out, adapter_name="style")
@@ -71,9 +63,9 @@ def mlx_dit(dit, kw):
     return dit(**{k: to_mx(v) for k, v in kw.items()}, return_dict=False)[0]
 
 
-def test_ar_logits_equal_peft(folder, ar_adapter):
+def test_ar_logits_equal_peft(model_dir, ar_adapter):
     path, peft = ar_adapter
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32")
     ids = torch.tensor([[90, 91, 92, 93, 94, 95]])
     base = np.array(pipe.vision_language_encoder(mx.array(ids.numpy())))
     assert pipe.load_lora_weights(path, adapter_name="ar") == "ar"
@@ -86,9 +78,9 @@ def test_ar_logits_equal_peft(folder, ar_adapter):
     assert np.array_equal(np.array(pipe.vision_language_encoder(mx.array(ids.numpy()))), base), "unloaded: the base, bit for bit"
 
 
-def test_dit_equal_diffusers_at_two_scales_and_unloaded(folder, dit_adapter):
+def test_dit_equal_diffusers_at_two_scales_and_unloaded(model_dir, dit_adapter):
     path, ref = dit_adapter
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32")
     kw = dit_inputs()
     base = np.array(mlx_dit(pipe.transformer, kw))
     pipe.load_lora_weights(path / "pytorch_lora_weights.safetensors", adapter_name="style")
@@ -113,12 +105,12 @@ def test_dit_equal_diffusers_at_two_scales_and_unloaded(folder, dit_adapter):
         ref.set_adapters(["style"], weights=[1.0])
 
 
-def test_over_a_quantized_base(folder, dit_adapter):
+def test_over_a_quantized_base(model_dir, dit_adapter):
     """A separate low-rank path beside each quantized layer: it adds what it adds over the full-precision base, and
     the quantized weights are never changed."""
     path, _ = dit_adapter
-    fp = GlmImagePipeline.from_pretrained(folder, dtype="float32")
-    q = GlmImagePipeline.from_pretrained(folder, dtype="float32", quantize=8)
+    fp = GlmImagePipeline.from_pretrained(model_dir, dtype="float32")
+    q = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", quantize=8)
     kw = dit_inputs(1)
     bases = [np.array(mlx_dit(p.transformer, kw)) for p in (fp, q)]
     weights = {k: np.array(v) for k, v in tree_flatten(q.transformer.parameters())}
@@ -138,15 +130,15 @@ def test_over_a_quantized_base(folder, dit_adapter):
     assert all(np.array_equal(np.array(after[k]), v) for k, v in weights.items())
 
 
-def test_two_adapters_and_staged_memory_applies_them_again(folder, ar_adapter, dit_adapter):
-    resident = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
-    staged = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+def test_two_adapters_and_staged_memory_applies_them_again(model_dir, ar_adapter, dit_adapter):
+    resident = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
+    staged = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="staged")
     plain = resident(**CALL).images
     for p in (resident, staged):
         p.load_lora_weights(ar_adapter[0], adapter_name="ar", scale=0.5)
         p.load_lora_weights(dit_adapter[0], adapter_name="style", scale=0.8)
-    assert resident.components.adapters["ar"][1] == "vision_language_encoder"
-    assert resident.components.adapters["style"][1] == "transformer"
+    assert resident.components.adapters["ar"].model == "vision_language_encoder"
+    assert resident.components.adapters["style"].model == "transformer"
     with_both = resident(**CALL).images
     assert np.abs(with_both - plain).max() > 1e-3
     assert np.array_equal(staged(**CALL).images, with_both)
@@ -158,10 +150,10 @@ def test_two_adapters_and_staged_memory_applies_them_again(folder, ar_adapter, d
     assert all(len(r["sha256"]) == 64 for r in record["lora"])
 
 
-def test_bad_adapters_are_one_line(folder, dit_adapter, tmp_path):
+def test_bad_adapters_are_one_line(model_dir, dit_adapter, tmp_path):
     from safetensors.numpy import save_file
 
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32")
     save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": np.zeros((4, 7), np.float32),
                "transformer_blocks.0.attn1.to_q.lora_B.weight": np.zeros((32, 4), np.float32)}, str(tmp_path / "shape.safetensors"))
     save_file({"transformer_blocks.0.nothing.lora_A.weight": np.zeros((4, 32), np.float32),
@@ -181,13 +173,8 @@ def test_bad_adapters_are_one_line(folder, dit_adapter, tmp_path):
         pipe.set_adapters(["other"])
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT)
-
-
-def test_cli_lora_recorded_and_reproduced(folder, dit_adapter, tmp_path):
-    args = ["-m", folder, "--prompt", 'a red cat "big"', "--height", 64, "--width", 96, "--steps", 2, "--seed", 3,
+def test_cli_lora_recorded_and_reproduced(model_dir, dit_adapter, tmp_path):
+    args = ["-m", model_dir, "--prompt", 'a red cat "big"', "--height", 64, "--width", 96, "--steps", 2, "--seed", 3,
             "--top-k", 1, "--dtype", "float32", "--quiet"]
     proc = cli(*args, "--lora", f"{dit_adapter[0]}:0.7", "--output", tmp_path / "a.png")
     assert proc.returncode == 0, proc.stderr
@@ -204,11 +191,11 @@ def test_cli_lora_recorded_and_reproduced(folder, dit_adapter, tmp_path):
     assert not (tmp_path / "never.png").exists()
 
 
-def test_the_server_takes_adapters_at_start(folder, dit_adapter):
+def test_the_server_takes_adapters_at_start(model_dir, dit_adapter):
     from test_server import FAST, Server, decode
 
-    plain = Server(folder, "--memory", "resident")
-    with_lora = Server(folder, "--memory", "resident", "--lora", f"{dit_adapter[0]}:0.7")
+    plain = Server(model_dir, "--memory", "resident")
+    with_lora = Server(model_dir, "--memory", "resident", "--lora", f"{dit_adapter[0]}:0.7")
     try:
         listed = with_lora.client().models.list().data[0].model_extra["lora"]
         assert listed == [{"name": Path(dit_adapter[0]).name, "scale": 0.7, "model": "transformer",
@@ -219,30 +206,30 @@ def test_the_server_takes_adapters_at_start(folder, dit_adapter):
     finally:
         plain.stop()
         with_lora.stop()
-    bad = subprocess.run([sys.executable, "-m", "mlx_glm_image.server", "-m", str(folder), "--lora", "/no/such"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    bad = run("server", "-m", model_dir, "--lora", "/no/such", timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --lora /no/such does not exist"
 
 
-def test_convert_folds_an_adapter_in(folder, dit_adapter, tmp_path):
+def test_convert_folds_an_adapter_in(model_dir, dit_adapter, tmp_path):
     """convert --lora: the converted DiT computes what the original with the adapter does (folded, one rule with
     fuse_lora), and its config records the adapter."""
-    from mlx_glm_image import GlmImageTransformer2DModel
+    from mlx_glm_image import GlmImageTransformer2DModel, load_model
     from mlx_glm_image.convert import convert
 
-    convert(str(folder), tmp_path / "baked", components=["transformer"], loras=[f"{dit_adapter[0]}:0.6"], verbose=False)
-    baked = GlmImageTransformer2DModel.from_pretrained(tmp_path / "baked" / "transformer")
+    convert(str(model_dir), tmp_path / "baked", components=["transformer"], loras=[f"{dit_adapter[0]}:0.6"],
+            verbose=False)
+    baked = load_model(GlmImageTransformer2DModel, tmp_path / "baked" / "transformer")
     (recorded,) = json.loads((tmp_path / "baked" / "transformer" / "config.json").read_text())["lora"]
     assert recorded["scale"] == 0.6 and recorded["model"] == "transformer" and len(recorded["sha256"]) == 64
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32")
     pipe.load_lora_weights(dit_adapter[0], scale=0.6)
     kw = dit_inputs(2)
     assert_close(mlx_dit(baked, kw), mlx_dit(pipe.transformer, kw), 1e-5, what="baked vs loaded")
     with pytest.raises(lora.LoraError, match="fit no model here"):
-        convert(str(folder), tmp_path / "other", components=["vae"], loras=[str(dit_adapter[0])], verbose=False)
+        convert(str(model_dir), tmp_path / "other", components=["vae"], loras=[str(dit_adapter[0])], verbose=False)
 
 
-def test_an_adapter_from_the_hub(folder, dit_adapter, monkeypatch):
+def test_an_adapter_from_the_hub(model_dir, dit_adapter, monkeypatch):
     """A repo id goes through the one loading rule: only the adapter's files are fetched."""
     import huggingface_hub
 
@@ -253,7 +240,7 @@ def test_an_adapter_from_the_hub(folder, dit_adapter, monkeypatch):
         return str(dit_adapter[0])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32")
     assert pipe.load_lora_weights("someone/glm-image-style") == "glm-image-style"
     assert asked == [("someone/glm-image-style", [*lora.FILES, "adapter_config.json"])]
-    assert pipe.components.adapter_records()[0]["source"] == "someone/glm-image-style"
+    assert pipe.components.adapters.records()[0]["source"] == "someone/glm-image-style"

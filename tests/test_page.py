@@ -13,7 +13,6 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from test_server import Server
-from tiny_checkpoints import write_pipeline
 
 BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(BROWSER is None or DRIVER is None,
@@ -21,8 +20,8 @@ pytestmark = pytest.mark.skipif(BROWSER is None or DRIVER is None,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(write_pipeline(tmp_path_factory.mktemp("page") / "tiny-glm-image"), "--memory", "resident")
+def server(model_dir):
+    s = Server(model_dir, "--memory", "resident")
     yield s
     s.stop()
 

@@ -15,14 +15,13 @@ import torch
 from conftest import assert_close, to_mx
 from PIL import Image
 
-from tiny_checkpoints import LATENT, write_diffusion_side
+from tiny_checkpoints import LATENT
 
 from mlx_glm_image.pipeline import GlmImagePipeline
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("glm") / "tiny-glm-image"
-    torch_pipe = write_diffusion_side(folder)
+def pipelines(diffusion_side):
+    folder, torch_pipe = diffusion_side
     torch_pipe.set_progress_bar_config(disable=True)
     return torch_pipe, GlmImagePipeline.from_pretrained(folder, dtype="float32"), folder
 
@@ -157,13 +156,6 @@ def test_generator_return_dict_and_output_types(pipelines):
 # Components kept or freed by the memory policy
 
 
-@pytest.fixture(scope="module")
-def full_folder(tmp_path_factory):
-    from tiny_checkpoints import write_pipeline
-
-    return write_pipeline(tmp_path_factory.mktemp("full") / "tiny-glm-image")
-
-
 def _run(pipe, active, full=False):
     def record(p, i, t, kwargs):
         mx.eval(kwargs["latents"])
@@ -181,19 +173,19 @@ def _weights(folder):
     return {name: weight_bytes(folder / name) for name in ("vision_language_encoder", "text_encoder", "transformer", "vae")}
 
 
-def test_resident_pipeline_loads_each_model_once(full_folder, monkeypatch):
+def test_resident_pipeline_loads_each_model_once(model_dir, monkeypatch):
     import mlx_glm_image.loading as loading
 
     reads = []
     real = loading.load_weights
     monkeypatch.setattr(loading, "load_weights", lambda folder: reads.append(folder) or real(folder))
-    pipe = GlmImagePipeline.from_pretrained(full_folder, dtype="float32", memory="resident")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
     assert reads == [] and pipe.loads == 0, "nothing heavy is read before the first call"
     active = []
     first = _run(pipe, active)
     assert len(reads) == pipe.loads == 4
     # while denoising, the AR model, the glyph encoder and the DiT are all still held
-    w = _weights(full_folder)
+    w = _weights(model_dir)
     assert min(active) >= 0.9 * (w["vision_language_encoder"] + w["text_encoder"] + w["transformer"])
     second = _run(pipe, [])
     assert len(reads) == 4, "a second call reads no weight file"
@@ -201,18 +193,18 @@ def test_resident_pipeline_loads_each_model_once(full_folder, monkeypatch):
     assert pipe.transformer is pipe.transformer and pipe.vae.config.latent_channels == LATENT
 
 
-def test_staged_pipeline_frees_each_stage(full_folder):
+def test_staged_pipeline_frees_each_stage(model_dir):
     """Staged: each model is loaded for its stage and freed after it, so the DiT stage holds the DiT alone (not
     the AR model) and no model stage peaks at the sum of the components; the image is the
     resident one's. (The tiny VAE's decode peak is its activations at 64x96, above these tiny weights.)"""
-    resident = _run(GlmImagePipeline.from_pretrained(full_folder, dtype="float32", memory="resident"), [], full=True)
+    resident = _run(GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident"), [], full=True)
     gc.collect()
     mx.clear_cache()
     base = mx.get_active_memory()  # what other tests' objects hold
-    pipe = GlmImagePipeline.from_pretrained(full_folder, dtype="float32", memory="staged")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="staged")
     active = []
     staged = _run(pipe, active, full=True)
-    w = _weights(full_folder)
+    w = _weights(model_dir)
     for stage in ("prior", "glyphs", "denoise"):
         assert staged.peak_memory[stage] - base < sum(w.values()), (stage, base, staged.peak_memory, w)
     # (file sizes include the safetensors headers, a large share for tiny models: hence 0.9)
@@ -225,13 +217,13 @@ def test_staged_pipeline_frees_each_stage(full_folder):
     assert pipe.loads == 8, "staged loads again on the next call"
 
 
-def test_auto_memory_chooses_by_weight_bytes(full_folder, monkeypatch):
+def test_auto_memory_chooses_by_weight_bytes(model_dir, monkeypatch):
     from mlx_glm_image.pipeline import components as P
 
-    total = sum(_weights(full_folder).values())
+    total = sum(_weights(model_dir).values())
     monkeypatch.setattr(P, "memory_budget", lambda: int(total / P.RESIDENT_SHARE) + 1)
-    assert GlmImagePipeline.from_pretrained(full_folder).memory == "resident"
+    assert GlmImagePipeline.from_pretrained(model_dir).memory == "resident"
     monkeypatch.setattr(P, "memory_budget", lambda: int(total / P.RESIDENT_SHARE) - 1)
-    assert GlmImagePipeline.from_pretrained(full_folder).memory == "staged"
+    assert GlmImagePipeline.from_pretrained(model_dir).memory == "staged"
     with pytest.raises(ValueError, match="memory must be one of"):
-        GlmImagePipeline.from_pretrained(full_folder, memory="lots")
+        GlmImagePipeline.from_pretrained(model_dir, memory="lots")

@@ -17,12 +17,15 @@ import mlx.nn as nn  # noqa: E402
 from conftest import assert_close, rel_err, to_mx  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mlx_glm_image.loading import load_model  # noqa: E402
 from mlx_glm_image.models.ar import GlmImageForConditionalGeneration  # noqa: E402
 from mlx_glm_image.models.ar.positions import decode_positions  # noqa: E402
 from mlx_glm_image.pipeline.processor import GlmImageProcessor  # noqa: E402
-from mlx_glm_image.pipeline import prior_tokens  # noqa: E402
-from mlx_glm_image.pipeline.prior_tokens import apply_top_k, generate, generate_prior_tokens, top_p_candidates  # noqa: E402
-from mlx_glm_image.pipeline.prior_tokens import prior_prompt, prior_token_ids, sample, sample_prior_sequences  # noqa: E402
+from mlx_glm_image.pipeline import prior_tokens, request  # noqa: E402
+from mlx_glm_image.pipeline.facts import sampling_settings  # noqa: E402
+from mlx_glm_image.pipeline.prior_grid import generate_prior_tokens, prior_prompt, prior_sequences, prior_token_ids  # noqa: E402
+from mlx_glm_image.pipeline.prior_tokens import drain, generate_step  # noqa: E402
+from mlx_glm_image.pipeline.sample_utils import apply_top_k, greedy, make_sampler, top_p_candidates  # noqa: E402
 
 from tiny_checkpoints import IMAGE_END, write_prior  # noqa: E402
 
@@ -31,7 +34,7 @@ from tiny_checkpoints import IMAGE_END, write_prior  # noqa: E402
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("glm_image")
     tproc, tmodel, vocab = write_prior(root)
-    model = GlmImageForConditionalGeneration.from_pretrained(root)
+    model = load_model(GlmImageForConditionalGeneration, root)
     proc = GlmImageProcessor.from_pretrained(root)
     return dict(root=root, tmodel=tmodel, tproc=tproc, model=model, proc=proc, vocab=vocab)
 
@@ -61,6 +64,16 @@ def _ours(tiny, prompts, h, w, images=None):
     return tiny["proc"].apply_chat_template(_messages(prompts, images), target_h=h, target_w=w, padding=len(prompts) > 1)
 
 
+def _generate(model, inputs, max_new_tokens, **kwargs):
+    """The decode loop over transformers' inputs, run to its end (greedy unless a sampler is given)."""
+    arrays = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "image_grid_thw", "images_per_sample")}
+    return drain(generate_step(model, arrays, max_new_tokens=max_new_tokens, **kwargs))
+
+
+def _greedy_sequences(model, prompt):
+    return drain(prior_sequences(model, prompt, greedy))
+
+
 PROMPTS2 = ["a red cat on the mat", "blue sky"]
 
 
@@ -81,7 +94,7 @@ def test_load_sharded_checkpoint(tiny):
 
 
 def test_load_bf16_and_quantize(tiny):
-    model = GlmImageForConditionalGeneration.from_pretrained(tiny["root"], dtype="bfloat16")
+    model = load_model(GlmImageForConditionalGeneration, tiny["root"], dtype="bfloat16")
     assert model.lm_head.weight.dtype == mx.bfloat16
     inputs = _ours(tiny, ["a cat"], 64, 64)
     ref = tiny["model"](inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
@@ -177,7 +190,7 @@ def test_a_text_config_without_a_rotary_share_runs_as_transformers_runs_it(tmp_p
     tproc, tmodel, _ = write_prior(tmp_path, eos_row_zero=True, text=rope)
     assert "partial_rotary_factor" not in json.loads(
         (tmp_path / "vision_language_encoder" / "config.json").read_text())["text_config"]["rope_parameters"]
-    model = GlmImageForConditionalGeneration.from_pretrained(tmp_path)
+    model = load_model(GlmImageForConditionalGeneration, tmp_path)
     assert model.config.text_config.rotary_dim == 16
     small = dict(root=tmp_path, tproc=tproc, tmodel=tmodel, proc=GlmImageProcessor.from_pretrained(tmp_path))
     inputs = _torch_inputs(small, ["a red cat on the mat"], 64, 96)
@@ -190,12 +203,12 @@ def test_a_text_config_without_a_rotary_share_runs_as_transformers_runs_it(tmp_p
     grids = inputs["image_grid_thw"][: int(inputs["images_per_sample"][0])]
     n_new = P._compute_generation_params(grids, True)[0]
     with torch.no_grad():
-        greedy = tmodel.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new - 1,
-                                 forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
+        reference = tmodel.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new - 1,
+                                    forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
     prompt = prior_prompt(model, small["proc"], ["a red cat on the mat"], 64, 96)
-    ours = sample_prior_sequences(model, prompt, do_sample=False)
-    np.testing.assert_array_equal(ours, greedy)
-    assert len(np.unique(greedy[:, inputs["input_ids"].shape[1]:])) > 5
+    ours = _greedy_sequences(model, prompt)
+    np.testing.assert_array_equal(ours, reference)
+    assert len(np.unique(reference[:, inputs["input_ids"].shape[1]:])) > 5
 
 
 def test_logits_with_source_image(tiny):
@@ -298,19 +311,18 @@ def test_greedy_generation_and_prior_ids(no_eos, prompts, h, w, window, chunk, m
         ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
     L = inputs["input_ids"].shape[1]
     assert ref.shape[1] == L + n_new, "the tiny model should not stop early"
-    ours = generate(tiny["model"], inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
-                    inputs["image_grid_thw"].numpy(), inputs["images_per_sample"].numpy(), max_new_tokens=n_new)
+    ours = _generate(tiny["model"], inputs, n_new)
     np.testing.assert_array_equal(ours, ref)
     assert len(np.unique(ref[:, L:])) > 5
     # the pipeline-level helper: same prompts -> same sequence -> same 2x upsampled prior ids as diffusers
     prompt = prior_prompt(tiny["model"], tiny["proc"], prompts, h, w)
-    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
+    seqs = _greedy_sequences(tiny["model"], prompt)
     with torch.no_grad():  # the prior stage completes its grid: transformers with the same two processors
         complete = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new - 1,
                                            forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
     np.testing.assert_array_equal(seqs, complete)
     np.testing.assert_array_equal(seqs[:, :-1], ref[:, :-1])
-    prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, do_sample=False)
+    prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, sampler=greedy)
     np.testing.assert_array_equal(np.array(prior), np.array(prior_token_ids(seqs, prompt)))
     _, ref_prior = _diffusers_post(ref, grids, L)
     np.testing.assert_array_equal(np.array(prior), ref_prior)
@@ -325,9 +337,7 @@ def test_greedy_stops_at_eos_like_transformers(tiny):
         ref = tiny["tmodel"].generate(**inputs, max_new_tokens=50, do_sample=False).numpy()
     L = inputs["input_ids"].shape[1]
     assert ref.shape[1] < L + 50 and (ref[:, L:] == IMAGE_END).any()
-    ours = generate(tiny["model"], inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
-                    inputs["image_grid_thw"].numpy(), inputs["images_per_sample"].numpy(), max_new_tokens=50,
-                    eos_token_id=IMAGE_END, pad_token_id=tiny["vocab"]["<pad>"])
+    ours = _generate(tiny["model"], inputs, 50, eos_token_id=IMAGE_END, pad_token_id=tiny["vocab"]["<pad>"])
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -339,10 +349,10 @@ def test_greedy_editing(no_eos):
     with torch.no_grad():
         ref = tiny["tmodel"].generate(**inputs, max_new_tokens=n_new, do_sample=False).numpy()
     prompt = prior_prompt(tiny["model"], tiny["proc"], ["a red cat"], 64, 96, images)
-    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)[:, :-1]  # the last token: eos, forced
+    seqs = _greedy_sequences(tiny["model"], prompt)[:, :-1]  # the last token: eos, forced
     ref = ref[:, :-1]
     prior, img_ids, src_grids = generate_prior_tokens(tiny["model"], tiny["proc"], ["a red cat"], 64, 96,
-                                                      images=images, do_sample=False)
+                                                      images=images, sampler=greedy)
     np.testing.assert_array_equal(np.array(prior), np.array(prior_token_ids(seqs, prompt)))
     L = inputs["input_ids"].shape[1]
     # the sequence carries the VQ ids in place of the placeholders (transformers keeps the placeholders)
@@ -386,13 +396,14 @@ def test_top_k_top_p_match_transformers():
 
 def test_sampling_seeded():
     logits = mx.random.normal((2, 100)) * 2
-    a = [int(x) for x in np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(3)))]
-    b = [int(x) for x in np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(3)))]
+    sample = make_sampler(temperature=0.9, top_p=0.75, top_k=50)
+    a = [int(x) for x in np.array(sample(logits, mx.random.key(3)))]
+    b = [int(x) for x in np.array(sample(logits, mx.random.key(3)))]
     assert a == b
     # sampled tokens stay inside the top-p nucleus
     kept = _top_p_kept(apply_top_k(logits / 0.9, 50), 0.75)
     for _ in range(5):
-        t = np.array(sample(logits, 0.9, 50, 0.75, key=mx.random.key(_)))
+        t = np.array(sample(logits, mx.random.key(_)))
         assert kept[np.arange(2), t].all()
 
 
@@ -406,7 +417,8 @@ def test_sampling_follows_the_nucleus_distribution():
     warped = TopPLogitsWarper(0.75)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.9)(None, logits)))
     want = torch.softmax(warped, -1)[0].numpy()
     n = 20000
-    draws = np.array(sample(mx.broadcast_to(to_mx(logits), (n, 40)), 0.9, 20, 0.75, key=mx.random.key(1)))
+    sample = make_sampler(temperature=0.9, top_p=0.75, top_k=20)
+    draws = np.array(sample(mx.broadcast_to(to_mx(logits), (n, 40)), mx.random.key(1)))
     freq = np.bincount(draws, minlength=40) / n
     assert freq[want == 0].sum() == 0
     np.testing.assert_allclose(freq, want, atol=0.015)
@@ -414,10 +426,11 @@ def test_sampling_follows_the_nucleus_distribution():
 
 def test_sampled_generation_reproducible(no_eos):
     tiny = no_eos
-    kw = dict(model=tiny["model"], processor=tiny["proc"], prompts=["a cat"], height=64, width=64)
-    a = generate_prior_tokens(**kw, key=7, temperature=0.9, top_p=0.75)[0]
-    b = generate_prior_tokens(**kw, key=mx.random.key(7), temperature=0.9, top_p=0.75)[0]
-    c = generate_prior_tokens(**kw, key=8, temperature=0.9, top_p=0.75)[0]
+    sampler = make_sampler(**sampling_settings(tiny["model"].generation_config, temperature=0.9, top_p=0.75))
+    kw = dict(model=tiny["model"], processor=tiny["proc"], prompts=["a cat"], height=64, width=64, sampler=sampler)
+    a = generate_prior_tokens(**kw, key=7)[0]
+    b = generate_prior_tokens(**kw, key=mx.random.key(7))[0]
+    c = generate_prior_tokens(**kw, key=8)[0]
     np.testing.assert_array_equal(np.array(a), np.array(b))
     assert not np.array_equal(np.array(a), np.array(c))
 
@@ -436,11 +449,12 @@ def test_an_early_end_token_never_cuts_the_grid(tiny):
                                       forced_eos_token_id=IMAGE_END, do_sample=False).numpy()
     L = inputs["input_ids"].shape[1]
     assert early.shape[1] < L + n_new, "the tiny model should end early unconstrained"
-    seqs = sample_prior_sequences(tiny["model"], prompt, do_sample=False)
+    seqs = _greedy_sequences(tiny["model"], prompt)
     np.testing.assert_array_equal(seqs, ref)
     assert (seqs[:, -1] == IMAGE_END).all() and not (seqs[:, L:-1] == IMAGE_END).any()
+    sampler = make_sampler(**sampling_settings(tiny["model"].generation_config))  # the checkpoint's settings
     for seed in range(4):
-        ids, _, _ = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, key=seed)
+        ids, _, _ = generate_prior_tokens(tiny["model"], tiny["proc"], prompts, h, w, sampler=sampler, key=seed)
         assert ids.shape == (2, (h // 16) * (w // 16))
 
 
@@ -468,17 +482,21 @@ def test_chat_template_read_where_transformers_reads_it(tiny, tmp_path, place):
     ({"temperature": 0.7, "top_p": 0.5}, dict(temperature=0.7, top_p=0.5, top_k=50)),  # transformers' for the rest
 ])
 def test_sampling_defaults_from_the_checkpoint(tiny, monkeypatch, config, want):
+    """The pipeline's AR stage method samples as the model's generation_config says (tests/fast/test_request.py:
+    the same for a call, from the checkpoint's facts)."""
+    from mlx_glm_image import GlmImagePipeline
+
     seen = {}
-    monkeypatch.setattr(prior_tokens, "generate_step", lambda *a, **k: seen.update(k) or iter(()))
+    monkeypatch.setattr(request, "make_sampler", lambda **k: seen.update(k) or greedy)
     model = tiny["model"]
+    pipe = GlmImagePipeline(vision_language_encoder=model, processor=tiny["proc"])
     # set and restored by hand: an MLX module keeps a dict attribute as its own item, which monkeypatch cannot restore
     saved = model.generation_config
     model.generation_config = config or {}
     try:
-        prompt = prior_prompt(model, tiny["proc"], ["a cat"], 64, 64)
-        sample_prior_sequences(model, prompt)
-        assert {k: seen[k] for k in want} == want and seen["do_sample"] is True
-        sample_prior_sequences(model, prompt, temperature=0.3, top_k=5)
+        pipe.generate_prior_tokens(["a cat"], 64, 64)
+        assert {k: seen[k] for k in want} == want and make_sampler(**seen) is not greedy
+        pipe.generate_prior_tokens(["a cat"], 64, 64, temperature=0.3, top_k=5)
         assert seen["temperature"] == 0.3 and seen["top_k"] == 5
     finally:
         model.generation_config = saved

@@ -3,28 +3,14 @@ templated outputs, metadata that regenerates an image alone, no silent overwrite
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import cli, cli_ok
 from PIL import Image
-from tiny_checkpoints import write_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--height", "64", "--width", "96", "--steps", "2", "--quiet", "--dtype", "float32"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("runs") / "tiny-glm-image")
-
-
-def cli(*args, cwd=ROOT):
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def pixels(path):
@@ -32,7 +18,7 @@ def pixels(path):
 
 
 def test_one_image_per_seed_with_sidecars_and_reruns(model_dir, tmp_path):
-    cli("-m", model_dir, "--prompt", 'a red cat "big"', *ARGS, "--seed", 11, 12, "--output", tmp_path / "a_{seed}.png",
+    cli_ok("-m", model_dir, "--prompt", 'a red cat "big"', *ARGS, "--seed", 11, 12, "--output", tmp_path / "a_{seed}.png",
         "--metadata")
     for seed in (11, 12):
         record = json.loads((tmp_path / f"a_{seed}.json").read_text())
@@ -44,46 +30,46 @@ def test_one_image_per_seed_with_sidecars_and_reruns(model_dir, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "a_11.png"), pixels(tmp_path / "a_12.png"))
 
     # the PNG and the JSON each regenerate image 12 alone, pixel for pixel
-    cli("--config-from-metadata", tmp_path / "a_12.png", "--output", tmp_path / "again.png", "--quiet")
+    cli_ok("--config-from-metadata", tmp_path / "a_12.png", "--output", tmp_path / "again.png", "--quiet")
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "a_12.png"))
-    cli("--config-from-metadata", tmp_path / "a_12.json", "--output", tmp_path / "again_json.png", "--quiet")
+    cli_ok("--config-from-metadata", tmp_path / "a_12.json", "--output", tmp_path / "again_json.png", "--quiet")
     assert np.array_equal(pixels(tmp_path / "again_json.png"), pixels(tmp_path / "a_12.png"))
     # a flag given with it overrides the record
-    cli("--config-from-metadata", tmp_path / "a_12.png", "--seed", 11, "--output", tmp_path / "as11.png", "--quiet")
+    cli_ok("--config-from-metadata", tmp_path / "a_12.png", "--seed", 11, "--output", tmp_path / "as11.png", "--quiet")
     assert np.array_equal(pixels(tmp_path / "as11.png"), pixels(tmp_path / "a_11.png"))
     assert json.loads(Image.open(tmp_path / "as11.png").text["glm-image"])["seed"] == 11
 
 
 def test_prompt_files_auto_seeds_and_num_images(model_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red cat\n\nthe big dog on the mat\n")
-    cli("-m", model_dir, "--prompt-file", tmp_path / "prompts.txt", *ARGS, "--seed", 5, "--output", tmp_path / "p_{index}.png")
+    cli_ok("-m", model_dir, "--prompt-file", tmp_path / "prompts.txt", *ARGS, "--seed", 5, "--output", tmp_path / "p_{index}.png")
     records = [json.loads(Image.open(tmp_path / f"p_{i}.png").text["glm-image"]) for i in (0, 1)]
     assert [r["prompt"] for r in records] == ["a red cat", "the big dog on the mat"] and not (tmp_path / "p_2.png").exists()
 
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat", "seed": 3, "size": "64x64"}\n{"prompt": "a dog", "steps": 1}\n')
-    cli("-m", model_dir, "--prompt-file", tmp_path / "prompts.jsonl", *ARGS, "--seed", 9, "--output", tmp_path / "j_{prompt}_{seed}.png")
+    cli_ok("-m", model_dir, "--prompt-file", tmp_path / "prompts.jsonl", *ARGS, "--seed", 9, "--output", tmp_path / "j_{prompt}_{seed}.png")
     assert Image.open(tmp_path / "j_a-cat_3.png").size == (64, 64)
     assert json.loads(Image.open(tmp_path / "j_a-dog_9.png").text["glm-image"])["steps"] == 1
 
-    cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--auto-seeds", 3, "--output", tmp_path / "auto.png")
+    cli_ok("-m", model_dir, "--prompt", "a cat", *ARGS, "--auto-seeds", 3, "--output", tmp_path / "auto.png")
     seeds = {json.loads(Image.open(tmp_path / f"auto_{i}.png").text["glm-image"])["seed"] for i in (1, 2, 3)}
     assert len(seeds) == 3
 
-    cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 40, "--num-images", 3, "--output", tmp_path / "n.png")
+    cli_ok("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 40, "--num-images", 3, "--output", tmp_path / "n.png")
     second = json.loads(Image.open(tmp_path / "n_2.png").text["glm-image"])
     assert second["seed"] == 41
-    cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 41, "--output", tmp_path / "alone.png")
+    cli_ok("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 41, "--output", tmp_path / "alone.png")
     assert np.array_equal(pixels(tmp_path / "alone.png"), pixels(tmp_path / "n_2.png")), "image 2 regenerates alone"
 
 
 def test_existing_files_are_never_overwritten_silently(model_dir, tmp_path):
     out = tmp_path / "x.png"
-    cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 1, "--output", out)
+    cli_ok("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 1, "--output", out)
     first = pixels(out)
-    proc = cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 2, "--output", out)
+    proc = cli_ok("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 2, "--output", out)
     assert np.array_equal(pixels(out), first) and (tmp_path / "x-2.png").exists()
     assert f"{out} exists: writing {tmp_path / 'x-2.png'}" in proc.stderr
-    cli("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 2, "--output", out, "--overwrite")
+    cli_ok("-m", model_dir, "--prompt", "a cat", *ARGS, "--seed", 2, "--output", out, "--overwrite")
     assert np.array_equal(pixels(out), pixels(tmp_path / "x-2.png"))
 
 
@@ -121,8 +107,7 @@ def test_bad_run_arguments_are_one_line(model_dir, tmp_path):
                           (["--output", str(tmp_path / "{nope}.png")], "unknown field {nope}"),
                           (["--prompt-file", str(tmp_path / "none.txt")], "does not exist"),
                           (["--config-from-metadata", str(tmp_path / "none.png")], "does not exist")]:
-        proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "-m", str(model_dir), "--prompt", "x",
-                               *args], capture_output=True, text=True, cwd=ROOT)
+        proc = cli("-m", model_dir, "--prompt", "x", *args)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
         assert message in proc.stderr, proc.stderr
 
@@ -142,19 +127,18 @@ def test_help_names_the_console_script(script, usage):
 def test_the_step_cache_from_the_cli_and_its_metadata(model_dir, tmp_path):
     """--cache and cache-dit's field flags; the record holds the settings and the cached steps, and regenerates the
     image bit for bit. (The tiny DiT has 2 blocks: SGLang's F2 B1 does not fit, which is said before any load.)"""
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "-m", str(model_dir), "--prompt", "x", *ARGS,
-                           "--cache", "--output", str(tmp_path / "never.png")], capture_output=True, text=True, cwd=ROOT)
+    proc = cli("-m", model_dir, "--prompt", "x", *ARGS, "--cache", "--output", tmp_path / "never.png")
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: Fn_compute_blocks + Bn_compute_blocks (2 + 1) must be at most the DiT's 2 blocks")
     cache = ["--cache", "--Fn", 1, "--Bn", 0, "--ws", 1, "--rdt", 0.9, "--taylorseer-order", 1]
     args = ["-m", model_dir, "--prompt", 'a red cat "big"', "--height", "64", "--width", "96", "--steps", 6, "--seed", 4,
             "--dtype", "float32"]
-    proc = cli(*args, *cache, "--output", tmp_path / "cached.png")
+    proc = cli_ok(*args, *cache, "--output", tmp_path / "cached.png")
     assert "DiT blocks computed" in proc.stdout, proc.stdout
     record = json.loads(Image.open(tmp_path / "cached.png").text["glm-image"])
     assert record["cache"]["Fn_compute_blocks"] == 1 and record["cache"]["residual_diff_threshold"] == 0.9
     assert record["calibrator"] == {"taylorseer_order": 1} and record["cache_summary"]["cached_steps"]
-    cli(*args, "--quiet", "--output", tmp_path / "plain.png")
+    cli_ok(*args, "--quiet", "--output", tmp_path / "plain.png")
     assert not np.array_equal(pixels(tmp_path / "cached.png"), pixels(tmp_path / "plain.png"))
-    cli("--config-from-metadata", tmp_path / "cached.png", "--quiet", "--output", tmp_path / "again.png")
+    cli_ok("--config-from-metadata", tmp_path / "cached.png", "--quiet", "--output", tmp_path / "again.png")
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "cached.png"))

@@ -4,12 +4,9 @@ import base64
 import http.client
 import io
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -17,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import cli, run, start
 from PIL import Image
-from tiny_checkpoints import write_pipeline
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = {"seed": 7, "num_inference_steps": 1, "top_k": 1}
 
 
@@ -37,9 +33,7 @@ class Server:
     def __init__(self, model, *args):
         self.port = free_port()
         self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server that logs much never blocks on it
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlx_glm_image.server", "-m", str(model), "--port",
-                                      str(self.port), "--dtype", "float32", *map(str, args)], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.proc = start("server", "-m", model, "--port", self.port, "--dtype", "float32", *args, stderr=self.stderr)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -79,11 +73,6 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("server") / "tiny-glm-image")
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +170,7 @@ def test_streaming_with_the_openai_client(server, tmp_path):
     served = tmp_path / "served.png"
     served.write_bytes(base64.b64decode(events[-1].b64_json))
     assert json.loads(Image.open(served).text["glm-image"])["seed"] == 7
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.generate", "--config-from-metadata", str(served),
-                           "--output", str(tmp_path / "again.png"), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    proc = cli("--config-from-metadata", served, "--output", tmp_path / "again.png", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), decode(events[-1]))
 
@@ -243,38 +231,33 @@ def test_api_key_and_full_queue(model_dir):
         s.stop()
 
 
-def test_a_stream_that_fails_ends_with_an_error_event(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def nan_vae_server(model_dir, tmp_path_factory):
+    """A server of the tiny pipeline whose VAE decodes to NaN."""
     from safetensors.numpy import load_file, save_file
 
-    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    model = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("nan-vae") / "model"))
     for shard in (model / "vae").glob("*.safetensors"):
         tensors = load_file(shard)
         save_file({k: np.full_like(v, np.nan) if k.startswith("decoder.conv_out") else v for k, v in tensors.items()}, shard)
     s = Server(model, "--memory", "resident")
-    try:
-        with pytest.raises(openai.APIError, match="non-finite pixels"):
-            list(s.client().images.generate(prompt="x", size="64x64", stream=True, extra_body=FAST))
-        assert s.client().models.list().data, "the server goes on serving"
-    finally:
-        s.stop()
+    yield s
+    s.stop()
 
 
-def test_nan_weights_fail_that_request_only(model_dir, tmp_path):
-    from safetensors.numpy import load_file, save_file
+def test_a_stream_that_fails_ends_with_an_error_event(nan_vae_server):
+    s = nan_vae_server
+    with pytest.raises(openai.APIError, match="non-finite pixels"):
+        list(s.client().images.generate(prompt="x", size="64x64", stream=True, extra_body=FAST))
+    assert s.client().models.list().data, "the server goes on serving"
 
-    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
-    for shard in (model / "vae").glob("*.safetensors"):
-        tensors = load_file(shard)
-        save_file({k: np.full_like(v, np.nan) if k.startswith("decoder.conv_out") else v for k, v in tensors.items()}, shard)
-    s = Server(model, "--memory", "resident")
-    try:
-        client = s.client()
-        with pytest.raises(openai.InternalServerError, match="non-finite pixels"):
-            client.images.generate(prompt="x", size="64x64", extra_body=FAST)
-        out = client.models.list()  # the server is still serving
-        assert out.data
-    finally:
-        s.stop()
+
+def test_nan_weights_fail_that_request_only(nan_vae_server):
+    client = nan_vae_server.client()
+    with pytest.raises(openai.InternalServerError, match="non-finite pixels"):
+        client.images.generate(prompt="x", size="64x64", extra_body=FAST)
+    out = client.models.list()  # the server is still serving
+    assert out.data
 
 
 def test_sigint_stops_within_seconds(model_dir):
@@ -286,8 +269,7 @@ def test_sigint_stops_within_seconds(model_dir):
 
 
 def test_a_public_host_needs_a_key(model_dir):
-    proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.server", "-m", str(model_dir), "--host", "0.0.0.0"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=dict(os.environ))
+    proc = run("server", "-m", model_dir, "--host", "0.0.0.0", timeout=60)
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: --host 0.0.0.0 is reachable from other machines: set --api-key (or pass --no-auth)")
 
@@ -475,8 +457,7 @@ def test_a_bad_port_or_host_is_one_line_before_the_model_loads(model_dir):
         for args, message in ((["--port", "99999"], "error: --port must be from 1 to 65535, got 99999"),
                               (["--port", str(port)], f"error: cannot listen on 127.0.0.1:{port}: "),
                               (["--host", "no.such.host.invalid", "--no-auth"], "error: cannot listen on no.such.host.invalid:8000: ")):
-            proc = subprocess.run([sys.executable, "-m", "mlx_glm_image.server", "-m", str(model_dir), *args],
-                                  capture_output=True, text=True, cwd=ROOT, timeout=60)
+            proc = run("server", "-m", model_dir, *args, timeout=60)
             lines = proc.stderr.strip().splitlines()
             assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), (args, proc.stderr)
             assert "serving" not in proc.stdout, "refused before the model loads"

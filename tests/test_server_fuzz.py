@@ -10,7 +10,6 @@ import time
 
 import pytest
 from test_server import FAST, Server, decode, envelope, multipart, png_bytes
-from tiny_checkpoints import write_pipeline
 
 pytest.importorskip("fastapi")
 
@@ -40,8 +39,8 @@ ODD = [("GET", "/v1/images/generations"), ("PUT", "/v1/images/edits"), ("DELETE"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(write_pipeline(tmp_path_factory.mktemp("fuzz") / "tiny-glm-image"), "--memory", "resident")
+def server(model_dir):
+    s = Server(model_dir, "--memory", "resident")
     yield s
     s.stop()
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tiny_checkpoints import LATENT, write_diffusion_side
 
 from mlx_glm_image import DBCacheConfig, TaylorSeerCalibratorConfig
-from mlx_glm_image.pipeline import GlmImagePipeline
+from mlx_glm_image.pipeline import GlmImagePipeline, flow
 
 import cache_dit  # noqa: E402 - pinned in the test extra: a missing one fails here, never skips
 
@@ -143,6 +143,37 @@ def test_the_report_counts_the_blocks_computed(pipelines):
     cached = len(image.metadata["cache_summary"]["cached_steps"]) + len(image.metadata["cache_summary"]["cfg_cached_steps"])
     assert cached and computed == STEPS * 2 * 6 - cached * 3, "a cached pass skips its 3 middle blocks"
     assert image.metadata["cache"] == dict(SGLANG, warmup_interval=1, max_cached_steps=-1, enable_separate_cfg=None)
+
+
+class TwoVelocities(flow.FlowMatchEulerSampler):
+    """Heun's shape: the velocity at x, again at the Euler step's end, and a step with their mean."""
+
+    def denoise_step(self, velocity, i, x):
+        v = velocity(x, self.model_timestep(i))
+        v = (v + velocity(self.step(v, i, x), self.model_timestep(min(i + 1, self.num_inference_steps - 1)))) / 2
+        return self.step(v, i, x), v
+
+
+def test_a_policy_counts_the_steppers_steps(pipelines, monkeypatch):
+    """A sampler that asks for two velocities a step (one class, one SAMPLERS row): the warm-up and the limits
+    stay in steps, as the policy gets the Stepper's step index, and TaylorSeer's second update in a step
+    extrapolates from the earlier steps (finite)."""
+    _, pipe = pipelines
+    monkeypatch.setitem(flow.SAMPLERS, "twice", TwoVelocities)
+    cache = DBCacheConfig(**dict(SGLANG, residual_diff_threshold=0.9, max_continuous_cached_steps=2, max_cached_steps=5))
+    events = list(pipe.stream(**{k: to_mx(v) if isinstance(v, torch.Tensor) else v for k, v in inputs().items()},
+                              sampler="twice", cache_config=cache,
+                              calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=2)))
+    steps = [e for e in events if e.kind == "step"]
+    assert len(steps) == STEPS and all(e.blocks[1] == 2 * 2 * 6 for e in steps), "two velocities of two passes a step"
+    image = next(e for e in events if e.kind == "image")
+    summary = image.metadata["cache_summary"]
+    # warm-up 4 steps, at most 2 cached steps in a row, 5 in all (counted in calls, they would end by step 5)
+    assert summary["cached_steps"] == summary["cfg_cached_steps"] == [4, 5, 7, 8, 10]
+    skipped = {e.index: e.blocks[0] for e in steps if e.blocks[0] < e.blocks[1]}
+    assert skipped == {s: 2 * 2 * 3 for s in (4, 5, 7, 8, 10)}, "both calls of both passes skip the 3 middle blocks"
+    assert set(summary["residual_diffs"]) <= set(range(4, STEPS))
+    assert np.isfinite(image.image).all()
 
 
 @pytest.mark.parametrize("config,message", [

@@ -8,19 +8,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_checkpoints import write_pipeline
 
 from mlx_glm_image.pipeline import GlmImagePipeline
 from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper, every_block
+from mlx_glm_image.pipeline.flow import FlowMatchEulerSampler
 
 MODELS = ("vision_language_encoder", "text_encoder", "transformer", "vae")
 # --top-k 1: the random tiny AR model would otherwise sample its end token before the grid is complete
 CALL = dict(prompt='a red cat "big"', height=64, width=96, num_inference_steps=3, seed=3, top_k=1, output_type="np")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_pipeline(tmp_path_factory.mktemp("stream") / "tiny-glm-image")
 
 
 @pytest.fixture
@@ -34,8 +29,8 @@ def reads(monkeypatch):
     return seen
 
 
-def test_events_in_order_and_equal_to_the_call(folder):
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+def test_events_in_order_and_equal_to_the_call(model_dir):
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
     events = list(pipe.stream(**CALL))
     kinds = [(e.kind, e.stage, e.done) for e in events if e.kind == "stage"]
     assert kinds == [("stage", s, d) for s in ("prior", "glyphs", "denoise", "decode") for d in (False, True)]
@@ -53,8 +48,8 @@ def test_events_in_order_and_equal_to_the_call(folder):
 
 
 @pytest.mark.parametrize("stop_at", ["token", "step"])
-def test_closing_the_stream_stops_and_frees_staged_memory(folder, reads, stop_at):
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+def test_closing_the_stream_stops_and_frees_staged_memory(model_dir, reads, stop_at):
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="staged")
     events = pipe.stream(**CALL)
     seen = []
     for event in events:
@@ -69,23 +64,23 @@ def test_closing_the_stream_stops_and_frees_staged_memory(folder, reads, stop_at
     with pytest.raises(StopIteration):
         next(events)
     again = pipe(**CALL).images[0]  # the next call works normally
-    fresh = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")(**CALL).images[0]
+    fresh = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")(**CALL).images[0]
     assert np.array_equal(again, fresh)
 
 
-def test_editing_under_staged_memory_loads_each_model_once(folder, reads, tmp_path):
+def test_editing_under_staged_memory_loads_each_model_once(model_dir, reads, tmp_path):
     source = tmp_path / "source.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(source)
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="staged")
     out = pipe(**dict(CALL, image=str(source)))
     assert sorted(reads) == sorted(MODELS) and pipe.loads == 4, reads
     assert not [n for n in MODELS if pipe.components.holds(n)]
-    resident = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+    resident = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
     assert np.array_equal(out.images, resident(**dict(CALL, image=Image.open(source))).images)
 
 
-def test_a_model_is_loaded_once_by_threads_asking_together(folder, reads):
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
+def test_a_model_is_loaded_once_by_threads_asking_together(model_dir, reads):
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
     got, start = [], threading.Barrier(4)
 
     def ask():
@@ -100,10 +95,10 @@ def test_a_model_is_loaded_once_by_threads_asking_together(folder, reads):
     assert reads == ["transformer"] and all(m is got[0] for m in got)
 
 
-def test_checks_on_another_thread_while_staged_memory_loads_and_frees(folder):
+def test_checks_on_another_thread_while_staged_memory_loads_and_frees(model_dir):
     """The server checks requests on its event loop while its worker generates: the components and the facts
     are shared under one lock, so neither side sees them half-changed."""
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="staged")
     stop, errors, checked = threading.Event(), [], []
 
     def check():
@@ -126,11 +121,11 @@ def test_checks_on_another_thread_while_staged_memory_loads_and_frees(folder):
     assert not errors and checked
 
 
-def test_stepper_passes_keep_their_own_state_and_a_blocks_policy_decides(folder):
-    """Each step runs one DiT pass per Pass (cond, uncond), each with its own state; the blocks policy sees every
-    (pass, step) and may compute the blocks itself: running them in two halves is the plain computation."""
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="resident")
-    dit, scheduler = pipe.transformer, pipe.scheduler
+def test_stepper_passes_and_a_blocks_policy_decides(model_dir):
+    """Each step runs one DiT pass per Pass (cond, uncond); the blocks policy sees every (pass, step), keeps its own
+    state by pass name, and may compute the blocks itself: running them in two halves is the plain computation."""
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
+    dit = pipe.transformer
     b, n = 1, 4 * 6
     rng = np.random.default_rng(0)
     text = mx.array(rng.standard_normal((b, 3, dit.config.text_embed_dim)).astype(np.float32))
@@ -138,39 +133,39 @@ def test_stepper_passes_keep_their_own_state_and_a_blocks_policy_decides(folder)
                            prior_token_ids=mx.array(rng.integers(0, 40, (b, n)), dtype=mx.int32),
                            target_size=mx.array([[64.0, 96.0]]), crop_coords=mx.zeros((1, 2)), guidance_scale=2.0)
     latents = mx.array(rng.standard_normal((b, dit.config.in_channels, 8, 12)).astype(np.float32))
-    scheduler.set_timesteps(3, image_seq_len=n)
-    plain = [x for _, x in Stepper(dit, scheduler, inputs).steps(latents)][-1]
+    sampler = FlowMatchEulerSampler(pipe.scheduler, image_seq_len=n, num_inference_steps=3)
+    plain = [x for _, x in Stepper(dit, sampler, inputs).steps(latents)][-1]
 
-    seen = []
+    seen, state = [], {}
 
     def halves(pass_, step, x, blocks):
         """Asks the host for a value in between (a generator policy): the passes take turns around it."""
-        pass_.state["steps"] = pass_.state.get("steps", 0) + 1
+        state[pass_.name] = state.get(pass_.name, 0) + 1
         seen.append((pass_.name, step, "first half"))
         h = blocks(0, blocks.n_blocks // 2, x)
         yield mx.mean(h)
         seen.append((pass_.name, step, "second half"))
         return blocks(blocks.n_blocks // 2, blocks.n_blocks, h)
 
-    stepper = Stepper(dit, scheduler, inputs, blocks=halves)
+    stepper = Stepper(dit, sampler, inputs, blocks=halves)
     split = [x for _, x in stepper.steps(latents)][-1]
     assert np.array_equal(np.array(split), np.array(plain))
     assert seen == [(p, s, half) for s in range(3) for half in ("first half", "second half") for p in ("cond", "uncond")]
-    assert [p.state for p in stepper.passes] == [{"steps": 3}, {"steps": 3}]
+    assert [state[p.name] for p in stepper.passes] == [3, 3]
     assert (stepper.computed, stepper.total) == (2 * 2, 2 * 2), "two passes of the tiny DiT's 2 blocks"
-    assert np.array_equal(np.array([x for _, x in Stepper(dit, scheduler, inputs, blocks=every_block).steps(latents)][-1]),
+    assert np.array_equal(np.array([x for _, x in Stepper(dit, sampler, inputs, blocks=every_block).steps(latents)][-1]),
                           np.array(plain)), "every_block is the default"
 
-    skipped = Stepper(dit, scheduler, inputs, blocks=lambda p, s, x, blocks: blocks(0, blocks.n_blocks - 1, x))
+    skipped = Stepper(dit, sampler, inputs, blocks=lambda p, s, x, blocks: blocks(0, blocks.n_blocks - 1, x))
     assert np.abs(np.array([x for _, x in skipped.steps(latents)][-1]) - np.array(plain)).max() > 1e-4, \
         "a policy that skips a block changes the result"
     assert (skipped.computed, skipped.total) == (2, 4)
 
 
-def test_previews_come_spread_over_the_steps_and_change_nothing(folder, reads):
+def test_previews_come_spread_over_the_steps_and_change_nothing(model_dir, reads):
     """Preview events at steps spread over the run (the predicted clean image, decoded small); the final image is
     the same as without them, and staged memory loads the VAE once for both."""
-    pipe = GlmImagePipeline.from_pretrained(folder, dtype="float32", memory="staged")
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="staged")
     call = dict(CALL, num_inference_steps=6)
     events = list(pipe.stream(**call, previews=3))
     previews = [e for e in events if e.kind == "preview"]

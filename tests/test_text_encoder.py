@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import assert_close, rel_err
 
+from mlx_glm_image.loading import load_model
 from mlx_glm_image.models.t5 import T5Config, T5EncoderModel
-from mlx_glm_image.pipeline.glyphs import ByT5Tokenizer, get_glyph_embeds, get_glyph_texts
+from mlx_glm_image.pipeline.glyphs import ByT5Tokenizer, get_glyph_embeds, get_glyph_texts, glyph_tokens
 
 transformers = pytest.importorskip("transformers")
 from diffusers import GlmImagePipeline  # noqa: E402
@@ -53,7 +54,7 @@ def models(tmp_path_factory):
                 p.copy_(torch.randn_like(p) * (0.5 if name == "shared.weight" else p.shape[-1] ** -0.5))
     folder = tmp_path_factory.mktemp("t5")
     ref.save_pretrained(folder, safe_serialization=True)
-    ours = T5EncoderModel.from_pretrained(folder)
+    ours = load_model(T5EncoderModel, folder)
     return ref, ours, folder
 
 
@@ -135,16 +136,23 @@ def test_glyph_embeds_truncation(models):
     assert_close(actual, expected, what="truncated glyph embeds")
 
 
-def test_pad_quirk_is_visible():
-    # guard that the test above can fail: without the prepended pad the two-string prompt is 1 row shorter
-    ids = ByT5Tokenizer()(["a", "b"])
-    assert len(ids) == 2 and (len(ids) + 1) % 2 == 1
+@pytest.mark.parametrize("prompt", PROMPTS[:4], ids=["none", "one", "two", "three"])
+def test_glyph_token_count_is_the_reference_length(models, prompt):
+    # glyph_tokens (what the request checks against max_sequence_length) counts the rows diffusers' glyph embeds
+    # have; with an even number of strings that includes diffusers' pad in front of each, which plain ByT5 lacks
+    ref, _, _ = models
+    with torch.no_grad():
+        expected = GlmImagePipeline._get_glyph_embeds(ref_pipeline_self(ref), [prompt], 2048, None, None)
+    assert glyph_tokens(prompt) == expected.shape[1]
+    texts = get_glyph_texts(prompt)[0] or [""]
+    pads = len(texts) if len(texts) % 2 == 0 else 0
+    assert expected.shape[1] == sum(map(len, transformers.ByT5Tokenizer()(texts).input_ids)) + pads
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_load_close(models, dtype):
     ref, _, folder = models
-    ours16 = T5EncoderModel.from_pretrained(folder, dtype=dtype)
+    ours16 = load_model(T5EncoderModel, folder, dtype=dtype)
     ref16 = transformers.T5EncoderModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     # transformers keeps wo in float32 under float16 only; so do we
     wo_ref = ref16.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype

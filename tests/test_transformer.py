@@ -12,7 +12,7 @@ from diffusers import GlmImageTransformer2DModel as TorchDiT
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.transformers import transformer_glm_image as ref
 
-from mlx_glm_image import GlmImageKVCache, GlmImageTransformer2DModel
+from mlx_glm_image import GlmImageKVCache, GlmImageTransformer2DModel, load_model
 from mlx_glm_image.models.dit import rope_2d, timestep_embedding
 from mlx_glm_image.pipeline.denoise import queued_steps
 
@@ -38,7 +38,7 @@ def make_models(tmp_path, heads=2, head_dim=16, layers=2, shard="30KB", dtype=No
     torch_model = TorchDiT(**tiny_config(heads, head_dim, layers)).eval()
     folder = tmp_path / f"transformer_{heads}x{head_dim}"
     torch_model.save_pretrained(folder, max_shard_size=shard)
-    return torch_model, GlmImageTransformer2DModel.from_pretrained(folder, dtype=dtype)
+    return torch_model, load_model(GlmImageTransformer2DModel, folder, dtype=dtype)
 
 
 def inputs(batch, h, w, text_len, cfg, drop="mixed", timesteps=None):
@@ -341,9 +341,9 @@ def test_from_pretrained_reads_shards_and_dtype(tmp_path):
     folder = tmp_path / "transformer_2x16"
     assert len(list(folder.glob("*.safetensors"))) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
     for dtype, want in [(None, mx.float32), ("float16", mx.float16), ("bfloat16", mx.bfloat16)]:
-        model = GlmImageTransformer2DModel.from_pretrained(folder, dtype=dtype)
+        model = load_model(GlmImageTransformer2DModel, folder, dtype=dtype)
         assert model.dtype == want
-    model = GlmImageTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer_2x16")
+    model = load_model(GlmImageTransformer2DModel, tmp_path, subfolder="transformer_2x16")
     kw = inputs(1, 4, 4, 2, tiny_config())
     assert_close(run_mlx(model, kw), run_torch(torch_model, kw), TOL)
 

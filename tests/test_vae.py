@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_close, rel_err
 
+from mlx_glm_image.loading import load_model
 from mlx_glm_image.models.vae import AutoencoderKL, AutoencoderKLConfig
 from mlx_glm_image.pipeline.decode import VaeTiling
 from mlx_glm_image.pipeline.decode import decode as vae_decode
@@ -47,7 +48,7 @@ def make_pair(tmp_path, **kw):
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     ref.save_pretrained(tmp_path, safe_serialization=True)
-    return ref, AutoencoderKL.from_pretrained(tmp_path)
+    return ref, load_model(AutoencoderKL, tmp_path)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["mid-attn", "no-mid-attn"])
@@ -190,7 +191,7 @@ def test_parameter_names_and_mlx_folder_roundtrip(pair, tmp_path):
     # an already-converted (OHWI) folder must load too: conv_in (O, 3, 3, 3) is ambiguous on its own
     mx.save_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"), dict(tree_flatten(ours.parameters())))
     (tmp_path / "config.json").write_text(json.dumps({**dict(ref.config), "_class_name": "AutoencoderKL"}))
-    again = AutoencoderKL.from_pretrained(tmp_path)
+    again = load_model(AutoencoderKL, tmp_path)
     z = mx.random.normal((1, 4, 3, 4))
     assert_close(again.decode(z), ours.decode(z), tol=0)
     x = mx.random.uniform(-1, 1, (1, 3, 16, 24))
@@ -215,7 +216,7 @@ def test_legacy_attention_names(pair):
 def test_bf16_decode_close(pair, tmp_path):
     ref, ours = pair
     ref.save_pretrained(tmp_path, safe_serialization=True)
-    ours16 = AutoencoderKL.from_pretrained(tmp_path, dtype="bfloat16")
+    ours16 = load_model(AutoencoderKL, tmp_path, dtype="bfloat16")
     assert ours16.dtype == mx.bfloat16
     z = torch.randn(1, 4, 4, 6)
     with torch.no_grad():
@@ -230,7 +231,7 @@ def test_bf16_decode_close(pair, tmp_path):
     print(f"bf16 decode vs fp32: ours {err:.2e}, torch bf16 {ref_err:.2e}")
     assert err <= 2 * ref_err + 1e-3
     # float16 with force_upcast loads float32 (this VAE family overflows in float16)
-    assert AutoencoderKL.from_pretrained(tmp_path, dtype="float16").dtype == mx.float32
+    assert load_model(AutoencoderKL, tmp_path, dtype="float16").dtype == mx.float32
 
 
 def test_convolutions_in_slabs_are_exact_and_bound_memory(pair, monkeypatch):

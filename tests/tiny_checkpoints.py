@@ -151,6 +151,21 @@ def write_prior(root, eos_row_zero=False, vision_patch=8, text=None):
     return tproc, tmodel, vocab
 
 
+def write_transformer_only(folder):
+    """model_index.json naming the transformer alone, transformer/ (sharded, with its index json) and scheduler/: a
+    DiT wider than the pipeline's (3 blocks of 4 heads of 32, a 64-code codebook)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel as TorchDiT
+
+    torch.manual_seed(0)
+    dit = TorchDiT(patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=32, num_attention_heads=4,
+                   text_embed_dim=64, time_embed_dim=64, condition_dim=16, prior_vq_quantizer_codebook_size=64).eval()
+    dit.save_pretrained(folder / "transformer", max_shard_size="200KB")
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear").save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline",
+                                                         "transformer": ["diffusers", "GlmImageTransformer2DModel"]}))
+    return folder
+
+
 def write_pipeline(root):
     """A whole pipeline folder: the diffusion side and the AR side, as zai-org/GLM-Image lays it out."""
     write_diffusion_side(root, codebook=N_VISION)

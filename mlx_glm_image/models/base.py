@@ -1,9 +1,8 @@
-"""What every model shares: its config dataclass read from config.json, its quantization predicate, and
-diffusers' ``from_pretrained``.
+"""What every model shares: its config dataclass read from config.json, its quantization predicate, and the
+hooks the loader calls.
 
-Models never read files: ``from_pretrained`` hands over to the loader that ``mlx_glm_image.loading`` installs
-when it is imported (first, if need be, by ``from_pretrained``), so that the module imports point one way
-(loading -> models).
+Models never read files and know no loader: ``loading.load_model(cls, path_or_repo)`` builds one from outside (as
+mlx-lm's ``load_model``), so that the imports point one way (loading -> models).
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ def config_from_dict(cls, config: dict, exclude: tuple[str, ...] = ()):
 
 class PretrainedModel(nn.Module):
     """Base of the four models. Subclasses set ``component`` (their folder in a pipeline checkpoint) and may
-    override ``sanitize`` (the reference's layouts -> ours), ``quant_predicate`` and ``load_dtype``."""
+    override ``sanitize`` (the reference's layouts -> ours), ``quant_predicate`` and ``load_dtype``, which
+    ``loading.load_model`` calls."""
 
     component = ""
     config_class = None  # the config dataclass; it has from_dict(config.json)
@@ -40,17 +40,6 @@ class PretrainedModel(nn.Module):
     quantize_by_default = False
     # Why the layers that quant_predicate refuses stay in full precision (shown by the converter).
     full_precision_note = ""
-    _loader = None  # set by mlx_glm_image.loading
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo, subfolder: str | None = None, dtype=None, quantize=None, split=None):
-        """A pipeline folder (its ``component/`` is used), the component's own folder, or a Hugging Face repo id
-        (only this component's files are fetched); weights are memory-mapped and read on first use. ``split``
-        (a ``sharding.Split``): this rank's share of a tensor-parallel model."""
-        if PretrainedModel._loader is None:
-            from .. import loading  # noqa: F401  (it installs the loader)
-        return PretrainedModel._loader(cls, path_or_repo, subfolder=subfolder, dtype=dtype, quantize=quantize,
-                                       split=split)
 
     @staticmethod
     def tensor_plan(config, n: int, rank: int) -> list:

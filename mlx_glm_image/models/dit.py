@@ -50,6 +50,11 @@ class GlmImageTransformerConfig:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The image tokens' grid (rows, columns) of (height, width) latents: one token per patch. An image of H x
+        W pixels has latents of H / vae_scale_factor x W / vae_scale_factor."""
+        return height // self.patch_size, width // self.patch_size
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Fused elementwise pieces. Matmuls dominate the FLOPs; these are where compile saves memory traffic. They are
@@ -256,11 +261,6 @@ class GlmImageTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
         self.ff = FeedForward(dim, dim, activation_fn="gelu-approximate")
 
-    def __call__(self, x, is_text, temb, cos, sin, mask=None, kv_cache=None, kv_cache_mode=None):
-        for step in self.steps(is_text, temb, cos, sin, mask, kv_cache, kv_cache_mode):
-            x = step(x)
-        return x
-
     def steps(self, is_text, temb, cos, sin, mask=None, kv_cache=None, kv_cache_mode=None):
         """The block as its two residual steps, attention then feed-forward, each a function of x: the model
         evaluates them one at a time to bound memory.
@@ -457,11 +457,11 @@ class GlmImageTransformer2DModel(PretrainedModel):
             raise ValueError(f"hidden_states has {ch} channels, the model expects {c.in_channels}")
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {c.patch_size}")
-        tokens = (h // c.patch_size) * (w // c.patch_size)
-        if prior_token_id.shape[-1] not in (1, tokens):  # one id is broadcast over the grid, as in diffusers
+        rows, cols = c.token_grid(h, w)
+        if prior_token_id.shape[-1] not in (1, rows * cols):  # one id is broadcast over the grid, as in diffusers
             raise ValueError(
                 f"prior_token_id has {prior_token_id.shape[-1]} tokens, a {h}x{w} latent needs "
-                f"{h // c.patch_size}x{w // c.patch_size} = {tokens}"
+                f"{rows}x{cols} = {rows * cols}"
             )
         if prior_token_id.ndim == 2 and prior_token_id.shape[0] not in (1, b):
             raise ValueError(f"prior_token_id has batch {prior_token_id.shape[0]}, hidden_states has {b}")
@@ -535,7 +535,8 @@ class GlmImageTransformer2DModel(PretrainedModel):
 
         temb = self.time_condition_embed(timestep, target_size, crop_coords, dtype)
         text_len = text.shape[1]
-        cos, sin = self._rope(text_len, h // c.patch_size, w // c.patch_size)
+        grid = c.token_grid(h, w)
+        cos, sin = self._rope(text_len, *grid)
         is_text = (mx.arange(text_len + x.shape[1]) < text_len)[:, None]
         mask = None
         if attention_mask is not None:
@@ -543,11 +544,10 @@ class GlmImageTransformer2DModel(PretrainedModel):
             if attention_mask.shape != (b, text_len):
                 raise ValueError(f"attention_mask must be (batch, text_len) = {(b, text_len)}, got {tuple(attention_mask.shape)}")
             # diffusers casts its boolean pair mask to the query dtype before SDPA, so it ADDS 1 to the
-            # scores of pairs of real tokens instead of hiding padding. Matched as is (see README).
+            # scores of pairs of real tokens instead of hiding padding. Matched as is (docs/checkpoint.md).
             valid = mx.concatenate([(attention_mask > 0).astype(dtype), mx.ones((b, x.shape[1]), dtype)], axis=1)
             mask = valid[:, None, :, None] * valid[:, None, None, :]  # (B, 1, S, S)
-        context = DitContext(text_len=text_len, temb=temb, cos=cos, sin=sin, is_text=is_text, mask=mask,
-                             grid=(h // c.patch_size, w // c.patch_size))
+        context = DitContext(text_len=text_len, temb=temb, cos=cos, sin=sin, is_text=is_text, mask=mask, grid=grid)
         return mx.concatenate([text, x], axis=1), context
 
     def block(self, index: int, x: mx.array, context: "DitContext", kv_cache: "GlmImageLayerKVCache | None" = None,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+from pathlib import Path
 
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100  # past it the guided velocity overflows in bf16 long before it means anything
@@ -118,21 +120,38 @@ def check_type(value, cls, name: str):
         raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
 
 
+def is_kind(value, kind) -> bool:
+    """Whether a JSON value is of ``kind`` (int, float, str, bool, dict or list; a tuple of them: any): a boolean
+    is no number (JSON's true is not 1), an integer is a number. The one type rule of prompt files, metadata
+    records and the server's bodies."""
+    if isinstance(kind, tuple):
+        return any(is_kind(value, k) for k in kind)
+    if kind in (int, float):
+        return is_int(value) if kind is int else is_number(value)
+    return isinstance(value, kind)
+
+
+KIND_WORDS = {int: "an integer", float: "a number", str: "text", list: "a list"}  # as check_kind says them
+
+
 def check_kind(name: str, value, kind: type):
-    """A JSON value (a prompt file's, a metadata record's) of ``kind``: int, float, str or list; a bool is no
-    number, and a string is said to be one."""
-    is_kind, said = {int: (is_int, "an integer"), float: (is_number, "a number"), str: (_is_str, "text"),
-                     list: (_is_list, "a list")}[kind]
-    if not is_kind(value):
-        raise ValueError(f"{name} must be {said}, got {described(value)}")
+    """A JSON value (a prompt file's, a metadata record's) of ``kind``: int, float, str or list; a string is said
+    to be one."""
+    if not is_kind(value, kind):
+        raise ValueError(f"{name} must be {KIND_WORDS[kind]}, got {described(value)}")
 
 
-def _is_str(x) -> bool:
-    return isinstance(x, str)
-
-
-def _is_list(x) -> bool:
-    return isinstance(x, list)
+def parse_size(size) -> tuple[int | None, int | None]:
+    """(width, height) of OpenAI's "WIDTHxHEIGHT", the size of a server body and of a prompt file entry; (None,
+    None) for "auto" (or empty): the default, or the first condition image's size. ASCII digits only
+    (str.isdigit takes "²", which int() refuses), and few of them (int() refuses thousands); the range and the
+    multiple are check_size's."""
+    if size in (None, "", "auto"):
+        return None, None
+    match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", size) if isinstance(size, str) else None
+    if match is None:
+        raise ValueError(f"size must be WIDTHxHEIGHT in pixels (multiples of 32) or auto, got {shown(size)}")
+    return int(match[1]), int(match[2])
 
 
 def is_int(x) -> bool:
@@ -141,3 +160,15 @@ def is_int(x) -> bool:
 
 def is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def read_text(path, flag: str) -> str:
+    """The UTF-8 text of the file that ``flag`` (--prompt-file, --config) names; one line when it cannot be read."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{flag} {path} is a folder") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path} is not UTF-8 text") from None

@@ -1,6 +1,7 @@
 """The pipeline's components: diffusers' attribute names, each loaded on first use and kept or freed by the
-memory policy; the checkpoint's facts, read once from its config files; one lock, so that a server's checks on
-one thread and its generations on another never race.
+memory policy; their configs, read once; one lock, so that a server's checks on one thread and its generations on
+another never race. What the checkpoint says about itself is read from them once (facts.py), and the LoRA adapters
+they carry live beside them (adapters.py).
 
 ``COMPONENTS`` is the one table of them: name, what it is, the stage that uses it (staged memory frees a model
 after its stage), its MLX model class for the four models, and whether a run needs its folder.
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .. import loading, lora
+from .. import loading
 from ..models import AutoencoderKL, GlmImageForConditionalGeneration, GlmImageTransformer2DModel, T5EncoderModel
 from ..quantize import as_spec
+from .adapters import Adapters
+from .facts import CheckpointFacts
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Component:
     name: str
     doc: str
     stage: str  # "prior", "glyphs", "denoise" or "decode"
-    model: type | None = None  # the MLX model class (None: a scheduler, tokenizer or processor)
+    model: type | None = None  # the MLX model class (None: the scheduler's config, a tokenizer or processor)
     required: bool = True  # a run needs its folder (ByT5's tokenizer needs no file: its defaults are the tokenizer)
 
 
@@ -38,13 +41,14 @@ COMPONENTS = (
     Component("text_encoder", "the ByT5 glyph encoder (T5EncoderModel)", "glyphs", T5EncoderModel),
     Component("tokenizer", "the glyph encoder's ByT5 tokenizer", "glyphs", required=False),
     Component("transformer", "the DiT (GlmImageTransformer2DModel)", "denoise", GlmImageTransformer2DModel),
-    Component("scheduler", "the flow-matching Euler scheduler", "denoise"),
+    Component("scheduler", "the flow-matching schedule's config (each request's sampler is made from it)", "denoise"),
     Component("vae", "the VAE (AutoencoderKL)", "decode", AutoencoderKL),
 )
 BY_NAME = {c.name: c for c in COMPONENTS}
 MODELS = {c.name: c.model for c in COMPONENTS if c.model is not None}
 REQUIRED = tuple(c.name for c in COMPONENTS if c.required)
 MEMORY_MODES = ("auto", "resident", "staged")
+DEFAULT_MEMORY = "auto"  # of the pipeline's constructors and the commands' --memory
 # "auto" keeps every component resident when their weights take at most this share of the memory budget; the
 # rest is left for activations (the DiT's at 2048x2048, the VAE's decode) and for the system.
 RESIDENT_SHARE = 0.6
@@ -64,16 +68,15 @@ def memory_budget() -> int:
 
 
 class Components:
-    """The components of one pipeline, by name, and what the checkpoint says about itself.
+    """The components of one pipeline, by name.
 
     ``given`` components are used as they are and never freed; the others load from ``source`` (a folder or a
     Hub repo id) when first asked for. ``memory``: "resident" keeps every loaded model, "staged" frees a stage's
     models after it (``release``), "auto" picks resident when the weights take at most ``RESIDENT_SHARE`` of
-    the memory budget. Facts (sizes, the largest side, sampling defaults, quantization, revision) are read once.
+    the memory budget. Configs, quantization and revision are read once; so are the checkpoint's ``facts``.
     """
 
-    def __init__(self, given: dict, source=None, dtype=mx.bfloat16, quantize=None, memory: str = "resident", log=None,
-                 splits: dict | None = None):
+    def __init__(self, *, given: dict, source, dtype, quantize, memory: str, log=None, splits: dict | None = None):
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         unknown = sorted(set(given) - set(BY_NAME))
@@ -84,6 +87,8 @@ class Components:
         self._lock = threading.RLock()  # guards the items and the facts (held briefly, never while loading)
         self._loading: dict[str, threading.Lock] = {}  # one per component: a model loads once
         self._facts: dict = {}
+        self._checkpoint_facts: CheckpointFacts | None = None
+        self._facts_lock = threading.Lock()  # the facts are read once, by one thread
         self.source = source
         self.dtype = loading.to_dtype(dtype)
         self.quantize = as_spec(quantize) if quantize else None  # checked now, applied as each model loads
@@ -92,9 +97,7 @@ class Components:
         self.loads = 0  # models loaded from files so far
         self.load_seconds = 0.0  # time spent loading them
         self.memory = self._resolve_memory(memory)
-        self.adapters: dict[str, tuple] = {}  # LoRA adapters by name: (lora.LoraAdapter, the component it is for)
-        self.adapter_weights: dict[str, float] = {}  # the active ones, by name
-        self.fused = False  # the active adapters folded into full-precision weights (lora.fuse)
+        self.adapters = Adapters(self)  # applied to each model as it loads
 
     # -- the components -------------------------------------------------------------------------------------
 
@@ -118,10 +121,16 @@ class Components:
         with self._lock:
             self._items[name] = value
             self._loaded.discard(name)
+            self._checkpoint_facts = None  # read again from what is held now
 
     def holds(self, name: str) -> bool:
         with self._lock:
             return name in self._items
+
+    def held(self, name: str):
+        """The component if it is held now (given or loaded), else None; nothing is loaded."""
+        with self._lock:
+            return self._items.get(name)
 
     def missing(self, names=REQUIRED) -> list[str]:
         """Which of ``names`` a local pipeline folder lacks (a Hub source is asked when a component is used)."""
@@ -145,12 +154,12 @@ class Components:
         mx.clear_cache()
 
     def _load(self, name: str):
-        from ..scheduler import FlowMatchEulerDiscreteScheduler
+        from ..scheduler import SchedulerConfig
         from .glyphs import ByT5Tokenizer
         from .processor import GlmImageProcessor
 
         if name == "scheduler":
-            return FlowMatchEulerDiscreteScheduler.from_pretrained(self.folder(name))
+            return SchedulerConfig.from_pretrained(self.folder(name))
         if name == "processor":
             return GlmImageProcessor.from_pretrained(self.folder(name))
         if name == "tokenizer":
@@ -162,9 +171,9 @@ class Components:
         cls = MODELS[name]
         quantize = self.quantize if cls.quantize_by_default else None
         dtype = None if name == "text_encoder" else self.dtype  # ByT5 keeps its checkpoint's float32
-        model = cls.from_pretrained(self.source, dtype=dtype, quantize=quantize, split=self.splits.get(name))
+        model = loading.load_model(cls, self.source, dtype=dtype, quantize=quantize, split=self.splits.get(name))
         mx.eval(model.parameters())  # read now, so that loading is timed apart from compute
-        self._apply_adapters(name, model)  # a model staged memory loads again gets its adapters again
+        self.adapters.apply(name, model)  # a model staged memory loads again gets its adapters again
         seconds = time.perf_counter() - t0
         with self._lock:
             self.loads += 1
@@ -177,53 +186,6 @@ class Components:
             raise loading.WeightsError(f"this pipeline has no {name} and no source to load it from")
         return loading.component_folder(self.source, name, files=files)
 
-    # -- LoRA adapters ---------------------------------------------------------------------------------------
-
-    def add_adapter(self, adapter: lora.LoraAdapter, weight: float = 1.0) -> str:
-        """Register ``adapter`` (active, at ``weight``) for the model whose linear layers it names, and apply it if
-        that model is loaded; which model it is for and its shapes are checked now, from the configs."""
-        if adapter.name in self.adapters:
-            raise lora.LoraError(f"an adapter named {adapter.name!r} is loaded already")
-        skeletons = {}
-        for name in ("vision_language_encoder", "transformer"):
-            try:
-                skeletons[name] = self.skeleton(name)
-            except loading.WeightsError:  # not in this pipeline
-                continue
-        component = lora.component_of(adapter, skeletons)
-        if component in self.splits:
-            raise lora.LoraError(f"adapter {adapter.name!r} is for the {component}, which --parallel tensor splits; "
-                                 "LoRA over split layers is not supported (use --parallel cfg or data)")
-        with self._lock:
-            self.adapters[adapter.name] = (adapter, component)
-            self.adapter_weights[adapter.name] = weight
-            model = self._items.get(component)
-        if model is not None:
-            self._apply_adapters(component, model)
-        return component
-
-    def set_adapter_weights(self, weights: dict[str, float]):
-        unknown = sorted(set(weights) - set(self.adapters))
-        if unknown:
-            raise lora.LoraError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
-        with self._lock:
-            self.adapter_weights = dict(weights)
-        self._reapply()
-
-    def remove_adapters(self):
-        with self._lock:
-            self.adapters, self.adapter_weights, self.fused = {}, {}, False
-        self._reapply()
-
-    def fuse_adapters(self, fused: bool):
-        with self._lock:
-            self.fused = fused
-        self._reapply()
-
-    def adapter_records(self) -> list[dict]:
-        """The active adapters as the metadata records them."""
-        return [lora.record(self.adapters[n][0], w, self.adapters[n][1]) for n, w in self.adapter_weights.items()]
-
     def skeleton(self, name: str):
         """The loaded model, else one built from its config.json (lazy random weights: nothing is read or made)."""
         with self._lock:
@@ -231,22 +193,6 @@ class Components:
                 return self._items[name]
         folder = self.folder(name, files="*.json")
         return loading.build(MODELS[name], loading.read_config(folder), folder)
-
-    def _reapply(self):
-        for name in {c for _, c in self.adapters.values()} | {"vision_language_encoder", "transformer"}:
-            with self._lock:
-                model = self._items.get(name)
-            if model is not None:
-                self._apply_adapters(name, model)
-
-    def _apply_adapters(self, name: str, model):
-        active = [(a, self.adapter_weights[n]) for n, (a, c) in self.adapters.items()
-                  if c == name and n in self.adapter_weights]
-        if not active and not any(isinstance(m, (lora.LoRALinear, lora.FusedLinear)) for _, m in model.named_modules()):
-            return
-        lora.apply(model, active)
-        if self.fused:
-            lora.fuse(model)
 
     # -- memory ---------------------------------------------------------------------------------------------
 
@@ -272,7 +218,7 @@ class Components:
             size //= self.splits[name].size
         return size
 
-    # -- facts, read once -----------------------------------------------------------------------------------
+    # -- configs and what was loaded, read once -------------------------------------------------------------
 
     def _fact(self, name: str, read):
         with self._lock:
@@ -305,70 +251,16 @@ class Components:
         return self.config("transformer").in_channels
 
     @property
-    def dit_blocks(self) -> int:
-        return self.config("transformer").num_layers
-
-    @property
-    def size_multiple(self) -> int:
-        """Heights and widths are multiples of this: the AR model's token grid is half the DiT's."""
-        return self.vae_scale_factor * self.patch_size * 2
-
-    @property
-    def max_side(self) -> int | None:
-        """The largest image side the AR model takes (its vision config's image_size), when there is one."""
-
-        def read():
-            if not self.holds("vision_language_encoder") and self.missing(["vision_language_encoder"]):
-                return None
-            try:
-                return self.config("vision_language_encoder").vision_config.image_size
-            except loading.WeightsError:
-                return None
-
-        return self._fact("max_side", read)
-
-    def generation_config(self) -> dict:
-        """The AR model's generation_config.json ({} without one), from the loaded model or the files."""
-        with self._lock:
-            if "vision_language_encoder" in self._items:
-                return self._items["vision_language_encoder"].generation_config
-
-        def read():
-            if self.missing(["vision_language_encoder"]):  # it says so if a stage needs it
-                return {}
-            folder = self.folder("vision_language_encoder", files="*.json")
-            path = folder / "generation_config.json"
-            return loading.read_config(folder, path.name) if path.is_file() else {}
-
-        return self._fact("generation_config", read)
-
-    def sampling_settings(self, temperature=None, top_p=None, top_k=None) -> dict:
-        """The AR sampling settings a call with these arguments uses (read from the checkpoint's files only)."""
-        from .prior_tokens import sampling_settings
-
-        return sampling_settings(self.generation_config(), temperature, top_p, top_k)
-
-    def check_prompt_length(self, prompts, height: int, width: int, images=None):
-        """Each prompt's AR sequence (its tokens, its condition images', the grid it writes) fits the model's
-        max_position_embeddings; read from the configs and the tokenizer only."""
-        from . import checks
-        from .request import image_size
-
-        if self.missing(["vision_language_encoder", "processor"]):
-            return  # the stage that needs them says so
-        limit = self.config("vision_language_encoder").text_config.max_position_embeddings
-        processor = self.get("processor")
-        for prompt, sample in zip(prompts, images or [()] * len(prompts)):
-            sizes = [image_size(im) for im in sample]
-            checks.check_sequence_length(processor.sequence_length(prompt, height, width, sizes), limit)
-
-    def prepare_condition_images(self, images: list[list]) -> list[list]:
-        """RGB, resized once to what both the VAE and the AR model's vision encoder take (image_processor.py)."""
-        from .image_processor import fit_condition_image, to_rgb
-
-        ip = self.get("processor").image_processor
-        return [[fit_condition_image(to_rgb(im), self.size_multiple, ip.shortest_edge, ip.longest_edge) for im in sample]
-                for sample in images]
+    def facts(self) -> CheckpointFacts:
+        """What the checkpoint says about itself (facts.py), read once (again after a component is set)."""
+        with self._facts_lock:
+            with self._lock:
+                facts = self._checkpoint_facts
+            if facts is None:
+                facts = CheckpointFacts.read(self)
+                with self._lock:
+                    self._checkpoint_facts = facts
+            return facts
 
     def revision(self) -> str | None:
         """The Hub commit the components come from (its snapshot folder's name); None for a local folder."""

@@ -1,5 +1,6 @@
 """The denoising stage: initial latents, the condition images' KV cache, and the ``Stepper``: the loop over the
-scheduler's steps, each step one DiT pass per ``Pass`` (conditional, unconditional) and classifier-free guidance.
+steps of its sampler (flow.py), each velocity one DiT pass per ``Pass`` (conditional, unconditional) and
+classifier-free guidance.
 
 The loop owns evaluation. Each pass runs the DiT's pieces (``embed``, ``block`` by block, ``head``) with a step
 hook that schedules every block step (attention, then feed-forward) with ``mx.async_eval`` and waits for the one
@@ -7,22 +8,24 @@ hook that schedules every block step (attention, then feed-forward) with ``mx.as
 for the host to encode the next step (benchmarks/README.md). The condition pass that writes the KV cache gets no
 hook: it stays lazy and is computed by the first step that reads it, once.
 
-Each pass keeps its own state across steps (``Pass.state``), and which blocks a pass computes at a step is the
-``blocks`` policy's choice (``every_block``: all of them), so a step cache is one policy, in one module
-(step_cache.py). A policy that needs a value on the host to decide may be a generator that yields it (lazy): the
+Which blocks a pass computes is the ``blocks`` policy's choice (``every_block``: all of them), given the pass and
+the Stepper's step index (a sampler may ask for several velocities in one step; they share its index), so a step
+cache is one policy, in one module (step_cache.py); a policy keeps what it needs from step to step itself, by
+pass name. A policy that needs a value on the host to decide may be a generator that yields it (lazy): the
 Stepper then queues the other passes' work before it comes back, so the device works while the host waits.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from ..models.dit import GlmImageKVCache, GlmImageTransformer2DModel
+from .flow import FlowMatchEulerSampler
 from .parallel import Single
 
 STEPS_IN_FLIGHT = 2
@@ -99,7 +102,6 @@ class Pass:
     encoder_hidden_states: mx.array
     prior_token_drop: mx.array
     kv_cache_mode: str | None  # None without condition images
-    state: dict = field(default_factory=dict)  # what a blocks policy keeps for this pass from step to step
 
 
 class Blocks:
@@ -123,18 +125,19 @@ def every_block(pass_: Pass, step: int, x: mx.array, blocks: Blocks) -> mx.array
 
 
 class Stepper:
-    """The denoising loop of one request over ``scheduler``'s (set) timesteps.
+    """The denoising loop of one request over the steps of its ``sampler`` (flow.py, made for this request).
 
     ``steps(latents)`` is a generator: it yields ``(i, latents)`` after each step, evaluated, so its consumer
     reports progress and stops the work at a step boundary by closing it. ``placement`` decides which passes
     run in this process (parallel.py); ``blocks(pass, step, x, blocks)`` which blocks each pass computes.
-    ``computed`` / ``total`` count the blocks of the last step, ``velocity`` is its guided velocity.
+    ``computed`` / ``total`` count the blocks of the last step, ``velocity`` is the step's guided velocity
+    (``sampler.x0(latents, velocity, i + 1)`` is the clean image it points at).
     """
 
-    def __init__(self, transformer: GlmImageTransformer2DModel, scheduler, inputs: DenoiseInputs,
+    def __init__(self, transformer: GlmImageTransformer2DModel, sampler: FlowMatchEulerSampler, inputs: DenoiseInputs,
                  kv_caches: GlmImageKVCache | None = None, placement=Single(), blocks=every_block,
                  in_flight: int = STEPS_IN_FLIGHT):
-        self.transformer, self.scheduler, self.inputs, self.kv_caches = transformer, scheduler, inputs, kv_caches
+        self.transformer, self.sampler, self.inputs, self.kv_caches = transformer, sampler, inputs, kv_caches
         self.placement, self.blocks, self.in_flight = placement, blocks, in_flight
         self.computed = self.total = 0
         self.velocity: mx.array | None = None
@@ -146,28 +149,28 @@ class Stepper:
                                     "skip" if cached else None))
 
     def steps(self, latents: mx.array, callback=None) -> Iterator[tuple[int, mx.array]]:
-        """Euler steps from ``latents``. ``callback(i, t, {"latents", "prompt_embeds"}) -> dict`` runs after each
-        step; the tensors it returns replace the loop's (diffusers' callback_on_step_end protocol)."""
-        for i in range(len(self.scheduler.timesteps)):
-            v = self.guided_velocity(i, latents.astype(self.transformer.dtype))
-            latents = self.scheduler.step(v, i, latents)
-            self.velocity = v
+        """The sampler's steps from ``latents``. ``callback(i, t, {"latents", "prompt_embeds"}) -> dict`` runs after
+        each step; the tensors it returns replace the loop's (diffusers' callback_on_step_end protocol)."""
+        for i in range(self.sampler.num_inference_steps):
+            self.computed = self.total = 0
+            latents, self.velocity = self.sampler.denoise_step(lambda x, t: self.guided_velocity(i, x, t), i, latents)
             self.placement.evaluate(latents)
             if callback is not None:
                 values = {"latents": latents, "prompt_embeds": self.passes[0].encoder_hidden_states}
-                returned = callback(i, float(self.scheduler.timesteps[i]), values) or {}
+                returned = callback(i, float(self.sampler.timesteps[i]), values) or {}
                 self.passes[0].encoder_hidden_states = returned.get("prompt_embeds", values["prompt_embeds"])
                 latents = returned.get("latents", latents)
             yield i, latents
 
-    def guided_velocity(self, i: int, x: mx.array) -> mx.array:
-        """The guided velocity of step ``i``: each pass of this process, then every pass's (parallel.py), then
-        ``v_uncond + g * (v_cond - v_uncond)``. The passes advance in turns: each runs until its policy asks for
-        a value, which is queued, and is resumed after the others have queued their work."""
-        t = mx.full((x.shape[0],), self.scheduler.model_timestep(i), dtype=mx.float32)
+    def guided_velocity(self, i: int, x: mx.array, timestep: float) -> mx.array:
+        """The guided velocity at latents ``x`` and the DiT's ``timestep``, in step ``i``: each pass of this
+        process, then every pass's (parallel.py), then ``v_uncond + g * (v_cond - v_uncond)``. The passes advance
+        in turns: each runs until its policy asks for a value, which is queued, and is resumed after the others
+        have queued their work."""
+        x = x.astype(self.transformer.dtype)
+        t = mx.full((x.shape[0],), timestep, dtype=mx.float32)
         mine = self.placement.my_passes(self.passes)
         running, done = [(p.name, self._pass(p, i, x, t)) for p in mine], {}
-        self.computed, self.total = 0, 0
         while running:
             waiting = []
             for name, work in running:

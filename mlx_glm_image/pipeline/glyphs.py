@@ -163,6 +163,12 @@ def get_glyph_embeds(
         emb = mx.concatenate(kept, axis=0)[None]
         mx.eval(emb)
         embeds.append(emb)
+    return left_padded(embeds).astype(dtype)
+
+
+def left_padded(embeds: list[mx.array]) -> mx.array:
+    """(1, L_i, d) glyph embeddings as one batch (B, max L_i, d), each left-padded with zeros (the pipeline's rule
+    for a batch of prompts, and the trainer's for a batch of examples)."""
     longest = max(e.shape[1] for e in embeds)
     padded = [
         mx.concatenate([mx.zeros((1, longest - e.shape[1], e.shape[2]), e.dtype), e], axis=1)
@@ -170,7 +176,7 @@ def get_glyph_embeds(
         else e
         for e in embeds
     ]
-    return mx.concatenate(padded, axis=0).astype(dtype)
+    return mx.concatenate(padded, axis=0)
 
 
 def encode_prompt(text_encoder: T5EncoderModel, tokenizer: ByT5Tokenizer | None, prompt: list[str],

@@ -185,6 +185,11 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
 # Condition images: any file a user has, as RGB, at a size both the VAE and the AR model's vision encoder take.
 
 
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W, C) array."""
+    return image.size if hasattr(image, "width") else (image.shape[1], image.shape[0])
+
+
 def to_rgb(image) -> Image.Image:
     """A PIL image (any mode: 16-bit, float, palette, CMYK, with alpha) or an HWC array as 8-bit RGB; transparent
     pixels over white."""

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
+from .. import loading, sharding
+from .. import quantize as Q
 from ..sharding import Split
 from .components import MODELS
 
@@ -59,8 +61,10 @@ class Single:
     reads_conditions = True  # writes the condition images' KV cache (runs a conditional pass, or in step with one)
     splits: dict = {}  # model name -> this rank's tensor split of it (sharding.Split)
 
-    def check_models(self, config):
-        """Refuse (a ValueError) a split that the models' configs (``config(name)``) cannot take."""
+    def check_models(self, components):
+        """Refuse (a ValueError, the same line on every rank) a split that the models cannot take, from their
+        configs alone: called as soon as the group is formed, before the ranks exchange anything, so that a
+        refusal never leaves another rank waiting in an exchange."""
 
     def align(self, inputs, image_tokens: int):
         """Before a run's DiT passes (their inputs: denoise.DenoiseInputs; ``image_tokens`` per image)."""
@@ -168,9 +172,15 @@ class TensorSplit(Distributed):
     def decodes(self) -> bool:
         return self.leader
 
-    def check_models(self, config):
+    def check_models(self, components):
+        """Every rank's share of each split model: the sizes and heads its plan divides, and the quantization
+        groups of its input shares (a converted folder's stored quantization, or load-time ``-q``)."""
         for name, split in self.splits.items():
-            MODELS[name].tensor_plan(config(name), split.size, 0)
+            config = components.config(name)  # also checks a stored quantization block (its modes, group sizes)
+            plans = [MODELS[name].tensor_plan(config, split.size, rank) for rank in range(split.size)]
+            quantized = _quantized_layers(components, name, [share.path for share in plans[0]])
+            for plan in plans:
+                sharding.check_groups(plan, quantized)
 
     def share(self, prior_token_ids: mx.array) -> mx.array:
         # every rank sampled the same tokens from the same all-reduced logits; rank 0's are the record
@@ -213,6 +223,23 @@ class GuidanceTensorSplit(TensorSplit, GuidanceSplit):
         b = v.shape[0]
         n = self.splits["transformer"].size
         return {"cond": every[:b], "uncond": every[n * b:(n + 1) * b]}
+
+
+def _quantized_layers(components, name: str, paths: list[str]) -> dict[str, tuple[int, int]]:
+    """Which of model ``name``'s layers ``paths`` will run quantized, with their (group size, bits), from the
+    configs: as a converted folder's quantization block says, or as a load-time quantization picks them on the
+    whole model (the loader's rule, on a model built from config.json: nothing is read)."""
+    spec = components.quantization().get(name)  # the folder's or load-time's, None when it runs unquantized
+    if spec is None:
+        return {}
+    block = loading.read_config(components.folder(name, files="*.json")).get("quantization")
+    if block:
+        specs = {path: Q.stored_spec(block, path) for path in paths}
+    else:
+        spec = Q.as_spec(spec)
+        chosen = Q.quantizable_layers(components.skeleton(name), spec.group_size)[0]
+        specs = {path: spec for path in paths if path in chosen}
+    return {path: (s.group_size, s.bits) for path, s in specs.items() if s is not None}
 
 
 class DataSplit(Distributed):

@@ -17,14 +17,16 @@ from typing import Iterator
 import mlx.core as mx
 
 from .. import loading, lora
-from .components import COMPONENTS, Components
+from .components import COMPONENTS, DEFAULT_MEMORY, Components
 from .events import Event
+from .facts import sampling_settings
 from .glyphs import encode_prompt
 from .image_processor import VaeImageProcessor
 from .parallel import join
-from .prior_tokens import generate_prior_tokens
+from .prior_grid import generate_prior_tokens
+from .record import image_record, run_record
 from .report import ProgressBars, StageReport
-from .request import Request
+from .request import Request, Sampling
 from .stages import Run
 
 DEFAULT_REPO = "zai-org/GLM-Image"
@@ -44,7 +46,8 @@ class GlmImagePipeline:
 
     Components are diffusers' attributes; each model is loaded on first use. ``memory``: "resident" keeps every
     loaded model (a second call loads nothing), "staged" frees each model after its stage (the peak is the
-    largest stage, for 16 GB Macs), "auto" chooses resident when the weights fit (components.py). ``dtype`` is
+    largest stage, for 16 GB Macs), "auto" (the default) chooses resident when the weights fit (components.py).
+    ``dtype`` is
     the compute dtype of the DiT, the AR model and the VAE; the glyph encoder keeps its checkpoint's.
     ``quantize`` (bits, or a ``quantize.QuantSpec``) quantizes the full-precision DiT and AR model once, at load
     time, by their own predicates; a converted folder is used as it is. ``parallel`` ("cfg", "data", "tensor" or
@@ -52,7 +55,8 @@ class GlmImagePipeline:
     """
 
     def __init__(self, scheduler=None, transformer=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
-                 vision_language_encoder=None, *, source=None, dtype="bfloat16", quantize=None, memory: str = "resident",
+                 vision_language_encoder=None, *, source=None, dtype="bfloat16", quantize=None,
+                 memory: str = DEFAULT_MEMORY,
                  vae_tiling: bool | None = None, verbose: bool = False, parallel: str | None = None,
                  parallel_timeout: float = 600.0):
         given = dict(scheduler=scheduler, transformer=transformer, vae=vae, text_encoder=text_encoder,
@@ -60,21 +64,22 @@ class GlmImagePipeline:
         self.verbose = verbose
         self.placement = join(parallel, parallel_timeout)  # this process's share of the work (parallel.py)
         splits = self.placement.splits
-        self.components = Components(given, source, dtype, quantize, memory, log=self._log, splits=splits)
+        self.components = Components(given=given, source=source, dtype=dtype, quantize=quantize, memory=memory,
+                                     log=self._log, splits=splits)
         if splits:  # a split the models cannot take is refused before anything is read
-            self.placement.check_models(self.components.config)
+            self.placement.check_models(self.components)
         self.vae_tiling = vae_tiling  # None: by size (pipeline/decode.py)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike = DEFAULT_REPO, dtype="bfloat16", quantize=None,
-                        memory: str = "auto", **kwargs) -> "GlmImagePipeline":
+    def from_pretrained(cls, path_or_repo: str | os.PathLike = DEFAULT_REPO, **kwargs) -> "GlmImagePipeline":
         """A pipeline folder (diffusers layout, or converted by convert.py) or a Hugging Face repo id (each
-        component's files are fetched when it is first used). Nothing heavy is read here."""
+        component's files are fetched when it is first used), with the constructor's keywords (``dtype``,
+        ``quantize``, ``memory``, ...) and their defaults. Nothing heavy is read here."""
         if loading.is_local(path_or_repo):
             root = Path(path_or_repo).expanduser()
             loading.check_pipeline_folder(root)
             path_or_repo = root
-        return cls(source=path_or_repo, dtype=dtype, quantize=quantize, memory=memory, **kwargs)
+        return cls(source=path_or_repo, **kwargs)
 
     def _log(self, message: str):
         if self.verbose:
@@ -95,11 +100,9 @@ class GlmImagePipeline:
 
     def request(self, **arguments) -> Request:
         """One call's arguments checked and resolved (a ValueError says what is wrong), without running anything."""
-        request = Request.from_call(self.components, **arguments)
+        request = Request.from_call(self.components.facts, **arguments)
         self.placement.check(request)
         return request
-
-    check_call = request
 
     def stream(self, prompt=None, image=None, **arguments) -> Iterator[Event]:
         """``__call__``'s arguments; yields the run's events (events.py) as they happen: stage, token, step, image.
@@ -143,11 +146,10 @@ class GlmImagePipeline:
         """Every request checked (a dict of call arguments becomes a Request), before any model runs."""
         return Run(self, [r if isinstance(r, Request) else self.request(**r) for r in requests], self.record)
 
-    def record(self, request: Request, index: int = 0) -> dict:
-        """The metadata that regenerates image ``index`` of ``request`` (metadata.py)."""
-        from .. import metadata
-
-        return metadata.record(request, metadata.run_record(self), index)
+    def record(self, request: Request, index: int = 0, cache_summary: dict | None = None) -> dict:
+        """The metadata that regenerates image ``index`` of ``request`` (record.py), with the step cache's
+        ``cache_summary`` when it ran."""
+        return image_record(request, run_record(self.components), index, cache_summary)
 
     # -- LoRA adapters (diffusers' names; lora.py) -----------------------------------------------------------
 
@@ -156,8 +158,7 @@ class GlmImagePipeline:
         """An adapter for the AR model or the DiT (PEFT's or diffusers' files: a folder, a file or a Hub repo id),
         active at ``scale``; the model it is for is the one whose layers it names. Returns its name."""
         adapter = lora.read(str(pretrained_model_name_or_path), adapter_name)
-        self.components.add_adapter(adapter, scale)
-        return adapter.name
+        return self.components.adapters.add(adapter, scale).name
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
         """The adapters that are active, and their weights (1 each by default); the others stay loaded, off."""
@@ -165,22 +166,22 @@ class GlmImagePipeline:
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names and {len(weights)} weights")
-        self.components.set_adapter_weights({n: 1.0 if w is None else float(w) for n, w in zip(names, weights)})
+        self.components.adapters.set_weights({n: 1.0 if w is None else float(w) for n, w in zip(names, weights)})
 
     def get_active_adapters(self) -> list[str]:
-        return list(self.components.adapter_weights)
+        return list(self.components.adapters.weights)
 
     def unload_lora_weights(self):
         """Every adapter gone: the models' layers are their base layers again, bit for bit."""
-        self.components.remove_adapters()
+        self.components.adapters.clear()
 
     def fuse_lora(self):
         """Fold the active adapters into the full-precision layers' weights (faster steps; quantized layers keep
         their separate low-rank path); ``unfuse_lora`` puts the base weights back."""
-        self.components.fuse_adapters(True)
+        self.components.adapters.fuse(True)
 
     def unfuse_lora(self):
-        self.components.fuse_adapters(False)
+        self.components.adapters.fuse(False)
 
     # -- diffusers' stage methods ---------------------------------------------------------------------------
 
@@ -192,9 +193,12 @@ class GlmImagePipeline:
 
     def generate_prior_tokens(self, prompt: list[str], height: int, width: int, image=None, generator=None,
                               temperature=None, top_p=None, top_k=None):
-        """The AR stage: (prior_token_ids, prior_token_image_ids per sample, source grids per sample)."""
-        return generate_prior_tokens(self.vision_language_encoder, self.processor, prompt, height, width, images=image,
-                                     key=generator, temperature=temperature, top_p=top_p, top_k=top_k)
+        """The AR stage: (prior_token_ids, prior_token_image_ids per sample, source grids per sample); the sampling
+        settings not given are the model's generation_config.json's (facts.sampling_settings)."""
+        model = self.vision_language_encoder
+        sampling = Sampling(**sampling_settings(model.generation_config, temperature, top_p, top_k))
+        return generate_prior_tokens(model, self.processor, prompt, height, width, images=image,
+                                     sampler=sampling.sampler(), key=generator)
 
 
 def _component(name: str, doc: str) -> property:

@@ -1,11 +1,9 @@
 """Live previews of the denoising: at a few steps, the clean image the latents point at, decoded small.
 
-A flow-matching step moves ``x`` along the velocity ``v`` from noise (sigma 1) to the image (sigma 0): ``x =
-(1 - sigma) * x0 + sigma * noise`` and ``v = noise - x0``, so after a step to ``sigma`` the predicted clean latents
-are ``x0 = x - sigma * v``. They are average-pooled by a power of 2 (to at most ``SIDE`` pixels a side) and decoded
-by the VAE: a decode's work grows with its pixels, so a 4x pooled preview of a 1024x1024 image costs 1/16 of the
-final decode (benchmarks/README.md has the measured cost). Previews only read the loop's arrays: the final image is
-the same with or without them.
+The clean latents a step's velocity points at are its sampler's ``x0`` (flow.py). They are average-pooled by a
+power of 2 (to at most ``SIDE`` pixels a side) and decoded by the VAE: a decode's work grows with its pixels, so
+a 4x pooled preview of a 1024x1024 image costs 1/16 of the final decode (benchmarks/README.md has the measured
+cost). Previews only read the loop's arrays: the final image is the same with or without them.
 """
 
 from __future__ import annotations
@@ -28,11 +26,6 @@ def pooling(height: int, width: int, latent_height: int, latent_width: int) -> i
     while max(height, width) // factor > SIDE and latent_height % (2 * factor) == 0 and latent_width % (2 * factor) == 0:
         factor *= 2
     return factor
-
-
-def predicted_latents(latents: mx.array, velocity: mx.array, sigma: float) -> mx.array:
-    """``x0 = x - sigma * v``: the clean latents a step's velocity points at, ``sigma`` the step's new noise level."""
-    return latents.astype(mx.float32) - sigma * velocity.astype(mx.float32)
 
 
 def pooled(latents: mx.array, factor: int) -> mx.array:

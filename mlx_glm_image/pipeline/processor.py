@@ -27,6 +27,43 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+# ---- the grids the AR model writes ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetGrids:
+    """The token grids the AR model writes for one image, in the order the prompt names them: the target grid
+    (height/32 x width/32), then for text-to-image the small preview grid. It writes the preview first and the
+    target after it, then one end token (diffusers' ``_compute_generation_params``)."""
+
+    target: tuple[int, int]
+    preview: tuple[int, int] | None = None
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [self.target] + ([self.preview] if self.preview else [])
+
+    @property
+    def offset(self) -> int:
+        """Where the target grid starts among the generated tokens: after the preview grid."""
+        return self.preview[0] * self.preview[1] if self.preview else 0
+
+    @property
+    def new_tokens(self) -> int:
+        """The tokens generated: every grid's, and the end token."""
+        return sum(h * w for h, w in self.grids) + 1
+
+
+def target_grids(height: int, width: int, text_to_image: bool) -> TargetGrids:
+    """The grids for a ``height`` x ``width`` image: the target at 1/32 of it; for text-to-image, a preview grid of
+    about 16x16 tokens with the target's aspect ratio (transformers' ``_get_target_shape``)."""
+    factor = 32
+    token_h, token_w = height // factor, width // factor
+    if not text_to_image:
+        return TargetGrids((token_h, token_w))
+    ratio = token_h / token_w
+    preview = (int(math.sqrt(ratio) * (factor // 2)), int(math.sqrt(1 / ratio) * (factor // 2)))
+    return TargetGrids((token_h, token_w), preview)
+
+
 # ---- image preprocessing (GlmImageImageProcessorPil) --------------------------------------------------------
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 512 * 512,
                  max_pixels: int = 2048 * 2048) -> tuple[int, int]:
@@ -208,23 +245,8 @@ class GlmImageProcessor:
         return cls(tokenizer, template, special, ImageProcessor.from_dict(ip))
 
     # ---- prompt pieces ----
-    @staticmethod
-    def _get_target_shape(height: int, width: int) -> tuple[int, int, int, int]:
-        factor = 32
-        height = (height // factor) * factor
-        width = (width // factor) * factor
-        token_h, token_w = height // factor, width // factor
-        ratio = token_h / token_w
-        prev_h = int(math.sqrt(ratio) * (factor // 2))
-        prev_w = int(math.sqrt(1 / ratio) * (factor // 2))
-        return token_h, token_w, prev_h, prev_w
-
-    def _suffix(self, target_h: int, target_w: int, text_to_image: bool) -> str:
-        th, tw, ph, pw = self._get_target_shape(target_h, target_w)
-        s = f"{self.grid_bos_token}{th} {tw}{self.grid_eos_token}"
-        if text_to_image:
-            s += f"{self.grid_bos_token}{ph} {pw}{self.grid_eos_token}"
-        return s + self.bos_token
+    def _suffix(self, grids: TargetGrids) -> str:
+        return "".join(f"{self.grid_bos_token}{h} {w}{self.grid_eos_token}" for h, w in grids.grids) + self.bos_token
 
     def render(self, conversations, add_generation_prompt: bool = False) -> list[str]:
         if self.chat_template is None:
@@ -254,8 +276,9 @@ class GlmImageProcessor:
             replacements = [self.image_token * int(np.prod(g) // merge) for g in out["image_grid_thw"]]
         it = iter(replacements)
         full = []
+        grids = target_grids(target_h, target_w, t2i)
         for t in texts:
-            t = t + self._suffix(target_h, target_w, t2i)
+            t = t + self._suffix(grids)
             if not t2i:
                 pieces = t.split(self.image_token)
                 t = pieces[0] + "".join(next(it) + p for p in pieces[1:])
@@ -273,15 +296,14 @@ class GlmImageProcessor:
             attention_mask[i, L - len(x):] = 1
         out["input_ids"], out["attention_mask"] = input_ids, attention_mask
 
-        th, tw, ph, pw = self._get_target_shape(target_h, target_w)
-        target = [[1, th, tw], [1, ph, pw]] if t2i else [[1, th, tw]]
-        grids = []
+        target = [[1, h, w] for h, w in grids.grids]
+        thw = []
         n_src = 0 if t2i else counts[0]
         for i in range(len(texts)):
             if n_src:
-                grids.extend(out["image_grid_thw"][i * n_src:(i + 1) * n_src].tolist())
-            grids.extend(target)
-        out["image_grid_thw"] = np.array(grids, dtype=np.int64)
+                thw.extend(out["image_grid_thw"][i * n_src:(i + 1) * n_src].tolist())
+            thw.extend(target)
+        out["image_grid_thw"] = np.array(thw, dtype=np.int64)
         out["images_per_sample"] = np.array([n_src + len(target)] * len(texts), dtype=np.int64)
         return out
 
@@ -289,15 +311,15 @@ class GlmImageProcessor:
         """The AR model's whole sequence for one prompt: its tokens after the chat template, each condition
         image's placeholder tokens (``image_sizes``: (width, height) each) and the grid tokens it generates; as
         ``__call__`` builds it, without preprocessing any image."""
+        grids = target_grids(target_h, target_w, not image_sizes)
         content = [{"type": "image"} for _ in image_sizes] + [{"type": "text", "text": prompt}]
-        text = self.render([[{"role": "user", "content": content}]])[0] + self._suffix(target_h, target_w, not image_sizes)
+        text = self.render([[{"role": "user", "content": content}]])[0] + self._suffix(grids)
         n = len(self.tokenizer.encode(text, add_special_tokens=not (self.bos_token and text.startswith(self.bos_token))).ids)
         ip = self.image_processor
         for w, h in image_sizes:  # each placeholder becomes its grid's tokens
             gh, gw = smart_resize(h, w, ip.patch_size * ip.merge_size, ip.shortest_edge, ip.longest_edge)
             n += (gh // ip.patch_size) * (gw // ip.patch_size) // ip.merge_size**2 - 1
-        th, tw, ph, pw = self._get_target_shape(target_h, target_w)
-        return n + th * tw + (0 if image_sizes else ph * pw) + 1
+        return n + grids.new_tokens
 
     def apply_chat_template(self, conversations, target_h: int = 1152, target_w: int = 768,
                             add_generation_prompt: bool = False, tokenize: bool = True, padding: bool = True):

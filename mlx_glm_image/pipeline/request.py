@@ -21,7 +21,11 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from . import checks
-from .step_cache import SGLANG, SGLANG_CALIBRATOR, DBCacheConfig, TaylorSeerCalibratorConfig
+from .facts import CheckpointFacts
+from .image_processor import image_size
+from .sample_utils import Sampler, make_sampler
+from .flow import SAMPLERS
+from .step_cache import SGLANG, DBCacheConfig, TaylorSeerCalibratorConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,16 +37,21 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
 
+    def sampler(self) -> Sampler:
+        """The sampler the decode loop takes (sample_utils.make_sampler), once the settings are resolved."""
+        return make_sampler(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
-    """The denoising loop: its steps (or explicit ``timesteps`` / ``sigmas``) and the guidance scale (diffusers'
-    defaults: 50 steps, 1.5)."""
+    """The denoising loop: its steps (or explicit ``timesteps`` / ``sigmas``), the guidance scale (diffusers'
+    defaults: 50 steps, 1.5) and the sampler that steps (a name of flow.SAMPLERS)."""
 
     num_inference_steps: int = 50
     timesteps: tuple | None = None
     sigmas: tuple | None = None
     guidance_scale: float = 1.5
+    sampler: str = "euler"
 
     @property
     def guided(self) -> bool:
@@ -99,8 +108,8 @@ class Request:
         return own + tuple(f.name for part in PARTS.values() for f in fields(part))
 
     @classmethod
-    def from_call(cls, facts, **arguments) -> "Request":
-        """Check and resolve one call's arguments; ``facts`` is what the checkpoint says (``Components``): the
+    def from_call(cls, facts: CheckpointFacts, **arguments) -> "Request":
+        """Check and resolve one call's arguments against what the checkpoint says about itself (facts.py): the
         size rule, the largest side, the condition-image fitting and the sampling defaults. A ValueError says what
         is wrong, in one line, before any model runs."""
         unknown = sorted(set(arguments) - set(cls.arguments()))
@@ -125,7 +134,7 @@ class Request:
 
     # -- resolving ------------------------------------------------------------------------------------------
 
-    def _resolved(self, facts) -> "Request":
+    def _resolved(self, facts: CheckpointFacts) -> "Request":
         self._check_given()
         given_seed = self.generator if checks.is_int(self.generator) else self.seed
         if given_seed is not None:
@@ -181,14 +190,16 @@ class Request:
                 setting.check(value)
         if self.schedule.timesteps is None and self.schedule.sigmas is None:
             checks.check_steps(self.schedule.num_inference_steps)
+        if not (isinstance(self.schedule.sampler, str) and self.schedule.sampler in SAMPLERS):
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {checks.shown(self.schedule.sampler)}")
         if self.cache_config is not None and self.cache_config.enable_separate_cfg is False and self.schedule.guided:
             raise ValueError("the step cache needs separate caches for the two passes of a guided step "
                              "(enable_separate_cfg): their glyph tokens differ")
 
-    def _condition_images(self, facts, batch: int):
+    def _condition_images(self, facts: CheckpointFacts, batch: int):
         """(one tuple of fitted condition images per prompt, or None; their paths when they were given as paths)."""
         from .image_processor import load_image
-        from .prior_tokens import normalize_images
+        from .prior_grid import normalize_images
 
         per_prompt = normalize_images(self.image, batch)
         if per_prompt is None:
@@ -211,11 +222,6 @@ def _size(images, height, width, multiple: int) -> tuple[int, int]:
         height = (h0 // multiple) * multiple if height is None else height
         width = (w0 // multiple) * multiple if width is None else width
     return 1024 if height is None else height, 1024 if width is None else width
-
-
-def image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image or an (H, W, C) array."""
-    return image.size if hasattr(image, "width") else (image.shape[1], image.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +274,7 @@ class Setting:
 
 
 CONFIGS = (DBCacheConfig, TaylorSeerCalibratorConfig)
-PRESETS = {DBCacheConfig: SGLANG, TaylorSeerCalibratorConfig: SGLANG_CALIBRATOR}  # what `true` turns on
+PRESETS = {DBCacheConfig: SGLANG.cache_config, TaylorSeerCalibratorConfig: SGLANG.calibrator_config}  # what `true` is
 
 
 def _config(cls, value, where: str):
@@ -319,10 +325,11 @@ SETTINGS = (
     Setting(name="cache_config", flag="--cache", key="cache", body="cache", type=DBCacheConfig,
             check=lambda v: checks.check_type(v, DBCacheConfig, "cache_config"),
             help="the step cache: skip the DiT's middle blocks at steps where they would barely change (faster, "
-                 "with small changes to the image); --cache turns on SGLang's published GLM-Image settings"),
+                 f"with small changes to the image); --cache turns on {SGLANG.source}"),
     Setting(name="calibrator_config", flag="--taylorseer-order", key="calibrator", body="calibrator",
             type=TaylorSeerCalibratorConfig,
             check=lambda v: checks.check_type(v, TaylorSeerCalibratorConfig, "calibrator_config"),
-            help="the step cache's TaylorSeer extrapolation of skipped blocks (order 0: off; --cache: 2)"),
+            help=f"the step cache's TaylorSeer extrapolation of skipped blocks (order 0: off; --cache: "
+                 f"{SGLANG.calibrator_config.taylorseer_order})"),
 )
 BY_KEY = {s.key: s for s in SETTINGS}

@@ -23,12 +23,13 @@ from .components import Components
 from .denoise import DenoiseInputs, Stepper, every_block, prepare_latents, write_condition_cache
 from .events import Event
 from .glyphs import encode_prompt, repeat
-from .image_processor import VaeImageProcessor
-from .preview import pooled, pooling, predicted_latents, preview_steps
+from .image_processor import VaeImageProcessor, image_size
+from .flow import SAMPLERS
+from .preview import pooled, pooling, preview_steps
 from .checks import NonFiniteError
-from .prior_tokens import prior_prompt, prior_sequences, prior_token_ids
-from .request import Request, image_size
-from .step_cache import StepCache
+from .prior_grid import prior_prompt, prior_sequences, prior_token_ids
+from .request import Request
+from .step_cache import blocks_policy
 
 
 def check_finite(x: mx.array, stage: str, what: str):
@@ -54,10 +55,10 @@ class Job:
 
 class Run:
     """``requests`` through the stages of ``pipe`` (its components and placement); iterate for the events.
-    ``record(request, index)`` is the metadata of image ``index`` of a request. ``jobs`` holds what each request
-    that runs in this process (``placement.picks``) made."""
+    ``record(request, index, cache_summary)`` is the metadata of image ``index`` of a request. ``jobs`` holds what
+    each request that runs in this process (``placement.picks``) made."""
 
-    def __init__(self, pipe, requests: list[Request], record: Callable[[Request, int], dict]):
+    def __init__(self, pipe, requests: list[Request], record: Callable[[Request, int, dict | None], dict]):
         self.pipe, self.record, self.requests = pipe, record, requests
         self.components: Components = pipe.components
         self.placement = pipe.placement
@@ -94,13 +95,12 @@ class Run:
             job.prior_token_ids = _as_ids(r.prior_token_ids)
             job.prior_token_image_ids, job.source_image_grid_thw = r.prior_token_image_ids, r.source_image_grid_thw
         elif not self.placement.runs_prior:  # the leader's tokens arrive by placement.share
-            m = self.components.vae_scale_factor * self.components.patch_size
-            job.prior_token_ids = mx.zeros((r.batch, (r.height // m) * (r.width // m)), mx.int32)
+            rows, cols = self._token_grid(r)
+            job.prior_token_ids = mx.zeros((r.batch, rows * cols), mx.int32)
         else:
             model, processor = self.components.get("vision_language_encoder"), self.components.get("processor")
             prompt = prior_prompt(model, processor, list(r.prompt), r.height, r.width, r.image)
-            s = r.sampling
-            steps = prior_sequences(model, prompt, r.generator, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+            steps = prior_sequences(model, prompt, r.sampling.sampler(), r.generator)
             sequences = yield from _token_events(steps, job.index, prompt.max_new_tokens, r.batch)
             job.prior_token_ids = prior_token_ids(sequences, prompt)
             job.prior_token_image_ids, job.source_image_grid_thw = prompt.prior_token_image_ids, prompt.source_image_grid_thw
@@ -121,10 +121,10 @@ class Run:
 
     def _denoise(self, job: Job) -> Iterator[Event]:
         r = job.request
-        transformer, scheduler = self.components.get("transformer"), self.components.get("scheduler")
-        f, p = self.components.vae_scale_factor, self.components.patch_size
+        transformer = self.components.get("transformer")
+        f, (rows, cols) = self.components.vae_scale_factor, self._token_grid(r)
         inputs = self._denoise_inputs(job, transformer.dtype)
-        self.placement.align(inputs, (r.height // f) * (r.width // f) // p**2)
+        self.placement.align(inputs, rows * cols)
         latents = prepare_latents((r.num_images, self.components.latent_channels, r.height // f, r.width // f),
                                   r.latents, r.generator)
         kv_caches = None
@@ -133,18 +133,19 @@ class Run:
             kv_caches = write_condition_cache(transformer, conditions, job.prior_token_image_ids,
                                               job.source_image_grid_thw)
         schedule = r.schedule
-        scheduler.set_timesteps(schedule.num_inference_steps, image_seq_len=(r.height // f) * (r.width // f) // p**2,
-                                timesteps=schedule.timesteps, sigmas=schedule.sigmas)
-        cache = StepCache(r.cache_config, r.calibrator_config) if r.cache_config is not None else None
-        stepper = Stepper(transformer, scheduler, inputs, kv_caches, self.placement, blocks=cache or every_block)
-        total = len(scheduler.timesteps)
+        sampler = SAMPLERS[schedule.sampler](
+            self.components.get("scheduler"), image_seq_len=rows * cols,
+            num_inference_steps=schedule.num_inference_steps, timesteps=schedule.timesteps, sigmas=schedule.sigmas)
+        cache = blocks_policy(r.cache_config, r.calibrator_config)
+        stepper = Stepper(transformer, sampler, inputs, kv_caches, self.placement, blocks=cache or every_block)
+        total = sampler.num_inference_steps
         previews = preview_steps(total, r.previews) if self.placement.decodes else []
         try:
             for i, latents in stepper.steps(latents, self._callback(r)):
                 yield Event(kind="step", request=job.index, index=i, total=total, count=r.num_images,
                             blocks=(stepper.computed, stepper.total))
                 if i in previews:
-                    x0 = predicted_latents(latents, stepper.velocity, float(scheduler.sigmas[i + 1]))
+                    x0 = sampler.x0(latents, stepper.velocity, i + 1)
                     for k, image in enumerate(self._preview(x0)):
                         yield Event(kind="preview", request=job.index, index=previews.index(i), total=len(previews),
                                     step=i, image_index=k, image=image)
@@ -167,13 +168,15 @@ class Run:
             images = list(VaeImageProcessor(self.components.vae_scale_factor).postprocess(pixels, r.output_type))
         job.images = images
         for k, image in enumerate(images):
-            record = self.record(r, k)
-            if job.cache_summary is not None:
-                record["cache_summary"] = job.cache_summary
             yield Event(kind="image", request=job.index, index=k, total=len(images), image=image, seed=r.seed,
-                        metadata=record)
+                        metadata=self.record(r, k, job.cache_summary))
 
     # -- their pieces ---------------------------------------------------------------------------------------
+
+    def _token_grid(self, r: Request) -> tuple[int, int]:
+        """The DiT's token grid (rows, columns) of the request's image: its latents' (models/dit.py)."""
+        f = self.components.vae_scale_factor
+        return self.components.config("transformer").token_grid(r.height // f, r.width // f)
 
     def _preview(self, x0: mx.array) -> list:
         """Predicted clean latents, pooled and decoded small (the VAE stays loaded until the decode stage)."""
@@ -207,8 +210,7 @@ class Run:
             for img in sample_images:
                 w0, h0 = image_size(img)
                 pixels = processor.preprocess(img, height=(h0 // m) * m, width=(w0 // m) * m)
-                z = vae_codec.encode(vae, pixels.astype(vae.dtype), tiled=self.pipe.vae_tiling)
-                encoded.append((vae.normalize_latents(z), tuple(pixels.shape[-2:])))
+                encoded.append((encode_latents(vae, pixels, self.pipe.vae_tiling), tuple(pixels.shape[-2:])))
             out.append(encoded)
         return out
 
@@ -225,6 +227,12 @@ def decode_latents(vae, latents: mx.array, tiled: bool | None = None) -> mx.arra
     pixels = vae_codec.decode(vae, vae.denormalize_latents(latents.astype(vae.dtype)), tiled=tiled)
     check_finite(pixels, "decode", "pixels")
     return pixels
+
+
+def encode_latents(vae, pixels: mx.array, tiled: bool | None = None) -> mx.array:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, C, H/8, W/8) normalized latents (the posterior mean), as the DiT reads
+    them: a condition image's, and a training image's (train/dit.py)."""
+    return vae.normalize_latents(vae_codec.encode(vae, pixels.astype(vae.dtype), tiled=tiled))
 
 
 def _token_events(steps, request: int, total: int, count: int):

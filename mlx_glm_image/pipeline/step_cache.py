@@ -10,14 +10,18 @@ the residual they added to the image tokens with the one of the last step it com
 the middle blocks are skipped and their last residual (text and image tokens) is added instead, extrapolated from
 the computed steps by a Taylor series with ``TaylorSeerCalibratorConfig``; the last ``Bn_compute_blocks`` blocks
 always run. The conditional and the unconditional passes keep separate caches (``enable_separate_cfg``).
+Warm-up, limits and extrapolation count the Stepper's steps (the index it gives), which for the Euler sampler are
+cache-dit's calls; a sampler that asks for two velocities in a step has both calls at that step.
 
 A decision needs the diff on the host: one read per pass and step. The policy yields that lazy scalar to the
 Stepper, which queues the next pass's first blocks before the read, so the device is not left idle while it waits.
+
+``POLICIES`` chooses the blocks policy by the type of a request's cache config (diffusers' ``enable_cache``
+dispatch); ``SGLANG`` is the preset that ``--cache``, a body's ``"cache": true``, their help and the README read.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -76,36 +80,61 @@ class TaylorSeerCalibratorConfig:
                              f"{checks.shown(self.taylorseer_order)}")
 
 
-# SGLang's published settings for GLM-Image (what --cache, and `"cache": true` in a request, turn on).
-SGLANG = DBCacheConfig(Fn_compute_blocks=2, Bn_compute_blocks=1, max_warmup_steps=4, residual_diff_threshold=0.4,
-                       max_continuous_cached_steps=4)
-SGLANG_CALIBRATOR = TaylorSeerCalibratorConfig(taylorseer_order=2)
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Published step-cache settings, both configs together: what a switch (``--cache``, ``"cache": true``)
+    turns on."""
+
+    source: str
+    cache_config: DBCacheConfig
+    calibrator_config: TaylorSeerCalibratorConfig | None
+
+    def settings(self, **given) -> dict:
+        """The call's ``cache_config`` and ``calibrator_config`` with the switch on: the preset's, but for those
+        ``given`` (a calibrator the user chose)."""
+        return {"cache_config": self.cache_config, "calibrator_config": self.calibrator_config, **given}
+
+    def described(self) -> str:
+        """The settings in words (--help, the README)."""
+        c, order = self.cache_config, self.calibrator_config.taylorseer_order if self.calibrator_config else 0
+        words = [f"F{c.Fn_compute_blocks} B{c.Bn_compute_blocks}", f"warmup {c.max_warmup_steps}",
+                 f"warmup interval {c.warmup_interval}", f"threshold {c.residual_diff_threshold}",
+                 f"at most {c.max_cached_steps} cached steps",
+                 f"at most {c.max_continuous_cached_steps} cached steps in a row"]
+        shown = [True, True, c.warmup_interval != 1, True, c.max_cached_steps >= 0, c.max_continuous_cached_steps >= 0]
+        return ", ".join([w for w, show in zip(words, shown) if show]
+                         + [f"TaylorSeer order {order}" if order else "no TaylorSeer"])
 
 
-def published(taylorseer_order: int | None = None) -> tuple[DBCacheConfig, TaylorSeerCalibratorConfig | None]:
-    """SGLang's settings, with another TaylorSeer order when one is given (0: none)."""
-    if taylorseer_order is None:
-        return SGLANG, SGLANG_CALIBRATOR
-    return SGLANG, TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+SGLANG = Preset(source="SGLang's published GLM-Image settings",
+                cache_config=DBCacheConfig(Fn_compute_blocks=2, Bn_compute_blocks=1, max_warmup_steps=4,
+                                           residual_diff_threshold=0.4, max_continuous_cached_steps=4),
+                calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=2))
 
 
 class TaylorSeer:
     """cache-dit's TaylorSeerState, with its counting: a state made at its first update (at step 0) starts its
-    own step count at -1, so its steps are the run's minus one, and no derivative is taken at its steps 0 and 1."""
+    own step count at -1, so its steps are the run's minus one, and no derivative is taken at its steps 0 and 1.
+    A second update in one step (a sampler's second velocity) replaces that step's anchor: its derivatives are
+    still taken from the last earlier step's."""
 
-    def __init__(self, order: int):
+    def __init__(self, order: int, step: int):
         self.n_derivatives = order
+        self.origin = step + 1  # its step count is the run's step minus this
         self.current_step = -1
         self.last_computed_step = -1
         self.current: list = [None] * (order + 1)
+        self.earlier = (self.current, self.last_computed_step)  # the anchor before the current step's
 
-    def mark_step_begin(self):
-        self.current_step += 1
+    def mark_step_begin(self, step: int):
+        self.current_step = step - self.origin
 
     def update(self, y: mx.array):
         """A computed step's residual: the new anchor, with finite-difference derivatives from the last one."""
-        previous = self.current
-        window = self.current_step - self.last_computed_step
+        if self.last_computed_step != self.current_step:
+            self.earlier = (self.current, self.last_computed_step)
+        previous, previous_step = self.earlier
+        window = self.current_step - previous_step
         current = [None] * (self.n_derivatives + 1)
         current[0] = y
         for i in range(self.n_derivatives):
@@ -128,7 +157,7 @@ class TaylorSeer:
 class PassCache:
     """One cache context: a pass's steps (or every pass's, without separate caches)."""
 
-    steps: int = 0  # executed so far
+    step: int = -1  # of the last call
     cached_steps: list = field(default_factory=list)
     residual_diffs: dict = field(default_factory=dict)
     continuous: int = 0
@@ -148,11 +177,10 @@ class StepCache:
     def __call__(self, pass_, step: int, x: mx.array, blocks):
         c = self.config
         n = blocks.n_blocks
-        ctx = self._begin(self.contexts.setdefault(pass_.name if self.separate else "all", PassCache()))
+        ctx = self._begin(self.contexts.setdefault(pass_.name if self.separate else "all", PassCache()), step)
         f, b = c.Fn_compute_blocks, c.Bn_compute_blocks
         h = blocks(0, f, x)
         fn_residual = h[:, blocks.text_len:] - x[:, blocks.text_len:]
-        step = ctx.steps - 1
         decide = self._may_cache(ctx, step)
         if decide and 0 < c.residual_diff_threshold < 1:
             diff = _relative_l1(ctx.fn_residual, fn_residual)
@@ -162,8 +190,9 @@ class StepCache:
         elif decide:  # a threshold of 1 or more: always similar (cache-dit records -1)
             ctx.residual_diffs[step] = -1.0
         if decide:
-            ctx.cached_steps.append(step)
-            ctx.continuous += 1
+            if ctx.cached_steps[-1:] != [step]:
+                ctx.cached_steps.append(step)
+                ctx.continuous += 1
             h = h + (ctx.taylor.approximate() if ctx.taylor is not None else ctx.residual)
         else:
             ctx.fn_residual = fn_residual
@@ -171,30 +200,34 @@ class StepCache:
             residual = middle - h
             if self.calibrator is not None:
                 if ctx.taylor is None:
-                    ctx.taylor = TaylorSeer(self.calibrator.taylorseer_order)
+                    ctx.taylor = TaylorSeer(self.calibrator.taylorseer_order, step)
                 ctx.taylor.update(residual)
             else:
                 ctx.residual = residual
             h = middle
         return blocks(n - b, n, h)
 
-    def _begin(self, ctx: PassCache) -> PassCache:
-        """cache-dit's mark_step_begin: count the step; a computed step before it ends a run of cached ones."""
-        ctx.steps += 1
-        if not ctx.cached_steps or ctx.cached_steps[-1] != ctx.steps - 2:
-            ctx.continuous = 0
-        if ctx.taylor is not None:
-            ctx.taylor.mark_step_begin()
+    def _begin(self, ctx: PassCache, step: int) -> PassCache:
+        """cache-dit's mark_step_begin at the Stepper's step: a computed step before it ends a run of cached ones
+        (a second call in the same step begins nothing)."""
+        if step != ctx.step:
+            ctx.step = step
+            if ctx.cached_steps[-1:] != [step - 1]:
+                ctx.continuous = 0
+            if ctx.taylor is not None:
+                ctx.taylor.mark_step_begin(step)
         return ctx
 
     def _may_cache(self, ctx: PassCache, step: int) -> bool:
-        """cache-dit's can_cache before the diff: past the warmup, within the limits, with a step to compare to."""
+        """cache-dit's can_cache before the diff: past the warmup, within the limits (in steps: a step already
+        cached counts once), with a step to compare to."""
         c = self.config
         if step in range(0, c.max_warmup_steps, c.warmup_interval):
             return False
-        if 0 <= c.max_cached_steps <= len(ctx.cached_steps):
+        counted = ctx.cached_steps[-1:] == [step]
+        if 0 <= c.max_cached_steps <= len(ctx.cached_steps) - counted:
             return False
-        if 0 <= c.max_continuous_cached_steps <= ctx.continuous:
+        if 0 <= c.max_continuous_cached_steps <= ctx.continuous - counted:
             return False
         return c.residual_diff_threshold > 0 and ctx.fn_residual is not None
 
@@ -212,6 +245,12 @@ def _relative_l1(previous: mx.array, current: mx.array) -> mx.array:
     return mx.mean(mx.abs(previous - current)) / mx.mean(mx.abs(previous))
 
 
-def as_dict(config) -> dict | None:
-    """A config as the metadata and the server's body spell it (cache-dit's field names), or None."""
-    return dataclasses.asdict(config) if config is not None else None
+# A cache config's type -> the blocks policy it turns on, made as policy(config, calibrator_config).
+POLICIES = {DBCacheConfig: StepCache}
+
+
+def blocks_policy(cache_config, calibrator_config: TaylorSeerCalibratorConfig | None):
+    """A request's step-cache policy for the Stepper (``summary()`` gives what it decided), or None without one."""
+    if cache_config is None:
+        return None
+    return POLICIES[type(cache_config)](cache_config, calibrator_config)

@@ -1,22 +1,19 @@
-"""What a checkpoint says about itself, as ``Request.from_call`` asks it, without a checkpoint: the released
-model's size rule and largest side, and its sampling defaults (no generation_config.json)."""
+"""The released model's facts (docs/checkpoint.md) as ``Request.from_call`` takes them, without a checkpoint: its size
+rule, largest side and DiT blocks, no generation_config.json (so GLM-Image's published sampling settings) and no
+processor (so no prompt-length check: tests/test_generate.py counts on a checkpoint). Condition images are kept as
+they are, and recorded."""
 
-from mlx_glm_image.pipeline.prior_tokens import sampling_settings
+from dataclasses import dataclass, field
+
+from mlx_glm_image.pipeline.facts import CheckpointFacts
 
 
-class Facts:
-    size_multiple = 32
-    max_side = 2048
-    dit_blocks = 30
-
-    def __init__(self):
-        self.fitted = []
-
-    def sampling_settings(self, temperature=None, top_p=None, top_k=None):
-        return sampling_settings({}, temperature, top_p, top_k)
-
-    def check_prompt_length(self, prompts, height, width, images=None):
-        pass  # the tokenizer's count: tests/test_generate.py, on a checkpoint
+@dataclass(frozen=True, kw_only=True)
+class Facts(CheckpointFacts):
+    size_multiple: int = 32
+    max_side: int | None = 2048
+    dit_blocks: int = 30
+    fitted: list = field(default_factory=list)
 
     def prepare_condition_images(self, images):
         self.fitted.append(images)

@@ -7,7 +7,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from mlx_glm_image import preflight as P
-from mlx_glm_image.convert import human
+from mlx_glm_image.conversion import human
 from mlx_glm_image.pipeline.components import MODELS, RESIDENT_SHARE
 from mlx_glm_image.models import released
 

@@ -1,4 +1,5 @@
-"""The metadata format, written and read in one module: a record round-trips through the PNG and the JSON sidecar."""
+"""The metadata format, written and read in one module (the record assembled in another, pipeline/record.py): a
+record round-trips through the PNG and the JSON sidecar."""
 
 import json
 
@@ -8,6 +9,7 @@ from facts import Facts
 from PIL import Image
 
 from mlx_glm_image import metadata
+from mlx_glm_image.pipeline.record import image_record
 from mlx_glm_image.pipeline.request import SETTINGS, Request
 
 RUN = {"model": "glm-image-4bit", "quantize": 4, "dtype": "bfloat16", "quantization": {"transformer": None},
@@ -19,7 +21,7 @@ def test_a_record_round_trips_through_the_png_and_the_sidecar(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(source)
     request = Request.from_call(Facts(), prompt='a sign "OPEN"', image=str(source), seed=11, num_inference_steps=9,
                                 top_k=4)
-    record = metadata.record(request, RUN)
+    record = image_record(request, RUN)
     assert {s.key for s in SETTINGS if s.recorded} | set(RUN) | {"versions", "device"} == set(record)
     assert "previews" not in record, "previews do not change the image"
     assert (record["seed"], record["steps"], record["top_k"], record["temperature"]) == (11, 9, 4, 0.9)
@@ -49,14 +51,15 @@ def test_reading_what_is_not_a_record(tmp_path):
 
 
 def test_the_step_cache_settings_round_trip(tmp_path):
-    from mlx_glm_image.pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR
+    from mlx_glm_image.pipeline.step_cache import SGLANG as PRESET
 
-    request = Request.from_call(Facts(), prompt="x", seed=1, cache_config=SGLANG, calibrator_config=SGLANG_CALIBRATOR)
-    record = metadata.record(request, RUN)
+    SGLANG, SGLANG_CALIBRATOR = PRESET.cache_config, PRESET.calibrator_config
+    request = Request.from_call(Facts(), prompt="x", seed=1, **PRESET.settings())
+    record = image_record(request, RUN)
     assert record["cache"]["Fn_compute_blocks"] == 2 and record["calibrator"] == {"taylorseer_order": 2}
     out = tmp_path / "out.png"
     metadata.write(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), out, {**record, "cache_summary": {"cached_steps": [5]}})
     back = metadata.read(str(out))
     assert (back["cache"], back["calibrator"]) == (SGLANG, SGLANG_CALIBRATOR)
-    plain = metadata.record(Request.from_call(Facts(), prompt="x", seed=1), RUN)
+    plain = image_record(Request.from_call(Facts(), prompt="x", seed=1), RUN)
     assert plain["cache"] is None and plain["calibrator"] is None

@@ -22,6 +22,8 @@ def planned(*argv):
     ({"prompt": "x", "steps": True}, "line 2: steps must be an integer, got true"),
     ({"prompt": "x", "guidance": {"a": 1}}, "line 2: guidance must be a number, got an object"),
     ({"prompt": "x", "temperature": "hot"}, "line 2: temperature must be a number, got the string 'hot'"),
+    ({"prompt": "x", "size": "²x²"}, r"line 2: size must be WIDTHxHEIGHT in pixels \(multiples of 32\) or auto, got '²x²'"),
+    ({"prompt": "x", "size": 64}, r"line 2: size must be WIDTHxHEIGHT in pixels \(multiples of 32\) or auto, got 64"),
 ])
 def test_every_entry_is_checked_by_type_before_any_work(tmp_path, line, message):
     """Before: a list as the prompt generated the images, then crashed before writing them."""
@@ -29,6 +31,15 @@ def test_every_entry_is_checked_by_type_before_any_work(tmp_path, line, message)
     path.write_text('{"prompt": "fine"}\n' + json.dumps(line) + "\n")
     with pytest.raises(ValueError, match=f"^--prompt-file {path} {message}$"):
         planned("--prompt-file", str(path), "--seed", "1")
+
+
+def test_a_size_is_read_as_the_server_reads_it(tmp_path):
+    """One parser of "WxH" (checks.parse_size) for prompt files and the server's body; "auto": the run's size.
+    Before: "²x²" passed str.isdigit and failed in int(), a traceback's words with no file or line."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "size": "96x64"}\n{"prompt": "b", "size": "auto"}\n')
+    _, images = planned("--prompt-file", str(path), "--seed", "1", "--width", "128")
+    assert [(i["width"], i["height"]) for i in images] == [(96, 64), (128, None)]
 
 
 @pytest.mark.parametrize("name", ["prompts.JSONL", "prompts.Jsonl"])

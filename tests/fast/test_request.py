@@ -9,6 +9,7 @@ from facts import Facts
 from PIL import Image
 
 from mlx_glm_image.pipeline.request import Request, Sampling, Schedule
+from mlx_glm_image.pipeline.sample_utils import greedy
 
 
 def test_defaults_are_resolved_once():
@@ -28,6 +29,18 @@ def test_flat_arguments_go_to_their_parts():
     assert r.schedule.num_inference_steps == 7 and not r.schedule.guided
     assert r.sampling == Sampling(temperature=0.5, top_p=0.75, top_k=3)
     assert (r.batch, r.num_images) == (2, 4) and (r.height, r.width) == (512, 768)
+
+
+@pytest.mark.parametrize("config,want", [
+    ({}, dict(temperature=0.9, top_p=0.75, top_k=0)),  # no generation_config.json: the published settings
+    ({"temperature": 0.7, "top_p": 0.5}, dict(temperature=0.7, top_p=0.5, top_k=50)),  # transformers' for the rest
+])
+def test_sampling_defaults_from_the_checkpoint(config, want):
+    """What the checkpoint's generation_config.json says, resolved once into the sampler the decode loop takes."""
+    r = Request.from_call(Facts(generation_config=config), prompt="a cat")
+    assert r.sampling == Sampling(**want) and r.sampling.sampler() is not greedy, "it samples"
+    r = Request.from_call(Facts(generation_config=config), prompt="a cat", temperature=0.3, top_k=5)
+    assert (r.sampling.temperature, r.sampling.top_k) == (0.3, 5)
 
 
 def test_generator_and_seed():
@@ -63,6 +76,8 @@ def test_an_unknown_argument_is_named():
     (dict(output_type="jpeg"), "output_type must be"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be at least 1"),
     (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+    (dict(sampler="heun"), "sampler must be one of euler, got 'heun'"),
+    (dict(sampler=["euler"]), "sampler must be one of euler, got ['euler']"),
 ])
 def test_bad_arguments_are_one_line(arguments, message):
     with pytest.raises(ValueError) as caught:

@@ -6,7 +6,7 @@ from facts import Facts
 
 from mlx_glm_image.generate import build_parser, call_arguments
 from mlx_glm_image.pipeline.request import SETTINGS, Request
-from mlx_glm_image.server import ApiError, form_body, image_requests, typed
+from mlx_glm_image.images_api import ApiError, form_body, image_requests, typed
 
 
 def test_every_name_is_unique_and_every_call_name_is_an_argument():
@@ -82,8 +82,10 @@ def test_bad_bodies_are_400_with_the_field(body, param, message):
 
 def test_the_step_cache_from_flags_bodies_and_records():
     from mlx_glm_image.cli import cache_settings
-    from mlx_glm_image.pipeline.step_cache import SGLANG, SGLANG_CALIBRATOR, DBCacheConfig, TaylorSeerCalibratorConfig
+    from mlx_glm_image.pipeline.step_cache import SGLANG as PRESET
+    from mlx_glm_image.pipeline.step_cache import DBCacheConfig, TaylorSeerCalibratorConfig
 
+    SGLANG, SGLANG_CALIBRATOR = PRESET.cache_config, PRESET.calibrator_config
     parser = build_parser()
     assert cache_settings(parser.parse_args([])) is None
     assert cache_settings(parser.parse_args(["--cache"])) == {"cache": SGLANG, "calibrator": SGLANG_CALIBRATOR}
@@ -105,6 +107,28 @@ def test_the_step_cache_from_flags_bodies_and_records():
     assert form.cache_config.Bn_compute_blocks == 2
     form = image_requests(Pipe(), form_body({"prompt": "x", "cache": "true"}))[0][0]  # a form field is text
     assert (form.cache_config, form.calibrator_config) == (SGLANG, SGLANG_CALIBRATOR)
+    for flags, body in ((["--cache", "--taylorseer-order", "1"], {"calibrator": {"taylorseer_order": 1}}),
+                        (["--cache", "--taylorseer-order", "0"], {"calibrator": False})):
+        cli = cache_settings(parser.parse_args(flags))
+        served = image_requests(Pipe(), {"prompt": "x", "cache": True, **body})[0][0]
+        assert (served.cache_config, served.calibrator_config) == (cli["cache"], cli["calibrator"]), \
+            "the switch with a calibrator means the same on the command line and in a body"
+
+
+def test_the_cache_preset_is_one_row_that_the_help_and_the_docs_read():
+    """--cache's help and the README (or docs/) spell the preset as its row describes it."""
+    import re
+    from pathlib import Path
+
+    from mlx_glm_image.pipeline.step_cache import SGLANG
+
+    assert SGLANG.described() == ("F2 B1, warmup 4, threshold 0.4, at most 4 cached steps in a row, "
+                                  "TaylorSeer order 2")
+    (switch,) = [a for a in build_parser()._actions if "--cache" in a.option_strings]
+    assert f"({SGLANG.source}: {SGLANG.described()})" in switch.help
+    root = Path(__file__).resolve().parents[2]
+    docs = " ".join(" ".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]).split())
+    assert f"{SGLANG.source} ({SGLANG.described()})" in re.sub(r"`", "", docs)
 
 
 @pytest.mark.parametrize("body,message", [

@@ -189,13 +189,12 @@ class GlmImageTextModel(nn.Module):
 
     def __call__(
         self,
-        input_ids: mx.array | None = None,
+        input_ids: mx.array,
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
         cache: list[KVCache] | None = None,
-        inputs_embeds: mx.array | None = None,
     ) -> mx.array:
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.embed_tokens(input_ids)
         B, L, _ = h.shape
         offset = cache[0].offset if cache is not None else 0
         if position_ids is None:

@@ -13,7 +13,7 @@ import re
 import string
 from pathlib import Path
 
-from .pipeline.checks import parse_size, read_text
+from .pipeline.checks import parse_size, read_json, read_text
 from .pipeline.request import BY_KEY
 
 TEMPLATE_FIELDS = {"seed", "index", "prompt"}
@@ -25,17 +25,14 @@ MAX_IMAGES = 10_000  # per run: a week of images on a Mac; the plan of each is h
 def read_prompt_file(path: str) -> list[dict]:
     """A .txt file (one prompt per line), .jsonl (one object per line: "prompt" and per-image overrides) or .json
     (a list of such objects); each entry checked, by line or item number, before any work."""
-    text = read_text(path, "--prompt-file")
     kind = Path(path).suffix.lower()
     if kind == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--prompt-file {path} is not JSON: {e.msg} (line {e.lineno})") from None
+        items = read_json(path, "--prompt-file")
         if not isinstance(items, list):
             raise ValueError(f"--prompt-file {path}: a .json prompt file holds a list of objects")
         numbered = [(f"item {n}", item) for n, item in enumerate(items, 1)]
     else:
+        text = read_text(path, "--prompt-file")
         lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         if kind == ".jsonl":
             numbered = [(f"line {n}", _json_line(path, n, line)) for n, line in lines]

@@ -172,3 +172,13 @@ def read_text(path, flag: str) -> str:
         raise ValueError(f"{flag} {path} is a folder") from None
     except UnicodeDecodeError:
         raise ValueError(f"{flag} {path} is not UTF-8 text") from None
+
+
+def read_json(path, flag: str):
+    """The JSON value of the file that ``flag`` names; one line when it cannot be read or parsed."""
+    import json
+
+    try:
+        return json.loads(read_text(path, flag))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {path} is not JSON: {e.msg} (line {e.lineno})") from None

@@ -7,13 +7,12 @@ overrides the defaults. Every value is checked with one line that names the flag
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
 from ..lora import LoraConfig
-from ..pipeline.checks import check_seed, described, is_kind, read_text
+from ..pipeline.checks import check_seed, described, is_kind, read_json
 from ..pipeline.pipeline import DEFAULT_REPO
 
 TARGETS = ("ar", "dit")
@@ -215,11 +214,7 @@ def _number(text: str) -> float:
 def read_file(path: str) -> dict:
     """The config file's settings by field name; an unknown key, or a value that does not fit, is one line naming
     the file and the key."""
-    text = read_text(path, "--config")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config {path} is not JSON: {e.msg} (line {e.lineno})") from None
+    data = read_json(path, "--config")
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: a JSON object of settings by name, got {described(data)}")
     unknown = sorted(set(data) - set(FIELDS))

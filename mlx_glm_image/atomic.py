@@ -7,6 +7,7 @@ destination removes what a killed run left. Modes follow the umask.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -40,15 +41,31 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    got = []
-    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in SIGNALS}
+    got, old = [], {}
     try:
+        for sig in SIGNALS:  # one by one, so that a signal met between two swaps finds the ones made put back
+            old[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        _put_back(old)
         if got:
             signal.raise_signal(got[0])
+
+
+def _put_back(handlers: dict):
+    """Each of ``handlers`` set again. ``signal.signal`` first runs the handlers of the signals that came in, so it
+    can raise (a KeyboardInterrupt) before its own swap: that one is raised once every handler is back, never
+    midway, which left a deferring handler behind to swallow every later signal."""
+    met = None
+    for sig, handler in handlers.items():
+        while True:
+            try:
+                signal.signal(sig, handler)
+                break
+            except KeyboardInterrupt as e:
+                met = met or e
+    if met is not None:
+        raise met
 
 
 def temporary_path(dst: Path) -> Path:
@@ -88,26 +105,58 @@ def replacing(dst: str | os.PathLike, folder: bool = False, on_commit: Callable[
     whether ``dst`` is the new one (the swap's end and the caller's next statement are bytecodes apart).
     ``exclusive`` (a file): never replace; if ``dst`` exists by then, even made a moment ago by another process,
     FileExistsError is raised and nothing is left behind."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(dst)
-    tmp = temporary_path(dst)
-    try:
-        with signals_held():  # the temporary exists and is known, or nothing
-            if folder:
-                os.mkdir(tmp)
-            else:
-                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    with replacing_together([dst], folder=folder, on_commit=on_commit, exclusive=exclusive) as (tmp,):
         yield tmp
-        try:
-            with signals_held():  # the swap is never cut in half
-                _claim(tmp, dst) if exclusive else _swap(tmp, dst)
-                if on_commit is not None:
-                    on_commit()
-        except KeyboardInterrupt:
-            raise InterruptedAfterCommit(dst) from None
+
+
+@contextmanager
+def replacing_together(dsts: list, folder: bool = False, on_commit: Callable[[], None] | None = None,
+                       exclusive: bool = False) -> Iterator[list[Path]]:
+    """``replacing`` for files that are one unit (an image and the JSON beside it): yields their temporaries;
+    once the block ends they become ``dsts``, in the order given, in one step that no signal cuts (so the last one
+    in place means the others are). With ``exclusive`` every name is claimed or none: FileExistsError names the one
+    that exists, and the names claimed before it are given back. ``InterruptedAfterCommit`` names the last."""
+    dsts = [Path(d) for d in dsts]
+    tmps: list[Path] = []
+    try:
+        for dst in dsts:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(dst)
+            tmp = temporary_path(dst)
+            with signals_held():  # the temporary exists and is known, or nothing
+                if folder:
+                    os.mkdir(tmp)
+                else:
+                    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                tmps.append(tmp)
+        yield tmps
+        _commit(tmps, dsts, exclusive, on_commit)
     except BaseException:
-        _remove(tmp)
+        for tmp in tmps:
+            _remove(tmp)
+        raise
+
+
+def _commit(tmps: list[Path], dsts: list[Path], exclusive: bool, on_commit: Callable[[], None] | None):
+    """Every temporary becomes its destination, signals held: all of them, or (an error) none of the new ones stays."""
+    committed = False
+    try:
+        with signals_held():  # the swaps are never cut in half
+            done = []
+            try:
+                for tmp, dst in zip(tmps, dsts):
+                    _claim(tmp, dst) if exclusive else _swap(tmp, dst)
+                    done.append(dst)
+            except Exception:
+                for dst in done:  # made by this call a moment ago
+                    _remove(dst)
+                raise
+            committed = True
+            if on_commit is not None:
+                on_commit()
+    except KeyboardInterrupt:  # held during the swaps, met after them
+        if committed:
+            raise InterruptedAfterCommit(dsts[-1]) from None
         raise
 
 
@@ -131,7 +180,7 @@ def _claim(tmp: Path, dst: Path):
     try:
         os.link(tmp, dst)
     except FileExistsError:
-        raise
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None  # named: dst, not tmp
     except OSError:
         os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         os.replace(tmp, dst)

@@ -38,32 +38,63 @@ def above_zero(unit: str):
     return parse
 
 
-def fail(error: BaseException) -> int:
-    """Print one line for ``error`` (an OSError names its file) and return the exit code 1."""
+def fail(error: BaseException, then: str | None = None) -> int:
+    """Print one line for ``error`` (an OSError names its file), ending with ``then`` (what the command had done
+    by then), and return the exit code 1."""
     if isinstance(error, OSError) and error.strerror:
         message = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     else:
         message = " ".join(str(error).split())  # one line, whatever the message held
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}" + (f"; {then}" if then else ""), file=sys.stderr)
     return 1
 
 
 @contextmanager
 def interrupting():
-    """Within the block SIGTERM and SIGHUP (and SIGINT, whatever handler was there) raise KeyboardInterrupt, so
-    that a stopped command cleans up as after Ctrl-C: its temporaries removed, one line said."""
+    """Within the block SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, so that a stopped command cleans up as
+    after Ctrl-C: its temporaries removed, one line said. A signal the process was started with ignored stays
+    ignored (SIGINT for a script's ``cmd &``, SIGHUP under nohup): the interpreter ignores it until the block
+    begins, so taking it over here made the same signal lost or not by the millisecond it came in.
+
+    A handler that runs inside a callback whose exceptions Python ignores (an import lock's weakref callback, a
+    ``__del__``) raises there in vain ("Exception ignored in ...") and the run would go on: such a signal is sent
+    again, by another thread (from the hook, the handler would run inside the hook and be ignored once more), and
+    the block does not end before it is met."""
+    import _thread
     import signal
+    import threading
+
+    met, resent = [], []
+    main = threading.main_thread().ident
 
     def interrupt(signum, frame):
+        met.append(signum)
         raise KeyboardInterrupt
 
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    def send_again(signum, sent):
+        signal.pthread_kill(main, signum)
+        sent.set()
+
+    def unraisable(hook):
+        if hook.exc_type is not None and issubclass(hook.exc_type, KeyboardInterrupt) and met:
+            resent.append(threading.Event())
+            _thread.start_new_thread(send_again, (met[-1], resent[-1]))  # not waited for: see above
+        else:
+            previous_hook(hook)
+
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
     old = {sig: signal.signal(sig, interrupt) for sig in signals}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        try:
+            for sent in resent:
+                sent.wait(5.0)  # the signal is met here at the latest
+        finally:
+            sys.unraisablehook = previous_hook
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
 
 def run_command(module: str, interrupted: str) -> int:
@@ -120,6 +151,11 @@ def train() -> int:
     return run_command("train.command", "interrupted; nothing was written")
 
 
+def eval_() -> int:
+    """``mlx-glm-image-eval`` and ``python -m mlx_glm_image.eval``."""
+    return run_command("eval.command", "interrupted; nothing was written")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = False, fill_defaults: bool = True):
     """The options of every command that loads a pipeline (mflux's add_*_arguments): -m, -q, --dtype, --memory.
     Without ``fill_defaults`` each option defaults to None, so that the command knows what the user gave (the
@@ -141,9 +177,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
                         help="staged: load each model for its stage and free it after (peak = the largest stage); "
                              "resident: keep every model loaded; auto: resident when the weights fit "
                              f"(default: {defaults['memory']})")
-    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE][@NAME]",
                         help="a LoRA adapter for the AR model or the DiT (PEFT's or diffusers' files: a folder, a "
-                             ".safetensors file or a Hub repo id), at SCALE (default 1); repeat for several")
+                             ".safetensors file or a Hub repo id), at SCALE (a finite number, default 1), named NAME "
+                             "(default: its file's or folder's name, with _2, _3... when taken); repeat for several")
 
 
 def model_defaults() -> dict:
@@ -201,17 +238,22 @@ def cache_settings(args) -> dict | None:
             "calibrator": settings["calibrator_config"]}
 
 
-def load_adapters(pipe, entries) -> None:
-    """The --lora adapters (``PATH[:SCALE]`` strings, or the records of an image's metadata, whose weights must be
-    the ones it was made with) onto ``pipe``: read and matched to their model now, before any weight is loaded."""
+def lora_entries(texts) -> list[dict]:
+    """--lora's ``PATH[:SCALE][@NAME]`` values as {"source", "scale", "name"}, checked as they enter, before any
+    work (an empty path, a scale that is not a finite number: one line)."""
+    from . import lora
+
+    return [dict(zip(("source", "scale", "name"), lora.parse_with_name(text))) for text in texts or []]
+
+
+def load_adapters(pipe, entries, origin: str = "--lora") -> None:
+    """Adapters onto ``pipe``: ``lora_entries``' or the records of an image's metadata (whose weights must be the
+    ones it was made with), read and matched to their model now, before any weight is loaded; ``origin`` is what
+    gave them, for the messages (--lora, or the --config-from-metadata file). A name not given is made unique."""
     from . import lora
 
     for entry in entries or []:
-        if isinstance(entry, str):
-            source, scale = lora.parse(entry)
-            entry = {"source": source, "scale": scale}
-        name = pipe.load_lora_weights(entry["source"], adapter_name=entry.get("name"), scale=entry["scale"])
-        have = pipe.components.adapters[name].sha256
-        if entry.get("sha256") not in (None, have):
-            raise lora.LoraError(f"--lora {entry['source']} is not the adapter the image was made with (its weights "
-                                 "changed)")
+        adapter = lora.read(entry["source"], entry.get("name"), origin)
+        if entry.get("sha256") not in (None, adapter.sha256):
+            raise lora.LoraError(f"{adapter.who} is not the adapter the image was made with (its weights changed)")
+        pipe.components.adapters.add(adapter, entry["scale"], rename=entry.get("name") is None)

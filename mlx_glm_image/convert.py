@@ -200,6 +200,7 @@ def convert(
     spec = Q.quant_spec(q_bits, q_group_size, q_mode or "affine") if quantize else None
     out_dtype = L.to_dtype(dtype) if dtype else None
     check_component_names(components, quantize_components, quantize)
+    adapters = [lora.parse_with_name(text) for text in loras or []]  # a bad --lora: one line, before any work
     if L.is_local(hf_path) and Path(hf_path).expanduser().exists():
         check_destination(Path(hf_path).expanduser(), dst)
     check_destination_is_a_folder(dst)
@@ -211,10 +212,8 @@ def convert(
     names = present_components(root, components)
     q_set = set(quantize_components) if quantize_components is not None else {n for n in names if COMPONENTS[n].quantize_by_default}
     plans = [Plan.make(COMPONENTS[n], root / n, spec if n in q_set else None, out_dtype) for n in names]
-    for text in loras or []:
-        source, scale = lora.parse(text)
-        adapter = lora.read(source)
-        adapter = lora.matched(adapter, {p.component.component: p.model for p in plans})
+    for source, scale, name in adapters:
+        adapter = lora.matched(lora.read(source, name, "--lora"), {p.component.component: p.model for p in plans})
         next(p for p in plans if p.component.component == adapter.model).adapters.append((adapter, scale))
     planned = [(plan.component.component, *scan(plan)) for plan in plans]
     if dry_run:
@@ -308,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size-gb", type=above_zero("GB"), default=DEFAULT_SHARD_BYTES / 2**30, help="output shard size (default 4)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path (only once the new one is complete)")
     p.add_argument("--dry-run", action="store_true", help="print planned sizes from the safetensors headers; read no weights")
-    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
-                   help="fold a LoRA adapter into the weights (before quantizing), recorded in the component's config; "
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE][@NAME]",
+                   help="fold a LoRA adapter into the weights (before quantizing) at SCALE (a finite number, default "
+                        "1), recorded in the component's config as NAME (default: its file's or folder's name); "
                         "repeat for several")
     return p
 

@@ -18,10 +18,11 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .cli import (Parser, above_zero, add_cache_arguments, add_model_arguments, cache_settings, fail, import_whole,
-                  interrupting, load_adapters, model_defaults, prog_name)
+                  interrupting, load_adapters, lora_entries, model_defaults, prog_name)
 
 # The run's own settings when not given (the image settings' defaults are the pipeline's: request.py).
 RUN_DEFAULTS = dict(output="glm-image.png", num_images=1, vae_tiling="auto")
@@ -93,11 +94,18 @@ def plan(args) -> tuple[dict, list[dict]]:
     recorded = metadata.read(args.config_from_metadata) if args.config_from_metadata else {}
     run = {**model_defaults(), **RUN_DEFAULTS, **{k: recorded[k] for k in metadata.RUN_KEYS if k in recorded}, **given}
     run.setdefault("quantize", None)
+    if "parallel" in recorded:  # where the recorded image was made: compared with this run's placement (run)
+        run["recorded_parallel"] = recorded["parallel"]
+    if args.lora:  # checked as they enter (a scale that is not a finite number: one line, before any work)
+        run["lora"] = lora_entries(args.lora)
     image = {s.key: recorded.get(s.key) for s in SETTINGS if s.key not in ("prompt", "seed")}
     image.update({s.key: given[s.key] for s in SETTINGS if s.key in given and s.key not in ("prompt", "seed")})
     image.update(cache_settings(args) or {})
+    check_preview_flags(run.get("preview_dir"), args.previews)
     if run.get("preview_dir") and image.get("previews") is None:
         image["previews"] = PREVIEWS
+    if args.prompt_file and args.prompt is not None:
+        raise ValueError("--prompt and --prompt-file do not go together: give one (put the prompt in the file)")
     if args.prompt_file:
         entries = runs.read_prompt_file(args.prompt_file)
     elif args.prompt is not None or "prompt" in recorded:
@@ -108,7 +116,66 @@ def plan(args) -> tuple[dict, list[dict]]:
         seeds = runs.seeds_for(args.seed, args.auto_seeds, run["num_images"])
     else:
         seeds = [recorded["seed"]]
-    return run, runs.plan_images(entries, seeds, image)
+    images = runs.plan_images(entries, seeds, image)
+    if args.previews:
+        check_preview_count(args.previews, images)
+    return run, images
+
+
+def check_preview_flags(folder: str | None, previews: int | None):
+    """--previews and --preview-dir go together, and the folder is named (an empty one would be the current one)."""
+    if folder is not None and not folder.strip():
+        raise ValueError("--preview-dir is empty: name the folder the previews go to")
+    if previews and folder is None:
+        raise ValueError(f"--previews {previews} needs --preview-dir (the folder the previews go to)")
+
+
+def check_preview_count(previews: int, images: list[dict]):
+    """--previews N takes N below every image's steps: a preview comes after a step, and the last step's image is
+    the result itself (pipeline/preview.py); the default 4 takes what there is."""
+    from .pipeline.request import BY_KEY
+
+    steps = min(image.get("steps") or BY_KEY["steps"].default for image in images)
+    if previews >= steps:
+        raise ValueError(f"--previews {previews} with {steps} steps: at most {steps - 1} (a preview comes after a "
+                         "step, and the last step's image is the result itself)")
+
+
+def check_flags(args):
+    """--check: the run's flags checked as the run checks them before it loads a weight (the plan: prompts, seeds,
+    counts, previews; each image setting's range; the output's place; the condition images; the adapters), so that
+    its verdict is for the run as given. No prompt is needed; what depends on the checkpoint (the size multiple,
+    the prompt's length in tokens) is the run's to check, and an adapter on the Hub is not fetched."""
+    from . import loading, lora, runs
+    from .pipeline.image_processor import load_image
+    from .pipeline.request import SETTINGS
+
+    if args.parallel:
+        raise ValueError("--check answers for one process that holds every model and does not take --parallel: "
+                         "run it without (docs/parallel.md says what each process of a split holds)")
+    stand_in = args.prompt is None and not args.prompt_file and not args.config_from_metadata
+    settings, images = plan(argparse.Namespace(**{**vars(args), "prompt": "x"}) if stand_in else args)
+    for image in images:
+        for s in SETTINGS:
+            if image.get(s.key) is not None and s.check is not None:
+                s.check(image[s.key])
+        for path in image.get("image") or []:
+            load_image(path)
+    if args.output is not None:
+        outputs = runs.output_paths(settings["output"], images, bool(settings.get("overwrite")),
+                                    bool(settings.get("metadata")))
+        for path, _ in outputs:
+            writable_folder(path.parent, f"--output {path}")
+    if args.preview_dir is not None:
+        writable_folder(Path(args.preview_dir).expanduser(), f"--preview-dir {args.preview_dir}")
+    for entry in settings["lora"] if args.lora else []:  # plan parsed them (lora_entries)
+        if loading.is_local(entry["source"]):
+            lora.read(entry["source"], entry["name"], origin="--lora")
+            continue
+        try:
+            loading.check_repo_id(entry["source"])
+        except loading.WeightsError as e:
+            raise lora.LoraError(f"--lora {e}") from None
 
 
 def call_arguments(image: dict) -> dict:
@@ -122,12 +189,8 @@ def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
     """Each PNG can be written: its folder exists or can be made and is writable (runs.output_paths refuses a
     path that is a folder), and the disk has room."""
     for path in paths:
-        folder = path.parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir():
-            raise ValueError(f"--output {path}: {folder} is not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        folder = writable_folder(path.parent, f"--output {path}")
+        if path.exists() and not os.access(path, os.W_OK):
             raise ValueError(f"--output {path}: no permission to write there")
     need = sum(3 * h * w + (1 << 20) for h, w in sizes)  # an uncompressed RGB image each, at most
     free = shutil.disk_usage(folder).free
@@ -135,25 +198,50 @@ def check_output(paths: list[Path], sizes: list[tuple[int, int]]):
         raise ValueError(f"--output: {folder} has {free >> 20} MB free; {len(paths)} image(s) need up to {need >> 20} MB")
 
 
+def writable_folder(folder: Path, said: str) -> Path:
+    """The nearest existing folder at or above ``folder`` (where it would be made), which must be a writable
+    folder; ``said`` starts the line that says otherwise (the flag and what it gave)."""
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{said}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{said}: no permission to write there")
+    return folder
+
+
+def check_configs(pipe):
+    """Every model's config.json builds its model (nothing is read or allocated): a config the model cannot take
+    (zero heads) is refused now, not when its stage comes after minutes of the others."""
+    from .pipeline.components import MODELS
+
+    for name in MODELS:
+        pipe.components.skeleton(name)
+
+
 def prepare(pipe, run: dict, images: list[dict]) -> tuple[list, list]:
     """Every image's request, checked and resolved (size, sampling) before any weight is read, and the
     (path, moved-from) outputs."""
     from . import atomic, runs
 
-    outputs = runs.output_paths(run["output"], images, bool(run.get("overwrite")))
+    outputs = runs.output_paths(run["output"], images, bool(run.get("overwrite")), bool(run.get("metadata")))
     missing = pipe.components.missing()  # configs were read, no weights
     if missing:
         raise ValueError(f"{run['model']} lacks {', '.join(m + '/' for m in missing)}")
+    check_configs(pipe)
     requests = [pipe.request(**call_arguments(image)) for image in images]
-    previews = [Path(run["preview_dir"]).expanduser() / "preview.png"] if run.get("preview_dir") else []
-    check_output([p for p, _ in outputs] + previews, [(r.height, r.width) for r in requests])
-    for folder in {p.parent for p, _ in outputs} | {p.parent for p in previews}:
+    check_output([p for p, _ in outputs], [(r.height, r.width) for r in requests])
+    previews = [Path(run["preview_dir"]).expanduser()] if run.get("preview_dir") else []
+    for folder in previews:
+        writable_folder(folder, f"--preview-dir {run['preview_dir']}")
+    for folder in {p.parent for p, _ in outputs} | set(previews):
         if folder.is_dir():  # what runs killed while writing (SIGKILL: no handler ran) left there
             atomic.remove_stale_in(folder)
     return requests, outputs
 
 
 def run(args, tally: "Tally") -> list[Path]:
+    from . import runs
     from .pipeline import GlmImagePipeline
 
     settings, images = plan(args)
@@ -163,7 +251,9 @@ def run(args, tally: "Tally") -> list[Path]:
                                             parallel_timeout=settings.get("parallel_timeout") or 600.0)
     if pipe.placement.distributed:
         join_the_others(pipe, settings, images, random_seeds=args.seed is None)
-    load_adapters(pipe, settings.get("lora"))
+    warn_of_another_split(pipe.placement, settings, args.config_from_metadata)
+    load_adapters(pipe, settings.get("lora"),
+                  "--lora" if args.lora else f"--config-from-metadata {args.config_from_metadata}: adapter")
     requests, outputs = prepare(pipe, settings, images)
     pipe.placement.barrier()  # every process has planned its output paths before any is written
     if settings.get("print_config"):
@@ -172,7 +262,8 @@ def run(args, tally: "Tally") -> list[Path]:
         return []
     for path, asked in outputs:
         if asked is not None:
-            print(f"{asked} exists: writing {path}", file=sys.stderr)
+            print(f"{runs.existing(asked, bool(settings.get('metadata'))) or asked} exists: writing {path}",
+                  file=sys.stderr)
     paths = [p for p, _ in outputs]
     tally.planned = len(paths)
     report = generate(pipe, requests, paths, settings, [asked or p for p, asked in outputs], tally)
@@ -185,8 +276,7 @@ def run(args, tally: "Tally") -> list[Path]:
 def generate(pipe, requests: list, paths: list[Path], settings: dict, asked: list[Path], tally: "Tally"):
     """Consume the run's events: the bars, the stage report, and each image written as soon as it is made (at
     ``paths``, or, when another run took a name meanwhile, the next free name after it, put in ``paths``), and
-    counted in ``tally``."""
-    from . import atomic
+    counted in ``tally`` the moment it is in place (with its JSON), whatever signal comes next."""
     from .pipeline.report import ProgressBars, StageReport
 
     report, bars = StageReport(pipe._log), ProgressBars(not settings.get("quiet"))
@@ -195,12 +285,8 @@ def generate(pipe, requests: list, paths: list[Path], settings: dict, asked: lis
             report.observe(event)
             bars.observe(event)
             if event.kind == "image":
-                try:
-                    paths[event.request] = write_image(event, paths[event.request], asked[event.request], settings)
-                except atomic.InterruptedAfterCommit as e:  # the image is in place: it counts
-                    tally.written.append(e.dst)
-                    raise
-                tally.written.append(paths[event.request])
+                paths[event.request] = write_image(event, paths[event.request], asked[event.request], settings,
+                                                   tally.written.append)
             elif event.kind == "preview" and settings.get("preview_dir"):
                 write_preview(event, paths[event.request], Path(settings["preview_dir"]).expanduser())
     except RuntimeError as e:
@@ -211,19 +297,21 @@ def generate(pipe, requests: list, paths: list[Path], settings: dict, asked: lis
     return report
 
 
-def write_image(event, path: Path, asked: Path, settings: dict) -> Path:
-    """The image at ``path``, never over an existing file unless --overwrite: a name another run took since the
-    run was planned moves it on to the next free one (said); returns where it went."""
+def write_image(event, path: Path, asked: Path, settings: dict, written=None) -> Path:
+    """The image at ``path`` (and with --metadata its JSON, one unit), never over an existing file unless
+    --overwrite: a name (PNG or JSON) another run or the user took since the run was planned moves the pair on to
+    the next free one (said); returns where it went. ``written(path)`` runs the moment the files are in place."""
     from . import metadata, runs
 
     while True:
         try:
             metadata.write(event.image, path, event.metadata, png_text=not settings.get("no_metadata"),
-                           sidecar=bool(settings.get("metadata")), overwrite=bool(settings.get("overwrite")))
+                           sidecar=bool(settings.get("metadata")), overwrite=bool(settings.get("overwrite")),
+                           on_commit=None if written is None else partial(written, path))
             return path
-        except FileExistsError:
-            taken, path = path, runs.next_name(asked, path)
-            print(f"{taken} exists now: writing {path}", file=sys.stderr)
+        except FileExistsError as e:
+            path = runs.next_name(asked, path)
+            print(f"{e.filename} exists now: writing {path}", file=sys.stderr)
 
 
 def write_preview(event, output: Path, folder: Path):
@@ -242,10 +330,13 @@ class Tally:
     planned: int = 0
     written: list = field(default_factory=list)
 
-    def interrupted(self) -> str:
+    def said(self) -> str:
         if not self.written:
-            return "interrupted; no image written"
-        return f"interrupted; {len(self.written)} of {self.planned} image(s) written (the last: {self.written[-1]})"
+            return "no image written"
+        return f"{len(self.written)} of {self.planned} image(s) written (the last: {self.written[-1]})"
+
+    def interrupted(self) -> str:
+        return f"interrupted; {self.said()}"
 
 
 def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool):
@@ -260,6 +351,16 @@ def join_the_others(pipe, settings: dict, images: list[dict], random_seeds: bool
         seeds = group.broadcast(mx.array([i["seed"] for i in images], dtype=mx.int64)).tolist()
         for image, seed in zip(images, seeds):
             image["seed"] = seed
+
+
+def warn_of_another_split(placement, settings: dict, source: str | None):
+    """One line (rank 0's) when the recorded image was made under a placement whose rounding differs from this
+    run's (a tensor split): regenerating it still runs, as the user asked, and says it may differ."""
+    from .pipeline.parallel import rounding_warning
+
+    line = rounding_warning(settings["recorded_parallel"], placement) if "recorded_parallel" in settings else None
+    if line and placement.leader:
+        print(f"warning: --config-from-metadata {source}: {line}", file=sys.stderr)
 
 
 def print_report(paths, requests, report):
@@ -294,17 +395,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, tally: Tally) -> int:
+    from .loading import WeightsError
+
     args = build_parser().parse_args(argv)
     if args.check:
         from .preflight import main as check
 
+        try:
+            check_flags(args)
+        except (ValueError, WeightsError, OSError) as e:
+            return fail(e)
         return check(args)
-    from .loading import WeightsError
-
     try:
         run(args, tally)
     except (ValueError, WeightsError, RuntimeError, OSError) as e:  # OSError: disk full, permissions
-        return fail(e)
+        return fail(e, tally.said() if tally.planned else None)  # once writing began: what is on disk
     return 0
 
 

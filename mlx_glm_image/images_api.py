@@ -15,6 +15,12 @@ import re
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_IMAGES = 10  # per request, as OpenAI's API allows
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API allows
+# a server's longest prompt by default, as the AR model reads it before it writes (the text after the chat template,
+# each condition image's tokens, the grid sizes; prompt_tokens): a long prompt of 2,048 tokens (the glyph
+# encoder's max_sequence_length) and three condition images at the AR image processor's largest (2048x2048 pixels,
+# read at half: 64x64 = 4,096 tokens each) take 14,336. One eighth of the released model's 131,072 positions: the
+# prefill's cost grows with the square of the length, and one generation runs at a time.
+MAX_PROMPT_TOKENS = 16384
 # the body's fields by the JSON type they take, besides the name table's; a form's text is read as that type. The
 # OpenAI fields GLM-Image has no use for are accepted, and checked all the same.
 FIELDS = {"n": int, "size": str, "response_format": str, "output_format": str, "stream": bool,
@@ -112,11 +118,12 @@ def _from_text(text: str, kind, name: str):
     raise ApiError(400, f"{name} must be {KINDS[kind]}, got {text!r}", name)
 
 
-def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) -> tuple[list, str]:
+def image_requests(pipe, body: dict, images=None, defaults: dict | None = None,
+                   max_prompt_tokens: int | None = None) -> tuple[list, str]:
     """The pipeline requests for one API request (``n`` of them, seeds seed, seed + 1, ...), checked now, before
     it waits in the queue. Body fields are the name table's (pipeline/request.py) and FIELDS, each of its JSON
     type (a form's, read by form_body). ``defaults``: the server's own (its step cache), for the settings the
-    body leaves out."""
+    body leaves out; ``max_prompt_tokens``: the server's longest prompt (prompt_tokens), None for no limit."""
     from .pipeline.request import SETTINGS
     from .pipeline.step_cache import SGLANG
 
@@ -131,6 +138,9 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
                             "only", "response_format")
     if fmt not in OUTPUT_FORMATS:
         raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}", "output_format")
+    if not 0 <= body.get("partial_images", 0) <= MAX_PARTIAL_IMAGES:  # OpenAI's field and range, before the setting's
+        raise ApiError(400, f"partial_images must be from 0 to {MAX_PARTIAL_IMAGES}, got {body['partial_images']}",
+                       "partial_images")
     height, width = parse_size(body.get("size"))
     call = dict(prompt=prompt, image=images, height=height, width=width)
     for s in SETTINGS:
@@ -141,8 +151,6 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
                     s.check(call[s.name])
             except ValueError as e:
                 raise ApiError(400, str(e), s.body) from None
-    if not 0 <= call.get("previews", 0) <= MAX_PARTIAL_IMAGES:
-        raise ApiError(400, f"partial_images must be from 0 to {MAX_PARTIAL_IMAGES}, got {call['previews']}", "partial_images")
     if not body.get("stream"):
         call.pop("previews", None)  # partial images are streamed; without a stream there is nothing to send them in
     if "cache" not in body:
@@ -152,6 +160,31 @@ def image_requests(pipe, body: dict, images=None, defaults: dict | None = None) 
     seed = call.pop("seed", None)
     seed = random.randrange(2**31) if seed is None else seed
     try:
-        return [pipe.request(**call, seed=seed + i) for i in range(n)], fmt
+        first = pipe.request(**call, seed=seed)
+        if max_prompt_tokens is not None:
+            check_prompt_tokens(prompt_tokens(pipe, first), max_prompt_tokens)
+        return [first] + [pipe.request(**call, seed=seed + i) for i in range(1, n)], fmt
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+
+
+def prompt_tokens(pipe, request) -> int | None:
+    """The tokens the AR model reads for ``request``'s prompt before it writes: its text after the chat template,
+    each condition image's tokens and the grid sizes (the processor's count, without preprocessing any image);
+    None without an AR processor (the prior stage says so)."""
+    from .pipeline.image_processor import image_size
+    from .pipeline.processor import target_grids
+
+    processor = pipe.components.facts.processor
+    if processor is None:
+        return None
+    sizes = [image_size(im) for im in request.image[0]] if request.image else []
+    written = target_grids(request.height, request.width, not sizes).new_tokens
+    return processor.sequence_length(request.prompt[0], request.height, request.width, sizes) - written
+
+
+def check_prompt_tokens(count: int | None, limit: int):
+    if count is not None and count > limit:
+        raise ApiError(400, f"the prompt is {count} tokens as the AR model reads it (its text, its condition images' "
+                            f"tokens, the grid sizes); this server takes at most {limit} (--max-prompt-tokens)",
+                       "prompt", "prompt_too_long")

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +37,14 @@ import numpy as np
 from . import atomic, loading
 
 FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")  # PEFT's, diffusers'
+GENERIC = {Path(f).stem for f in FILES}  # every adapter of its kind is named so: its folder's name names it
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
 PREFIXES = ("base_model.model.", "transformer.")  # PEFT's wrapper; a diffusers pipeline's component name
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight$|^(?P<alpha>.+)\.alpha$")
+# PEFT features that change what a layer computes, which this module does not implement: refused when set
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA-bias", "alora_invocation_tokens": "activated-LoRA (aLoRA)",
+                "layer_replication": "layer-replicating",
+                "target_parameters": "parameter-targeting (target_parameters)"}
 
 
 class LoraError(ValueError):
@@ -49,69 +57,84 @@ class LoraAdapter:
     it is for) and its layers, per module path (A (r, in), B (out, r), scaling)."""
 
     name: str
-    source: str  # as the user gave it: a folder, a file or a repo id
+    source: str  # where it is: a local path made absolute (a record regenerates from any folder), or a repo id
+    source_given: str  # as the user gave it
     sha256: str  # of the weights file
     model: str | None = None  # the component whose linear layers it names (``matched``); None until then
+    origin: str = field(default="--lora", compare=False)  # what gave it: --lora, the metadata that named it, ...
     layers: dict = field(repr=False, compare=False)
+
+    @property
+    def who(self) -> str:
+        """The adapter as messages name it: what gave it, and its source as given ("--lora ./style")."""
+        return f"{self.origin} {self.source_given}"
 
     def targets(self) -> list[str]:
         return sorted(self.layers)
 
     def record(self, scale: float) -> dict:
         """The adapter at ``scale`` as the metadata and a converted folder's config record it."""
-        return {"name": self.name, "source": self.source, "sha256": self.sha256, "scale": scale, "model": self.model}
+        return {"name": self.name, "source": self.source, "source_given": self.source_given, "sha256": self.sha256,
+                "scale": scale, "model": self.model}
 
 
 def parse(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` (a repo id or a path; the scale after the last colon when it is a number; default 1)."""
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+    """--lora's ``PATH[:SCALE][@NAME]`` without its name: (path, scale); see ``parse_with_name``."""
+    return parse_with_name(text)[:2]
 
 
-def read(source: str, name: str | None = None) -> LoraAdapter:
+def parse_with_name(text: str) -> tuple[str, float, str | None]:
+    """--lora's ``PATH[:SCALE][@NAME]``: (path, scale, name or None). The name is after the last ``@`` (when no
+    ``/`` follows it), the scale after the last ``:`` before it when that is a number (default 1); a path that
+    exists as typed is taken whole. One line for an empty path or name, or a scale that is not a finite number."""
+    shown = text or "''"
+    if text and Path(text).expanduser().exists():
+        return text, 1.0, None
+    name = scale = None
+    head, at, tail = text.rpartition("@")
+    if at and "/" not in tail:
+        if not tail.strip():
+            raise LoraError(f"--lora {shown}: the name after @ is empty")
+        text, name = head, tail
+    head, colon, tail = text.rpartition(":")
+    if colon and (scale := _number(tail)) is not None:
+        text = head
+        if not _finite(scale):  # float() reads "nan", "inf" and "1e400" (inf)
+            raise LoraError(f"--lora {shown}: the scale must be a finite number, got {tail}")
+    if not text.strip():
+        raise LoraError(f"--lora {shown}: the path is empty")
+    return text, 1.0 if scale is None else scale, name
+
+
+def check_scale(value, what: str) -> float:
+    """A scale (an adapter's weight): a finite number, not a boolean or a string; one line naming ``what``."""
+    if not _finite(value):
+        raise LoraError(f"{what} must be a finite number, got {_described(value)}")
+    return float(value)
+
+
+def read(source: str, name: str | None = None, origin: str = "--lora") -> LoraAdapter:
     """The adapter at ``source``: a folder holding one of ``FILES`` (with PEFT's adapter_config.json), a
-    .safetensors file, or a Hub repo id."""
-    path = _weights_file(source)
+    .safetensors file, or a Hub repo id; ``origin`` is what gave it, for the messages ("--lora ./style: ...";
+    the Python API's "adapter"). Every field read from it (its config, its file's metadata, its tensors) is
+    checked: one line naming the adapter and the field otherwise."""
+    source = str(source)
+    who = f"{origin} {source or repr(source)}"
+    if not source.strip():
+        raise LoraError(f"{who}: the path is empty")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise LoraError(f"{who}: its name must be non-empty text, got {_described(name)}")
+    path = _weights_file(source, who)
     try:
-        weights = mx.load(str(path), return_metadata=True)
+        tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:
-        raise LoraError(f"--lora {source}: cannot read {path.name} ({e})") from None
-    tensors, metadata = weights
-    config = _config(path, metadata, source)
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases")):
-        if config.get(flag):
-            raise LoraError(f"--lora {source}: {what} adapters are not supported")
-    if config.get("modules_to_save"):
-        raise LoraError(f"--lora {source}: adapters that save whole modules (modules_to_save) are not supported")
-    pairs, alphas = {}, {}
-    for key, value in tensors.items():
-        match = _KEY.match(_strip(key))
-        if match is None:
-            raise LoraError(f"--lora {source}: {key} is not a LoRA weight (lora_A/lora_B or lora_down/lora_up)")
-        if match["alpha"]:
-            alphas[match["alpha"]] = float(value.reshape(-1)[0].item())
-            continue
-        pairs.setdefault(match["module"], {})["A" if match["kind"] in ("lora_A", "lora_down") else "B"] = value
-    layers = {}
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise LoraError(f"--lora {source}: {module} has only {', '.join(pair)} of its lora_A/lora_B pair")
-        a, b = pair["A"].astype(mx.float32), pair["B"].astype(mx.float32)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise LoraError(f"--lora {source}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                            "which are not a low-rank pair")
-        r = a.shape[0]
-        alpha = alphas.get(module, _pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", r)))
-        layers[module] = (a, b, scaling(alpha, r, config.get("use_rslora", False)))
+        raise LoraError(f"{who}: cannot read {path.name} ({e})") from None
+    layers = _layers(tensors, _config(path, metadata, who), who)
     if not layers:
-        raise LoraError(f"--lora {source}: {path.name} holds no LoRA weights")
-    mx.eval([t for a, b, _ in layers.values() for t in (a, b)])  # read now, on this thread (see apply)
-    return LoraAdapter(name=name or _default_name(source), source=str(source), sha256=loading.file_sha256(path), layers=layers)
+        raise LoraError(f"{who}: {path.name} holds no LoRA weights")
+    local = loading.is_local(source)
+    return LoraAdapter(name=name or _default_name(source), source=_absolute(source) if local else source,
+                       source_given=source, origin=origin, sha256=loading.file_sha256(path), layers=layers)
 
 
 def matched(adapter: LoraAdapter, skeletons: dict) -> LoraAdapter:
@@ -125,7 +148,7 @@ def matched(adapter: LoraAdapter, skeletons: dict) -> LoraAdapter:
             check_shapes(adapter, model)
             return dataclasses.replace(adapter, model=component)
     shown = "; ".join(f"{c} has no linear layer {m[0]}" for c, m in missing.items())
-    raise LoraError(f"--lora {adapter.source}: its target modules fit no model here ({shown})")
+    raise LoraError(f"{adapter.who}: its target modules fit no model here ({shown})")
 
 
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -138,7 +161,7 @@ def check_shapes(adapter: LoraAdapter, model: nn.Module):
     for path, (a, b, _) in adapter.layers.items():
         out_dims, in_dims = _dims(_base(modules[path]))
         if a.shape[1] != in_dims or b.shape[0] != out_dims:
-            raise LoraError(f"--lora {adapter.source}: {path} takes {in_dims} -> {out_dims}, the adapter has "
+            raise LoraError(f"{adapter.who}: {path} takes {in_dims} -> {out_dims}, the adapter has "
                             f"{a.shape[1]} -> {b.shape[0]}")
 
 
@@ -387,35 +410,178 @@ def _save_trained(dst: Path, model: nn.Module, prefix: str, metadata: dict) -> P
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _weights_file(source: str) -> Path:
+def _weights_file(source: str, who: str) -> Path:
     if loading.is_local(source):
         path = Path(source).expanduser()
         if path.is_file():
             return path
         if not path.is_dir():
-            raise LoraError(f"--lora {source} does not exist")
+            raise LoraError(f"{who} does not exist")
     else:
-        path = loading.fetch(str(source), [*FILES, "adapter_config.json"])
+        try:
+            loading.check_repo_id(source)
+        except loading.WeightsError:
+            raise LoraError(f"{who} does not exist (expected a local folder or file, or a Hugging Face repo id like "
+                            "org/name)") from None
+        try:
+            path = loading.fetch(source, [*FILES, "adapter_config.json"])
+        except loading.WeightsError as e:
+            raise LoraError(f"{who}: {e}") from None
     for name in FILES:
         if (path / name).is_file():
             return path / name
     found = sorted(path.glob("*.safetensors"))
     if len(found) == 1:
         return found[0]
-    raise LoraError(f"--lora {source}: no {' or '.join(FILES)} in it" if not found else
-                    f"--lora {source}: several .safetensors files in it; name the one to use")
+    raise LoraError(f"{who}: no {' or '.join(FILES)} in it" if not found else
+                    f"{who}: several .safetensors files in it; name the one to use")
 
 
-def _config(path: Path, metadata: dict, source: str) -> dict:
-    """PEFT's LoraConfig: adapter_config.json beside the weights, else the file's lora_adapter_metadata (diffusers')."""
+def _config(path: Path, metadata: dict, who: str) -> dict:
+    """PEFT's LoraConfig, checked: adapter_config.json beside the weights, else the file's lora_adapter_metadata
+    (diffusers'; a pipeline's save_lora_weights prefixes its keys with ``transformer.``, which its loader strips);
+    {} when neither is there."""
+    beside = path.parent / "adapter_config.json"
+    if beside.is_file():
+        where = beside.name
+        try:
+            text = beside.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LoraError(f"{who}: cannot read {where} ({e})") from None
+    elif "lora_adapter_metadata" in (metadata or {}):
+        where, text = f"the lora_adapter_metadata of {path.name}", metadata["lora_adapter_metadata"]
+        if not isinstance(text, str):
+            raise LoraError(f"{who}: {where} must be JSON text, got {_described(text)}")
+    else:
+        return {}  # no config: alpha = r (scaling 1), unless the file has .alpha tensors
     try:
-        if (path.parent / "adapter_config.json").is_file():
-            return json.loads((path.parent / "adapter_config.json").read_text())
-        if "lora_adapter_metadata" in (metadata or {}):
-            return json.loads(metadata["lora_adapter_metadata"])
+        config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise LoraError(f"--lora {source}: its LoRA config is not valid JSON ({e})") from None
-    return {}  # no config: alpha = r (scaling 1), unless the file has .alpha tensors
+        raise LoraError(f"{who}: {where} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{who}: {where} must be a JSON object, got {_described(config)}")
+    prefix = PREFIXES[1]
+    if any(k.startswith(prefix) for k in config):
+        config = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+    return _checked_config(config, where, who)
+
+
+def _checked_config(config: dict, where: str, who: str) -> dict:
+    """``config`` with every field this module reads checked, type and range, as PEFT means it (an absent field
+    takes its default; null only where PEFT's default is null), and the features it does not implement refused."""
+    from .pipeline.checks import is_int
+
+    def texts(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def flag(v):
+        return isinstance(v, bool)
+
+    fields = {
+        "peft_type": (lambda v: v in (None, "LORA"), '"LORA" (only LoRA adapters are read)'),
+        "r": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "lora_alpha": (_finite, "a finite number"),
+        **{key: (flag, "true or false") for key in ("use_rslora", "use_dora", "lora_bias")},
+        "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object (module pattern: rank)"),
+        "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object (module pattern: alpha)"),
+        "target_modules": (lambda v: v is None or isinstance(v, str) or texts(v),
+                           "a list of module names or a regular expression"),
+        "layers_to_transform": (lambda v: v is None or (is_int(v) and v >= 0)
+                                or (isinstance(v, list) and all(is_int(x) and x >= 0 for x in v)),
+                                "a block number or a list of them (integers >= 0)"),
+        "layers_pattern": (lambda v: v is None or isinstance(v, str) or texts(v), "a name or a list of names"),
+        "modules_to_save": (lambda v: v is None or texts(v), "a list of module names"),
+    }
+    for key, (ok, what) in fields.items():
+        if key in config and not ok(config[key]):
+            raise LoraError(f"{who}: {key} in {where} must be {what}, got {_described(config[key])}")
+    if isinstance(config.get("target_modules"), str):
+        _regex(config["target_modules"], f"target_modules in {where}", who)
+    for key, ok, what in (("rank_pattern", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+                          ("alpha_pattern", _finite, "a finite number")):
+        for pattern, value in (config.get(key) or {}).items():
+            _regex(pattern, f"{key} in {where}", who)
+            if not ok(value):
+                raise LoraError(f"{who}: {key}[{pattern!r}] in {where} must be {what}, got {_described(value)}")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise LoraError(f"{who}: {what} adapters are not supported ({key} in {where})")
+    if config.get("modules_to_save"):
+        raise LoraError(f"{who}: adapters that save whole modules (modules_to_save) are not supported")
+    return config
+
+
+def _regex(pattern: str, what: str, who: str):
+    """A module pattern as PEFT matches it (``(.*\\.)?(PATTERN)$``) must compile."""
+    try:
+        re.compile(rf"(.*\.)?({pattern})$")
+    except re.error as e:
+        raise LoraError(f"{who}: {pattern!r} in {what} is not a regular expression ({e})") from None
+
+
+def _layers(tensors: dict, config: dict, who: str) -> dict:
+    """{module: (A, B, scaling)} from the file's tensors, each checked: one lora_A and one lora_B of a float
+    dtype per module, a low-rank pair (rank >= 1; the config's r or rank_pattern when it gives one: PEFT refuses
+    another), a ``.alpha`` of one finite number, and every value finite. The scaling is PEFT's (``scaling``)."""
+    pairs, alphas = {}, {}
+    for key, value in tensors.items():
+        match = _KEY.match(_strip(key))
+        if match is None:
+            raise LoraError(f"{who}: {key} is not a LoRA weight (lora_A/lora_B or lora_down/lora_up)")
+        if match["alpha"]:
+            if match["alpha"] in alphas:
+                raise LoraError(f"{who}: {match['alpha']} has two .alpha tensors")
+            alphas[match["alpha"]] = _alpha(key, value, who)
+            continue
+        if not mx.issubdtype(value.dtype, mx.floating):
+            raise LoraError(f"{who}: {key} is {_dtype_name(value)}, not a float")
+        kind = "A" if match["kind"] in ("lora_A", "lora_down") else "B"
+        pair = pairs.setdefault(match["module"], {})
+        if kind in pair:
+            raise LoraError(f"{who}: {match['module']} has two lora_{kind} weights ({pair[kind][0]} and {key})")
+        pair[kind] = (key, value)
+    layers = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise LoraError(f"{who}: {module} has only {', '.join(pair)} of its lora_A/lora_B pair")
+        a, b = pair["A"][1], pair["B"][1]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise LoraError(f"{who}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                            "which are not a low-rank pair")
+        r = a.shape[0]
+        if "r" in config and r != (want := _pattern(config.get("rank_pattern"), module, config["r"])):
+            raise LoraError(f"{who}: {module} has rank {r}, its LoRA config says {want} (r, rank_pattern)")
+        # a config without lora_alpha takes PEFT's LoraConfig default; no config at all, diffusers' rule: alpha = r
+        alpha = alphas.get(module, _pattern(config.get("alpha_pattern"), module,
+                                            config.get("lora_alpha", PEFT_DEFAULT_ALPHA if config else r)))
+        layers[module] = (a.astype(mx.float32), b.astype(mx.float32),
+                          scaling(alpha, r, config.get("use_rslora", False)))
+    _check_finite(tensors, who)
+    mx.eval([t for a, b, _ in layers.values() for t in (a, b)])  # read now, on this thread (see apply)
+    return layers
+
+
+def _alpha(key: str, value: mx.array, who: str) -> float:
+    """A kohya-style ``.alpha``: one finite number."""
+    if value.size != 1 or not mx.issubdtype(value.dtype, mx.number):
+        raise LoraError(f"{who}: {key} must be one number, it is {_dtype_name(value)} of shape {tuple(value.shape)}")
+    alpha = value.reshape(-1)[0].item()
+    if not math.isfinite(alpha):
+        raise LoraError(f"{who}: {key} must be a finite number, got {alpha}")
+    return float(alpha)
+
+
+def _dtype_name(value: mx.array) -> str:
+    return str(value.dtype).rpartition(".")[2]  # "mlx.core.int32": int32
+
+
+def _check_finite(tensors: dict, who: str):
+    """Every weight finite: a NaN in an adapter would make every image NaN, late; said now, naming the tensor."""
+    finite = {key: mx.isfinite(value).all() for key, value in tensors.items()}
+    mx.eval(list(finite.values()))
+    for key, ok in finite.items():
+        if not ok.item():
+            raise LoraError(f"{who}: {key} holds NaN or infinite values")
 
 
 def _pattern(patterns: dict | None, module: str, default):
@@ -433,8 +599,43 @@ def _strip(key: str) -> str:
     return key
 
 
+def _absolute(source: str) -> str:
+    """A local path made absolute, links kept (a Hub cache's file is a link to a blob without its suffix)."""
+    return os.path.abspath(Path(source).expanduser())
+
+
 def _default_name(source: str) -> str:
-    return Path(str(source).rstrip("/")).stem or str(source)
+    """The name an adapter gets when none is given: a repo id's last part, a folder's name, a file's stem, or
+    its folder's name when its file has one of the names every adapter of its kind has (``GENERIC``)."""
+    if not loading.is_local(source):
+        return source.rstrip("/").rpartition("/")[2]
+    where = Path(_absolute(source))
+    if where.is_file():
+        where = where.parent if where.stem in GENERIC else where.with_suffix("")
+    return where.name or "adapter"
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _finite(value) -> bool:
+    """A finite real number (a boolean is none; an integer too large for a float is not finite)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _described(value) -> str:
+    from .pipeline.checks import described
+
+    return described(value)
 
 
 def _is_linear(module) -> bool:

@@ -13,6 +13,7 @@ import re
 import string
 from pathlib import Path
 
+from .metadata import sidecar_path
 from .pipeline.checks import parse_size, read_json, read_text
 from .pipeline.request import BY_KEY
 
@@ -107,12 +108,14 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:length].strip("-").lower() or "image"
 
 
-def output_paths(template: str, images: list[dict], overwrite: bool) -> list[tuple[Path, Path | None]]:
+def output_paths(template: str, images: list[dict], overwrite: bool,
+                 sidecar: bool = False) -> list[tuple[Path, Path | None]]:
     """(path, the path it was asked as when it had to move aside) per image.
 
     ``template`` may hold {seed}, {index} (0-based) and {prompt} (a slug); without fields, several images get
     _1, _2, ... An existing file, or one written earlier in the run, is never overwritten unless ``overwrite``:
-    a numeric suffix is added instead."""
+    a numeric suffix is added instead. With ``sidecar`` (--metadata) a name is free only when its NAME.json is
+    free too: the pair moves on together."""
     fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     if fields - TEMPLATE_FIELDS:
         raise ValueError(f"--output: unknown field {{{sorted(fields - TEMPLATE_FIELDS)[0]}}}; use {{seed}}, {{index}} or {{prompt}}")
@@ -129,11 +132,19 @@ def output_paths(template: str, images: list[dict], overwrite: bool) -> list[tup
         if path.is_dir():
             raise ValueError(f"--output {path} is a folder")
         asked = path
-        while path in taken or (path.exists() and not overwrite):
+        while path in taken or (existing(path, sidecar) and not overwrite):
             path = next_name(asked, path)
         taken.add(path)
         out.append((path, asked if path != asked else None))
     return out
+
+
+def existing(path: Path, sidecar: bool) -> Path | None:
+    """The file of an image's name that exists already: the PNG, or with ``sidecar`` its JSON; else None."""
+    for name in [path] + ([sidecar_path(path)] if sidecar else []):
+        if name.exists() or name.is_symlink():
+            return name
+    return None
 
 
 def next_name(asked: Path, path: Path) -> Path:

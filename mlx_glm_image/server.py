@@ -8,7 +8,8 @@ own settings go in the body: seed, num_inference_steps, guidance_scale, temperat
 cache (cache: true, false or cache-dit's DBCacheConfig fields; calibrator: {"taylorseer_order": k}); each image's
 seed comes back in its `seed` field (and `revised_prompt` is the prompt used), so a client can reproduce it.
 One generation runs on the device at a time, first come first served; at most --max-queue requests are waiting
-or running (the one running counts). A JSON body is at most 1 MB; each field must have its JSON type (a form's
+or running (the one running counts), and a prompt is at most --max-prompt-tokens as the AR model reads it (its
+text, its condition images' tokens). A JSON body is at most 1 MB; each field must have its JSON type (a form's
 text must read as it: images_api.py reads the body); every error comes in OpenAI's error envelope, and what is
 still running --grace seconds after SIGINT or SIGTERM gets a 503. This module is the HTTP app: the worker, the
 endpoints, the stream, the command.
@@ -30,20 +31,26 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, load_adapters, prog_name
-from .images_api import MAX_IMAGES, OUTPUT_FORMATS, ApiError, form_body, image_requests
+from .cli import (Parser, add_cache_arguments, add_model_arguments, cache_settings, fail, load_adapters, lora_entries,
+                  prog_name)
+from .images_api import MAX_IMAGES, MAX_PROMPT_TOKENS, OUTPUT_FORMATS, ApiError, form_body, image_requests
 
 # a JSON body is a prompt and settings: far less than this, even with a prompt as long as the AR model reads; the
 # bound is checked before the body is parsed, so that a huge one costs neither the parse nor the tokenizer
 MAX_JSON_BYTES = 1 << 20
 SHUTDOWN_MARGIN = 2.0  # seconds past --grace for the answers of the requests still in progress to go out
 PAGE = Path(__file__).parent / "web" / "index.html"  # the page at /: one file, no build step, nothing fetched
+PROGRESS = ("stage", "condition", "prefill", "token", "step")  # the events a stream's progress events tell
+# the pipeline's events (pipeline/events.py) by what the log calls them
+PARTS = {"condition": "condition image", "prefill": "prefill chunk", "token": "token", "step": "step",
+         "preview": "preview", "image": "image"}
 
 
 class Worker:
     """Runs generations one at a time on a daemon thread (so that a shutdown never waits on the device past its
-    grace period); at most ``max_queue`` requests are waiting or running. A generation is the pipeline's event
-    stream, consumed here: one whose client went away is closed at its next token or step, and the next starts."""
+    grace period); at most ``max_queue`` requests are waiting or running (``admit``). A generation is the
+    pipeline's event stream, consumed here: one whose client went away is closed at its next event (a condition
+    image, a prefill chunk, a token or a step), and the next starts."""
 
     def __init__(self, pipe, max_queue: int):
         self.pipe, self.max_queue, self.pending = pipe, max_queue, 0
@@ -62,13 +69,15 @@ class Worker:
                 future.set_exception(e)
 
     def _generate(self, requests: list, cancelled: threading.Event, on_event) -> list | None:
-        """The image event of each of ``requests`` (one image each), or None when the client left first; every
-        event goes to ``on_event`` (on this thread) as it comes."""
+        """The image event of each of ``requests`` (one image each), or None when the client left first (said in
+        the log, with where it stopped); every event goes to ``on_event`` (on this thread) as it comes."""
         images = [None] * len(requests)
         events = self.pipe.stream_batch(requests)
         try:
             for event in events:
                 if cancelled.is_set():
+                    print(f"stopped a generation whose request ended (its client left, or the server is shutting "
+                          f"down) after {done_part(event)}", file=sys.stderr, flush=True)
                     return None
                 if on_event is not None:
                     on_event(event)
@@ -83,14 +92,18 @@ class Worker:
         (a 503 in the envelope) and its generation stopped. Called from a signal handler: it only sets values."""
         self.deadline, self.grace = time.monotonic() + grace, grace
 
-    async def run(self, request, requests: list, on_event=None) -> list:
-        """The image events of ``requests``, generated in turn; ``on_event(event)`` is called from the worker's
-        thread. A client that disconnects, a caller that is cancelled, or the end of a shutdown's grace period
-        stops the generation."""
+    def admit(self) -> "Slot":
+        """A place in the queue for one request, or a 429 when ``max_queue`` requests hold one: asked before a
+        stream's first byte, so that a full queue is a 429 there too (which clients retry), not an error event."""
         if self.pending >= self.max_queue:
             raise ApiError(429, f"the server is busy: {self.pending} requests are waiting or running (--max-queue "
                                 f"{self.max_queue}); retry later", code="queue_full")
-        self.pending += 1
+        return Slot(self)
+
+    async def run(self, slot: "Slot", request, requests: list, on_event=None) -> list:
+        """The image events of ``requests``, generated in turn in the place ``slot`` holds (released at the end);
+        ``on_event(event)`` is called from the worker's thread. A client that disconnects, a caller that is
+        cancelled, or the end of a shutdown's grace period stops the generation."""
         cancelled, future = threading.Event(), concurrent.futures.Future()
         self.jobs.put((future, cancelled, requests, on_event))
         waiting = asyncio.wrap_future(future)
@@ -107,7 +120,29 @@ class Worker:
         finally:
             if not future.done():
                 cancelled.set()
-            self.pending -= 1
+                waiting.cancel()  # its result, or failure, comes to no one now
+            slot.release()
+
+
+class Slot:
+    """One of a worker's ``max_queue`` places, held from admission to the end of its request; released once, by
+    whichever ends first (the generation, or the response that streams it)."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        worker.pending += 1
+
+    def release(self):
+        if self.worker is not None:
+            self.worker.pending -= 1
+            self.worker = None
+
+
+def done_part(event) -> str:
+    """What a run has done by ``event``, in the log's words."""
+    if event.kind == "stage":
+        return f"the {event.stage} stage" if event.done else f"the start of the {event.stage} stage"
+    return f"{PARTS[event.kind]} {event.index + 1} of {event.total}"
 
 
 def encode_image(image, fmt: str, record: dict | None = None) -> str:
@@ -133,37 +168,35 @@ def sse(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
 
 
-async def stream_events(worker: Worker, request, requests: list, fmt: str, prefix: str, progress: bool):
+async def stream_events(worker: Worker, slot: Slot, request, requests: list, fmt: str, prefix: str, progress: bool):
     """The generation as OpenAI's image stream: per image, ``{prefix}.partial_image`` for each preview, then
-    ``{prefix}.completed``; an ``error`` event if it fails. With ``progress`` (not OpenAI's; the page asks for it),
-    ``{prefix}.progress`` events tell the stage and the token and step counts."""
+    ``{prefix}.completed``; an ``error`` event if it fails. Each event of an image carries its ``image_index``
+    (not OpenAI's for partial images, which has one image a stream). With ``progress`` (not OpenAI's; the page asks
+    for it), ``{prefix}.progress`` events tell the stage and the counts of condition images, prefill chunks,
+    tokens and steps."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job = asyncio.ensure_future(worker.run(request, requests,
+    job = asyncio.ensure_future(worker.run(slot, request, requests,
                                            on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e)))
+    # the end, after the events: the worker hands each over before its result, and the loop keeps their order
+    job.add_done_callback(lambda _: events.put_nowait(None))
     common = {"quality": "auto", "background": "auto", "output_format": fmt}
     tokens = [0] * len(requests)
     try:
-        while not (job.done() and events.empty()):
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                continue
-            e = getter.result()
+        while (e := await events.get()) is not None:
             r = requests[e.request]
             size = {"size": f"{r.width}x{r.height}", "created_at": int(time.time()), **common}
             if e.kind == "token":
                 tokens[e.request] += e.count
             if e.kind == "preview":
                 yield sse(f"{prefix}.partial_image", {"b64_json": encode_image(e.image, fmt), "partial_image_index": e.index,
-                                                      **size})
+                                                      "image_index": e.request, **size})
             elif e.kind == "image":
                 usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                          "output_tokens": tokens[e.request], "total_tokens": tokens[e.request]}
                 yield sse(f"{prefix}.completed", {"b64_json": encode_image(e.image, fmt, e.metadata), "usage": usage,
                                                   "seed": r.seed, "image_index": e.request, **size})
-            elif progress and e.kind in ("stage", "token", "step") and not e.done:
+            elif progress and e.kind in PROGRESS and not e.done:
                 yield sse(f"{prefix}.progress", {"stage": e.stage, "event": e.kind, "index": e.index, "total": e.total,
                                                  "image_index": e.request})
         job.result()
@@ -172,8 +205,9 @@ async def stream_events(worker: Worker, request, requests: list, fmt: str, prefi
     except (ValueError, RuntimeError) as error:  # checks the pipeline makes late, non-finite outputs
         yield sse("error", ApiError(400 if isinstance(error, ValueError) else 500, " ".join(str(error).split())).body())
     finally:
-        if not job.done():  # the client left: the worker stops at the next token or step
-            job.cancel()
+        job.cancel()  # the client left (nothing if the job ended): the worker stops at the run's next event
+        if job.done() and not job.cancelled():
+            job.exception()  # a failure after the client left is no one's to hear: taken, not logged as lost
 
 
 async def read_json(request, max_bytes: int = MAX_JSON_BYTES) -> dict:
@@ -225,9 +259,9 @@ async def read_uploads(request, max_bytes: int) -> tuple[dict, list]:
 
 
 def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int = 8, max_upload_mb: int = 20,
-               defaults: dict | None = None):
+               defaults: dict | None = None, max_prompt_tokens: int | None = MAX_PROMPT_TOKENS):
     """The FastAPI application around ``pipe`` (kept resident); ``defaults``: call arguments for what a request
-    leaves out (the server's step cache)."""
+    leaves out (the server's step cache); ``max_prompt_tokens``: the longest prompt as the AR model reads it."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -268,12 +302,27 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
                                             "lora": [{k: r[k] for k in ("name", "scale", "model", "source")}
                                                      for r in pipe.components.adapters.records()]}]}
 
+    class Stream(StreamingResponse):
+        """An event stream that gives its queue place back however it ends, also when its events never started
+        (a client gone before the first), and closes its events then (which stops their generation)."""
+
+        def __init__(self, events, slot: Slot):
+            super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.slot = slot
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.slot.release()
+                await self.body_iterator.aclose()
+
     async def answer(request, body: dict, images, prefix: str):
-        requests, fmt = image_requests(pipe, body, images, defaults=defaults)
+        requests, fmt = image_requests(pipe, body, images, defaults=defaults, max_prompt_tokens=max_prompt_tokens)
+        slot = worker.admit()
         if body.get("stream"):
-            return StreamingResponse(stream_events(worker, request, requests, fmt, prefix, bool(body.get("progress"))),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return images_response(await _generate(worker, request, requests), requests, fmt)
+            return Stream(stream_events(worker, slot, request, requests, fmt, prefix, bool(body.get("progress"))), slot)
+        return images_response(await _generate(worker, slot, request, requests), requests, fmt)
 
     @app.post("/v1/images/generations", **v1)
     async def generations(request: Request):
@@ -291,9 +340,9 @@ def create_app(pipe, model_name: str, api_key: str | None = None, max_queue: int
     return app
 
 
-async def _generate(worker: Worker, request, requests):
+async def _generate(worker: Worker, slot: Slot, request, requests):
     try:
-        return await worker.run(request, requests)
+        return await worker.run(slot, request, requests)
     except (ValueError, RuntimeError) as e:  # checks the pipeline makes late, non-finite outputs
         raise ApiError(400 if isinstance(e, ValueError) else 500, " ".join(str(e).split())) from None
 
@@ -315,6 +364,9 @@ def build_parser():
     p.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without an API key")
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running before 429 (default: %(default)s)")
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest image upload for edits (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS, metavar="N",
+                   help="longest prompt as the AR model reads it: its text, its condition images' tokens (a longer "
+                        "one is a 400; default: %(default)s, a long prompt and three large condition images)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds SIGINT/SIGTERM waits for the request in progress before exiting (default: %(default)s)")
     add_cache_arguments(p.add_argument_group("step cache for every request that does not set its own \"cache\" "
@@ -329,6 +381,19 @@ def check_host(host: str, api_key: str | None, no_auth: bool):
         loopback = False
     if not loopback and not api_key and not no_auth:
         raise ValueError(f"--host {host} is reachable from other machines: set --api-key (or pass --no-auth)")
+
+
+def url(host: str, port: int) -> str:
+    """The server's address as a browser takes it: an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def check_cache_blocks(cache_config, dit_blocks: int):
+    """The step cache's flags fit the DiT's blocks, as each request's would be checked."""
+    try:
+        cache_config.check_blocks(dit_blocks)
+    except ValueError as e:
+        raise ValueError(f"--Fn-compute-blocks/--Bn-compute-blocks: {e}") from None
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -379,17 +444,21 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import GlmImagePipeline
 
         check_host(args.host, args.api_key, args.no_auth)
-        if args.max_queue < 1 or args.max_upload_mb < 1:
-            raise ValueError("--max-queue and --max-upload-mb must be at least 1")
+        if args.max_queue < 1 or args.max_upload_mb < 1 or args.max_prompt_tokens < 1:
+            raise ValueError("--max-queue, --max-upload-mb and --max-prompt-tokens must be at least 1")
         if not args.grace >= 0:  # NaN too
             raise ValueError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+        adapters = lora_entries(args.lora)  # before anything is read: a bad --lora is one line at start
         sock = listen(args.host, args.port)
         cache = cache_settings(args)
         defaults = {"cache_config": cache["cache"], "calibrator_config": cache["calibrator"]} if cache else None
         pipe = GlmImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, memory=args.memory)
-        load_adapters(pipe, args.lora)
-        app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb, defaults)
-        print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (memory: {pipe.memory})", flush=True)
+        if cache:  # the DiT's config says it, before any weight is read: not refused per request later
+            check_cache_blocks(cache["cache"], pipe.components.facts.dit_blocks)
+        load_adapters(pipe, adapters)
+        app = create_app(pipe, str(args.model), args.api_key, args.max_queue, args.max_upload_mb, defaults,
+                         args.max_prompt_tokens)
+        print(f"serving {args.model} on {url(args.host, args.port)}/v1 (memory: {pipe.memory})", flush=True)
         serve(app, sock, args.grace)
     except ModuleNotFoundError as e:
         return fail(ValueError(f"{e.name} is missing: pip install 'mlx-glm-image[server]'"))

@@ -6,14 +6,17 @@ module imported, and every file or folder made, opened for writing, renamed, lin
 the command once and returns those moments; ``interrupted_at`` runs it again and, at the chosen moment, the process
 sends the signal to itself, where the command's code is at that instant. The promise under test starts with the
 entry point (what the interpreter does before it, starting up and importing ``mlx_glm_image.cli``, is its own);
-``before_the_entry_point`` sends one during that import.
+``before_the_entry_point`` sends one during that import. Either can start the process with signals ignored, as a
+shell script's ``cmd &`` (SIGINT) and nohup (SIGHUP) start it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from commands import ROOT
@@ -51,10 +54,18 @@ sys.exit(getattr(cli, entry)())
 """
 
 
-def _run(mode: str, where: int, signum: int, entry: str, args, listing: Path, cwd=ROOT):
+def _run(mode: str, where: int, signum: int, entry: str, args, listing: Path, cwd=ROOT, ignored=()):
     command = [sys.executable, "-c", RUNNER, mode, str(where), str(signum), entry, str(listing), *map(str, args)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                          preexec_fn=partial(_ignore, ignored) if ignored else None)
+
+
+def _ignore(signals):
+    """In the child before it runs Python: ``signals`` ignored, as a shell script's ``cmd &`` starts a command
+    (SIGINT) and nohup does (SIGHUP)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def listing(entry: str, args, folder: Path) -> list[str]:
@@ -75,11 +86,12 @@ def spread(moments: list[str], n: int) -> list[int]:
     return sorted(even | changes)
 
 
-def interrupted_at(entry: str, args, where: int, signum: int, folder: Path):
-    """Run ``entry`` and send ``signum`` at moment ``where``: the finished process."""
-    return _run("at", where, signum, entry, args, folder / "unused")
+def interrupted_at(entry: str, args, where: int, signum: int, folder: Path, ignored=()):
+    """Run ``entry`` and send ``signum`` at moment ``where``: the finished process. ``ignored``: signals the
+    process starts with ignored."""
+    return _run("at", where, signum, entry, args, folder / "unused", ignored=ignored)
 
 
-def before_the_entry_point(entry: str, args, signum: int, folder: Path):
+def before_the_entry_point(entry: str, args, signum: int, folder: Path, ignored=()):
     """Send ``signum`` while the interpreter imports ``mlx_glm_image.cli``, before any of the command's code."""
-    return _run("early", 1, signum, entry, args, folder / "unused")
+    return _run("early", 1, signum, entry, args, folder / "unused", ignored=ignored)

@@ -150,6 +150,29 @@ def test_a_signal_at_any_moment_of_a_run_is_one_line_and_leaves_nothing(model_di
         assert out.exists() == said.startswith("interrupted; 1 of 1 image(s) written"), case
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_a_signal_the_run_was_started_with_ignored_stays_ignored(model_dir, tmp_path, sig):
+    """Before: a command started with SIGINT ignored (a shell script's ``cmd &``, a harness run in the background)
+    or SIGHUP ignored (nohup) ignored it only until its handlers were set, a few milliseconds in, and was stopped by
+    it after: 2 of ~85 early Ctrl-Cs were lost (exit 0, both images written), the later ones stopped the run. Now
+    it stays ignored at every moment (as Python itself ignores it then), and SIGTERM still stops the run."""
+    args = lambda out: ["-m", model_dir, "--prompt", "a cat", *ARGS, "--num-images", 2, "--output", out]  # noqa: E731
+    moments = signal_points.listing("generate", args(tmp_path / "whole.png"), tmp_path)
+    # MLX's side imported with signals held, the tokenizer's import (not held), the first image put in place
+    chosen = [moments.index("import numpy") + 1, moments.index("import tokenizers") + 1,
+              next(i + 1 for i, m in enumerate(moments) if m.startswith("os.link"))]
+    early = signal_points.before_the_entry_point("generate", args(tmp_path / "e.png"), sig, tmp_path, ignored=[sig])
+    assert early.returncode == 0 and early.stderr == "", early.stderr
+    for where in chosen:
+        out = tmp_path / f"a{where}.png"
+        proc = signal_points.interrupted_at("generate", args(out), where, sig, tmp_path, ignored=[sig])
+        assert (proc.returncode, proc.stderr) == (0, ""), (where, moments[where - 1], proc.stderr)
+        assert [p.name for p in sorted(tmp_path.glob(f"a{where}_*.png"))] == [f"a{where}_1.png", f"a{where}_2.png"]
+    stopped = signal_points.interrupted_at("generate", args(tmp_path / "t.png"), chosen[0], signal.SIGTERM, tmp_path,
+                                           ignored=[sig])
+    assert stopped.returncode == 130 and stopped.stderr.strip() == "interrupted; no image written", stopped.stderr
+
+
 def test_a_signal_before_the_entry_point_leaves_nothing(model_dir, tmp_path):
     """Before the command's own code runs, Python answers a Ctrl-C itself; nothing has been made, nothing is left."""
     for sig in (signal.SIGINT, signal.SIGTERM):

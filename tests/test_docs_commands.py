@@ -38,7 +38,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MODELS = ("zai-org/GLM-Image", "GLM-Image", "glm-image-4bit")
 NEEDS = "# needs:"
 OURS = {"mlx-glm-image": "generate", "mlx-glm-image-convert": "convert", "mlx-glm-image-server": "server",
-        "mlx-glm-image-train": "train.command"}
+        "mlx-glm-image-train": "train.command", "mlx-glm-image-eval": "eval.command"}
 MODULES = {f"mlx_glm_image.{module}": command for command, module in OURS.items()}  # python -m ...
 
 

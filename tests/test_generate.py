@@ -133,7 +133,7 @@ def test_full_disk_and_os_errors_are_one_line(model_dir, tmp_path, monkeypatch, 
     monkeypatch.setattr(metadata, "write", disk_full)
     assert generate.main(["--model", str(model_dir), *BASE, "--output", str(tmp_path / "a.png")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: No space left on device: {tmp_path / 'a.png'}"]
+    assert err == [f"error: No space left on device: {tmp_path / 'a.png'}; no image written"]
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -2,6 +2,7 @@
 system driver, so that nothing is downloaded): it loads, a prompt + Generate shows previews and then the image,
 Cancel stops a long run, an invalid size shows the server's message. .ci/run installs the browser."""
 
+import json
 import shutil
 import tempfile
 import time
@@ -102,3 +103,48 @@ def test_an_invalid_size_shows_the_servers_message(server, browser):
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: d.find_element(By.ID, "error").text, 10, "the error")
     assert "height and width must be positive multiples of 32, got 100x64" in browser.find_element(By.ID, "error").text
+
+
+def test_a_seed_goes_as_its_digits_and_abc_is_refused(server, browser):
+    """A seed past 2^53 comes back as typed (a JS number rounds it: 2^53 + 1 was sent as 2^53); "abc" is refused
+    in the page, not sent as null and silently replaced by a random seed."""
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    fill(browser, prompt="a cat", width=64, height=64, steps=2)
+    browser.find_element(By.ID, "random-seed").click()
+    fill(browser, seed="abc")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "error").text, 10, "the seed's message")
+    assert browser.find_element(By.ID, "error").text.startswith('The seed must be a whole number (0 to 2^64 - 1), not "abc"')
+    assert browser.find_element(By.ID, "status").text == "" and not browser.find_elements(By.CSS_SELECTOR, "#gallery .card")
+    seed = 2**53 + 1
+    fill(browser, seed=f"00{seed}")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("done: "), what="the image")
+    assert browser.find_element(By.ID, "status").text == f"done: 64x64, seed {seed}"
+    card = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert f"seed {seed}" in card.text
+    card.find_element(By.TAG_NAME, "button").click()  # use these settings
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == str(seed)
+
+
+def test_an_emptied_size_is_the_default_size_or_a_message(server, browser):
+    """Both boxes empty: "auto" (the server's default size, or the first condition image's); one empty: a message.
+    Once "NaNxNaN" went to the server."""
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    fill(browser, prompt="a cat", steps=2)
+    browser.find_element(By.ID, "width").clear()
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "error").text, 10, "the size's message")
+    assert browser.find_element(By.ID, "error").text == "Give both width and height, or leave both empty for the default size."
+    browser.find_element(By.ID, "height").clear()
+    browser.execute_script("""  // the body the page sends, answered here (a 1024x1024 image is not needed to see it)
+        window.sent = [];
+        const real = window.fetch;
+        window.fetch = (url, options) => {
+          if (!String(url).includes("/images/")) return real(url, options);
+          window.sent.push(options.body);
+          return Promise.resolve(new Response(JSON.stringify({ error: { message: "answered by the test" } }), { status: 400 }));
+        };""")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "error").text == "answered by the test", 10, "the stubbed answer")
+    assert json.loads(browser.execute_script("return window.sent[0]"))["size"] == "auto"

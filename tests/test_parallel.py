@@ -198,6 +198,10 @@ def test_parallel_needs_a_fitting_group(model_dir, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def placement(png) -> dict | None:
+    return json.loads(Image.open(png).text["glm-image"])["parallel"]
+
+
 @pytest.mark.parametrize("kind", ["t2i", "edit"])
 def test_tensor_on_two_ranks_equals_one_process(one_process, tmp_path, kind):
     args, one = one_process[kind]
@@ -206,6 +210,24 @@ def test_tensor_on_two_ranks_equals_one_process(one_process, tmp_path, kind):
     # all-reduce rounding only (fp32): measured 1/255
     assert max_diff(tmp_path / "two.png", one) <= 2
     assert not (tmp_path / "two_1.png").exists(), "only rank 0 writes"
+    assert placement(tmp_path / "two.png") == {"mode": "tensor", "ranks": 2} and placement(one) is None
+
+
+def test_regenerating_a_tensor_split_image_in_one_process_says_it_may_differ(one_process, tmp_path):
+    """Before: the record did not say the split, so one process regenerated another image (in bfloat16) silently.
+    Now it runs as asked, with one line."""
+    args, one = one_process["t2i"]
+    code, out, err = launch(*args, "--parallel", "tensor", "--output", tmp_path / "two.png")
+    assert code == 0, err
+    again = cli_ok("--config-from-metadata", tmp_path / "two.png", "--quiet", "--output", tmp_path / "again.png",
+                   timeout=300)
+    assert again.stderr.splitlines() == [
+        f"warning: --config-from-metadata {tmp_path / 'two.png'}: it was made with --parallel tensor on 2 processes "
+        "and this run is in one process: a tensor split rounds differently, so the image may differ (slightly in "
+        "float32, visibly in bfloat16: docs/parallel.md)"]
+    assert max_diff(tmp_path / "again.png", one) == 0 and placement(tmp_path / "again.png") is None
+    # an image of one process regenerated in one process: nothing to say
+    assert cli_ok("--config-from-metadata", one, "--quiet", "--output", tmp_path / "b.png", timeout=300).stderr == ""
 
 
 def _sharded_run(model_dir, mode, n, *extra):

@@ -103,11 +103,12 @@ def test_a_run_of_four_images_loads_each_model_once(model_dir, tmp_path, monkeyp
 
 
 def test_bad_run_arguments_are_one_line(model_dir, tmp_path):
-    for args, message in [(["--seed", "1", "2", "--num-images", "2"], "--num-images counts from one --seed"),
-                          (["--output", str(tmp_path / "{nope}.png")], "unknown field {nope}"),
+    for args, message in [(["--prompt", "x", "--seed", "1", "2", "--num-images", "2"], "--num-images counts from one --seed"),
+                          (["--prompt", "x", "--output", str(tmp_path / "{nope}.png")], "unknown field {nope}"),
                           (["--prompt-file", str(tmp_path / "none.txt")], "does not exist"),
-                          (["--config-from-metadata", str(tmp_path / "none.png")], "does not exist")]:
-        proc = cli("-m", model_dir, "--prompt", "x", *args)
+                          (["--prompt", "x", "--prompt-file", str(tmp_path / "none.txt")], "--prompt and --prompt-file do not go together"),
+                          (["--prompt", "x", "--config-from-metadata", str(tmp_path / "none.png")], "does not exist")]:
+        proc = cli("-m", model_dir, *args)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
         assert message in proc.stderr, proc.stderr
 

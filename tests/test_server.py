@@ -4,6 +4,7 @@ import base64
 import http.client
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from commands import cli, run, start
+from commands import assert_one_line, cli, run, start
 from PIL import Image
 
 openai = pytest.importorskip("openai")
@@ -180,6 +181,15 @@ def test_streaming_with_the_openai_client(server, tmp_path):
     assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
     with pytest.raises(openai.BadRequestError, match="partial_images must be from 0 to 3, got 4"):
         list(client.images.generate(prompt="x", size="64x64", stream=True, partial_images=4, extra_body=FAST))
+    with pytest.raises(openai.BadRequestError, match="partial_images must be from 0 to 3, got -1") as caught:
+        list(client.images.generate(prompt="x", size="64x64", stream=True, partial_images=-1, extra_body=FAST))
+    assert caught.value.param == "partial_images", "OpenAI's field, not the pipeline's setting behind it"
+
+    two = list(client.images.generate(prompt="a cat", size="64x64", n=2, stream=True, partial_images=1, extra_body=body))
+    assert [(e.type, e.image_index) for e in two] == [("image_generation.partial_image", 0),
+                                                      ("image_generation.partial_image", 1),
+                                                      ("image_generation.completed", 0),
+                                                      ("image_generation.completed", 1)], "each image's events say which"
 
 
 def test_concurrent_requests_all_answered_and_memory_flat(server):
@@ -227,6 +237,13 @@ def test_api_key_and_full_queue(model_dir):
             t.join(timeout=300)
         assert errors and done, (len(errors), len(done))
         assert "queue" in str(errors[0])
+        # a stream too: a 429 before it starts, which the client can retry (once an error event in a 200)
+        holder = client.images.generate(prompt="x", size="128x128", stream=True,
+                                        extra_body={"seed": 1, "num_inference_steps": 1000, "progress": True})
+        next(iter(holder))  # admitted and running: the queue (--max-queue 1) is full
+        with pytest.raises(openai.RateLimitError, match="queue"):
+            client.images.generate(prompt="y", size="64x64", stream=True, extra_body=FAST)
+        holder.close()
     finally:
         s.stop()
 
@@ -274,6 +291,30 @@ def test_a_public_host_needs_a_key(model_dir):
         "error: --host 0.0.0.0 is reachable from other machines: set --api-key (or pass --no-auth)")
 
 
+def test_an_ipv6_host_is_printed_as_a_url(model_dir):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    port = free_port()
+    proc = start("server", "-m", model_dir, "--host", "::1", "--port", port, "--dtype", "float32")
+    try:
+        line = proc.stdout.readline()
+        if not line and "cannot listen on ::1" in proc.stderr.read():
+            pytest.skip("no IPv6 loopback here")
+        assert line.startswith(f"serving {model_dir} on http://[::1]:{port}/v1 "), line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_step_cache_flags_past_the_dits_blocks_are_refused_at_start(model_dir):
+    """The DiT's config says how many blocks it has: --Fn 5 (and the preset's --Bn 1) on the tiny 2-block DiT is one
+    line at start, not a server that refuses every request."""
+    proc = run("server", "-m", model_dir, "--Fn", 5, timeout=60)
+    assert_one_line(proc, "--Fn-compute-blocks/--Bn-compute-blocks: Fn_compute_blocks + Bn_compute_blocks (5 + 1) "
+                          "must be at most the DiT's 2 blocks")
+    assert "serving" not in proc.stdout
+
+
 def test_a_client_that_disconnects_frees_its_slot(model_dir):
     s = Server(model_dir, "--max-queue", 2, "--memory", "resident")
     try:
@@ -319,20 +360,81 @@ def test_a_client_that_disconnects_while_running_stops_its_generation(model_dir)
 
 
 def test_a_stream_closed_early_stops_its_generation(model_dir):
+    """... and leaves nothing behind: the log once filled with "Task was destroyed but it is pending!" (the task
+    that waited for the next event), one or two per closed stream."""
     s = Server(model_dir, "--memory", "resident")
     try:
         client = s.client()
         client.images.generate(prompt="warm", size="64x64", extra_body=FAST)
-        stream = client.images.generate(prompt="x", size="128x128", stream=True, partial_images=3,
-                                        extra_body={"seed": 1, "num_inference_steps": 1000, "progress": True})
-        first = next(iter(stream))
-        assert first.type == "image_generation.progress", first  # the page's progress events, asked for
-        stream.close()
+        for _ in range(3):
+            stream = client.images.generate(prompt="x", size="128x128", stream=True, partial_images=3,
+                                            extra_body={"seed": 1, "num_inference_steps": 1000, "progress": True})
+            first = next(iter(stream))
+            assert first.type == "image_generation.progress", first  # the page's progress events, asked for
+            stream.close()
         left = time.time()
         out = client.images.generate(prompt="z", size="64x64", extra_body=FAST)
         waited = time.time() - left
         print(f"from closing the stream to the next answer: {waited:.2f} s")
         assert decode(out.data[0]).shape == (64, 64, 3) and waited < 10
+    finally:
+        s.stop()
+    assert "Task was destroyed" not in s.log() and "never retrieved" not in s.log(), s.log()
+    assert len(re.findall("stopped a generation whose request ended", s.log())) == 3, s.log()
+
+
+def prompt_tokens(model_dir, prompt, images=(), size=(128, 128)) -> int:
+    """The AR model's input for ``prompt`` (and condition image files), as its processor builds it."""
+    from mlx_glm_image.pipeline.processor import GlmImageProcessor
+
+    content = [{"type": "image", "image": Image.open(i)} for i in images] + [{"type": "text", "text": prompt}]
+    inputs = GlmImageProcessor.from_pretrained(model_dir).apply_chat_template(
+        [[{"role": "user", "content": content}]], target_h=size[1], target_w=size[0])
+    return inputs["input_ids"].shape[1]
+
+
+def test_a_client_that_leaves_during_the_prefill_stops_it(server, model_dir):
+    """A long prompt's prefill stops at its next chunk when the client leaves (a 20k-token prompt once held the
+    server for minutes after its client had gone): the log says where the run stopped, a chunk or so after the
+    one the client saw last, far from the prefill's end; the next request runs."""
+    prompt = "a red cat " * 5000  # 30 chunks of the prefill (some 20 s here), under the default limit
+    stream = server.client().images.generate(prompt=prompt, size="64x64", stream=True,
+                                             extra_body={**FAST, "progress": True})
+    for e in stream:
+        assert e.event != "token", "the prefill's chunks come before the first token, each with its event"
+        if e.event == "prefill" and e.index >= 9:
+            break
+    stream.close()
+    out = server.client().images.generate(prompt="z", size="64x64", extra_body=FAST)
+    assert decode(out.data[0]).shape == (64, 64, 3)
+    stopped = re.findall(r"stopped a generation .* after prefill chunk (\d+) of (\d+)", server.log())
+    print(f"the client left after prefill chunk {e.index + 1} of {e.total}; the run stopped after chunk {stopped}")
+    assert stopped and int(stopped[-1][1]) == e.total == -(-prompt_tokens(model_dir, prompt, (), (64, 64)) // 512)
+    assert e.index + 1 <= int(stopped[-1][0]) <= e.index + 4, "the chunks run after the client left: a few at most"
+
+
+def test_a_prompt_past_max_prompt_tokens_is_a_400_before_any_work(model_dir, tmp_path):
+    """The count is the AR model's input as the processor builds it (text, condition images' tokens, grid
+    sizes), refused before the request waits in the queue; the limit is the server's flag."""
+    big = png_file(tmp_path, "big.png", (128, 128))
+    cases = [("a red cat " * 20, []), ("x", [big, big])]
+    counts = [prompt_tokens(model_dir, p, i) for p, i in cases]
+    assert min(counts) > 30 >= prompt_tokens(model_dir, "x"), counts
+    s = Server(model_dir, "--memory", "resident", "--max-prompt-tokens", 30)
+    try:
+        client = s.client()
+        for (prompt, images), count in zip(cases, counts):
+            with pytest.raises(openai.BadRequestError) as caught:
+                if images:
+                    with open(images[0], "rb") as f1, open(images[1], "rb") as f2:
+                        client.images.edit(image=[f1, f2], prompt=prompt, size="128x128", extra_body=FAST)
+                else:
+                    client.images.generate(prompt=prompt, size="128x128", extra_body=FAST)
+            assert caught.value.param == "prompt" and caught.value.code == "prompt_too_long"
+            assert f"the prompt is {count} tokens" in str(caught.value), caught.value
+            assert "at most 30 (--max-prompt-tokens)" in str(caught.value)
+        assert decode(client.images.generate(prompt="x", size="128x128", extra_body=FAST).data[0]).shape == (128, 128, 3)
+        assert "stopped a generation" not in s.log(), "refused before any work"
     finally:
         s.stop()
 

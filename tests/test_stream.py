@@ -179,3 +179,36 @@ def test_previews_come_spread_over_the_steps_and_change_nothing(model_dir, reads
     assert np.abs(last - image * 255).mean() < np.abs(first - image * 255).mean(), "later previews are nearer the image"
     assert sorted(reads) == sorted(MODELS), "the VAE is loaded once, for the previews and the decode"
     assert np.array_equal(image, pipe(**call).images[0]), "previews change nothing"
+
+
+@pytest.mark.parametrize("stop_at", ["condition", "prefill"])
+def test_closing_while_the_prompt_is_read_stops_there(model_dir, monkeypatch, stop_at):
+    """A long prompt's prefill and the condition images' vision encoding come in parts, each with its event: a
+    stream closed at one runs no further part (a client that left once held the server for a whole prefill)."""
+    from mlx_glm_image.models.ar.model import GlmImageForConditionalGeneration as ArModel
+    from mlx_glm_image.pipeline import prior_tokens
+
+    monkeypatch.setattr(prior_tokens, "PREFILL_CHUNK", 16)
+    ran = []
+    features, forward = ArModel.get_image_features, ArModel.__call__
+    monkeypatch.setattr(ArModel, "get_image_features", lambda self, *a: ran.append("image") or features(self, *a))
+    monkeypatch.setattr(ArModel, "__call__", lambda self, *a, **k: ran.append("chunk") or forward(self, *a, **k))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    call = dict(CALL, prompt="a red cat " * 20, image=[image, image])
+    pipe = GlmImagePipeline.from_pretrained(model_dir, dtype="float32", memory="resident")
+    length = pipe.processor.apply_chat_template([[{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "image", "image": image},
+        {"type": "text", "text": call["prompt"]}]}]], target_h=64, target_w=96)["input_ids"].shape[1]
+    chunks = -(-length // 16)
+
+    everything = [(e.kind, e.stage, e.index, e.total) for e in pipe.stream(**call) if e.kind in ("condition", "prefill")]
+    assert everything == ([("condition", "prior", i, 2) for i in range(2)] + [("prefill", "prior", i, chunks)
+                                                                               for i in range(chunks - 1)]
+                          + [("condition", "denoise", i, 2) for i in range(2)]), "the last chunk comes with a token"
+    ran.clear()
+    events = pipe.stream(**call)
+    for event in events:
+        if event.kind == stop_at:
+            break
+    events.close()
+    assert ran == (["image"] if stop_at == "condition" else ["image", "image", "chunk"]), ran

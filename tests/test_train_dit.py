@@ -1,11 +1,14 @@
 """The DiT target (train/dit.py) against diffusers' GlmImageTransformer2DModel + PEFT, fp32: the encodings are
 inference's, the flow-matching loss and every adapter gradient equal torch's, several AdamW steps (warm-up + cosine,
 clipping) end at torch's weights, the saved adapter is diffusers' file, and a drop-out is the unconditional pass.
+Editing: the source's condition latents and prior ids are an editing request's, and the loss and gradients equal
+torch's with diffusers' condition KV cache written (through its gradient) and read as its pipeline does.
 
 That the training sigmas lie on inference's shifted schedule for an image size is the sampler's test
 (test_scheduler.py::test_training_draws_lie_on_the_inference_shift); here, only that the trainer's sampler is the
 one inference makes for the example's size."""
 
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -18,7 +21,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from mlx_glm_image import GlmImageTransformer2DModel, load_model, lora
-from mlx_glm_image.pipeline import GlmImagePipeline
+from mlx_glm_image.pipeline import GlmImagePipeline, stages
 from mlx_glm_image.pipeline.denoise import DenoiseInputs, Stepper
 from mlx_glm_image.pipeline.glyphs import get_glyph_embeds
 from mlx_glm_image.pipeline.image_processor import VaeImageProcessor
@@ -32,8 +35,11 @@ CONFIG = lora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
 PROMPTS = ('a red cat "big" on the mat', 'the blue sky \'9\'')
 
 
-def image(seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8))
+SOURCE = (64, 64)  # the editing examples' fitted sources (height, width): another token count than the target's
+
+
+def image(seed, h=H, w=W):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,20 @@ def examples(pipe):
         codes = ar.target_codes(pipe.vision_language_encoder, pipe.processor, image(i), H, W)
         out.append(train_dit.dit_example(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, image=image(i),
                                          prompt=prompt, codes=codes, height=H, width=W))
+    return out
+
+
+@pytest.fixture(scope="module")
+def edit_examples(pipe):
+    """Two editing examples: each target with its own fitted source of one size."""
+    model, processor = pipe.vision_language_encoder, pipe.processor
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        source = image(10 + i, *SOURCE)
+        out.append(train_dit.dit_example(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, image=image(i), prompt=prompt,
+            codes=ar.target_codes(model, processor, image(i), H, W), height=H, width=W,
+            source=source, source_codes=ar.target_codes(model, processor, source, *SOURCE)))
     return out
 
 
@@ -74,13 +94,34 @@ def trainable_pair(model_dir, seed=0):
     return ours, ref, paths
 
 
-def torch_loss(ref, batch, d):
+def torch_loss(ref, batch, d, kv_caches=None):
     inputs = {k: torch.from_numpy(np.array(v)) for k, v in train_dit.dit_inputs(batch, d.drop).items()}
     x0, noise = (torch.from_numpy(np.array(a)) for a in (batch.latents, d.noise))
     sigma = torch.from_numpy(np.array(d.sigma)).reshape(-1, 1, 1, 1)
     x_t = sigma * noise + (1 - sigma) * x0
-    v = ref(hidden_states=x_t, timestep=torch.from_numpy(np.array(d.timestep)), **inputs, return_dict=False)[0]
+    if kv_caches is not None:  # diffusers' GlmImagePipeline: the conditional pass reads, the unconditional skips
+        kv_caches.set_mode("skip" if d.drop else "read")
+    v = ref(hidden_states=x_t, timestep=torch.from_numpy(np.array(d.timestep)), **inputs, kv_caches=kv_caches,
+            return_dict=False)[0]
     return torch.mean((v.float() - (noise - x0)) ** 2)
+
+
+def torch_condition_cache(ref, batch):
+    """The condition KV cache as diffusers' GlmImagePipeline writes it: per sample, a pass over its condition
+    latents with no text, its own prior ids, timestep 0 and its pixel size (under autograd, as in training)."""
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    caches = GlmImageKVCache(num_layers=ref.config.num_layers)
+    caches.set_mode("write")
+    latents = torch.from_numpy(np.array(batch.condition_latents))
+    for i in range(latents.shape[0]):
+        ids = torch.from_numpy(np.array(batch.prior_token_image_ids[i]))
+        ref(hidden_states=latents[i:i + 1], encoder_hidden_states=torch.zeros(1, 0, ref.config.text_embed_dim),
+            prior_token_id=ids, prior_token_drop=torch.full_like(ids, False, dtype=torch.bool),
+            timestep=torch.zeros((1,)), target_size=torch.tensor([batch.condition_size]),
+            crop_coords=torch.zeros((1, 2)), kv_caches=caches)
+        caches.next_sample()
+    return caches
 
 
 def ours_loss_and_grads(model, sampler, batch, d):
@@ -150,6 +191,79 @@ def test_loss_and_gradients_equal_peft(model_dir, pipe, examples, drop):
     assert all(float(np.abs(np.array(g)).max()) > 0 for g in got.values()), "every adapter weight has a gradient"
 
 
+def test_editing_encodings_are_inferences(pipe, monkeypatch, tmp_path):
+    """What an editing request gives write_condition_cache for a source (captured in a one-step edit: its condition
+    latents, pixel size, prior ids and grid) is the editing example's for the same source, fitted as the request
+    fits it, its codes by target_codes at its own size, given as a path."""
+    captured = []
+    write = stages.write_condition_cache
+    monkeypatch.setattr(stages, "write_condition_cache", lambda *args: captured.append(args) or write(*args))
+    raw = image(20, 100, 70)  # the request fits it to 64 x 96 (width x height)
+    pipe(PROMPTS[0], image=raw, height=H, width=W, num_inference_steps=1, seed=0, output_type="latent")
+    (_, conditions, image_ids, grids), = captured
+    (latents, size), = conditions[0]
+
+    fitted = pipe.components.facts.prepare_condition_images([[raw]])[0][0]
+    assert fitted.size == (64, 96) != raw.size
+    fitted.save(tmp_path / "source.png")
+    codes = ar.target_codes(pipe.vision_language_encoder, pipe.processor, fitted, fitted.height, fitted.width)
+    assert len(np.unique(codes)) > 1, "a grid of one code would hide a transposed upsampling"
+    ex = train_dit.dit_example(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, image=image(0),
+                               prompt=PROMPTS[0], codes=codes[:2, :3], height=H, width=W,
+                               source=tmp_path / "source.png", source_codes=codes)
+    assert ex.condition_size == tuple(size) == (96, 64)
+    np.testing.assert_array_equal(np.array(ex.condition_latents), np.array(latents))
+    np.testing.assert_array_equal(np.array(ex.prior_token_image_ids[0]), np.array(image_ids[0]))
+    np.testing.assert_array_equal(np.array(ex.source_image_grid_thw), np.array(grids[0]))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_editing_loss_and_gradients_equal_peft(model_dir, pipe, edit_examples, drop):
+    """The loss writes the sources' KV cache (its adapters' gradients included) and the conditional pass reads it,
+    a drop-out skips it: diffusers + PEFT's loss and gradients with the cache written as diffusers' pipeline writes
+    it, under autograd."""
+    ours, ref, paths = trainable_pair(model_dir)
+    batch = train_dit.DitBatch.of(edit_examples)
+    s = train_dit.training_sampler(pipe.components.get("scheduler"), ours, batch.latents)
+    d = train_dit.draw(s, batch, mx.random.key(7), drop_probability=1.0 if drop else 0.0)
+    loss, grads = ours_loss_and_grads(ours, s, batch, d)
+    want = torch_loss(ref, batch, d, torch_condition_cache(ref, batch))
+    want.backward()
+    assert_close(loss, want.detach(), 1e-4, what="editing flow-matching loss")
+    got, expected = dict(tree_flatten(grads)), torch_grads(ref)
+    assert set(got) == set(expected) == {f"{p}.lora_{x}" for p in paths for x in "AB"}
+    errors = {k: rel_err(got[k], expected[k]) for k in expected}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-4, f"gradient of {worst}: relative error {errors[worst]:.3e}"
+
+    # what the comparison can tell: the source moves the conditional pass only, and its write pass's gradient counts
+    no_source = dataclasses.replace(batch, condition_latents=None, condition_size=None, prior_token_image_ids=None,
+                                    source_image_grid_thw=None)
+    plain = train_dit.flow_matching_loss(ours, s, no_source, d)
+    assert (rel_err(loss, plain) > 1e-3) != drop
+    if not drop:
+        ref.zero_grad()
+        with torch.no_grad():
+            caches = torch_condition_cache(ref, batch)
+        torch_loss(ref, batch, d, caches).backward()
+        detached = torch_grads(ref)
+        assert max(rel_err(got[k], detached[k]) for k in detached) > 1e-2
+
+
+def test_editing_examples_and_batches_are_checked(pipe, examples, edit_examples):
+    with pytest.raises(ValueError, match="sources all have one size or are all none"):
+        train_dit.DitBatch.of([examples[0], edit_examples[1]])
+    other = dataclasses.replace(edit_examples[1], condition_size=(32, 64))
+    with pytest.raises(ValueError, match=r"sources all have one size .* got \['64x32', '64x64'\]"):
+        train_dit.DitBatch.of([edit_examples[0], other])
+    kw = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, image=image(0), prompt=PROMPTS[0],
+              codes=np.zeros((2, 3), np.int64), height=H, width=W)
+    with pytest.raises(ValueError, match="needs both source and source_codes"):
+        train_dit.dit_example(**kw, source=image(10, *SOURCE))
+    with pytest.raises(ValueError, match="a 70x100 source needs 3x2 .* fit the source"):
+        train_dit.dit_example(**kw, source=image(10, 100, 70), source_codes=np.zeros((3, 2), np.int64))
+
+
 def test_adamw_steps_equal_torch(model_dir, pipe, examples):
     """Four optimizer steps, each over two micro-batches (accumulated), with warm-up + cosine and clipping that
     bites: the adapter weights equal torch.optim.AdamW + get_cosine_schedule_with_warmup + clip_grad_norm_."""
@@ -173,7 +287,7 @@ def test_adamw_steps_equal_torch(model_dir, pipe, examples):
             d = train_dit.draw(s, batch, keys[len(examples) * step + micro], drop_probability=0.5)
             acc.add(ours_loss_and_grads(ours, s, batch, d)[1])
             (torch_loss(ref, batch, d) / accumulation).backward()
-        norm = optim.apply_step(ours, opt, acc.mean(), max_grad_norm)
+        norm, _ = optim.apply_step(ours, opt, acc.mean(), max_grad_norm)
         tnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         topt.step()
         sched.step()

@@ -6,6 +6,8 @@ held), and when a model loads (``Components`` calls it: a model staged memory lo
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import threading
 
 from .. import loading, lora
@@ -32,11 +34,17 @@ class Adapters:
     def names(self) -> list[str]:
         return list(self._by_name)
 
-    def add(self, adapter: lora.LoraAdapter, weight: float = 1.0) -> lora.LoraAdapter:
+    def add(self, adapter: lora.LoraAdapter, weight: float = 1.0, rename: bool = False) -> lora.LoraAdapter:
         """Register ``adapter`` (active, at ``weight``) for the model whose linear layers it names, and apply it if
-        that model is held; which model it is for and its shapes are checked now, from the configs."""
+        that model is held; which model it is for and its shapes are checked now, from the configs. A name taken
+        already is refused, or, with ``rename`` (a name the user did not give), the adapter gets the next free
+        ``NAME_2``, ``NAME_3``, ... Returns the adapter as registered."""
+        weight = lora.check_scale(weight, f"{adapter.who}: its scale")
         if adapter.name in self._by_name:
-            raise lora.LoraError(f"an adapter named {adapter.name!r} is loaded already")
+            if not rename:
+                raise lora.LoraError(f"{adapter.who}: an adapter named {adapter.name!r} is loaded already; give it "
+                                     "another name")
+            adapter = dataclasses.replace(adapter, name=self._free_name(adapter.name))
         skeletons = {}
         for name in MODELS:
             try:
@@ -45,8 +53,9 @@ class Adapters:
                 continue
         adapter = lora.matched(adapter, skeletons)
         if adapter.model in self.components.splits:
-            raise lora.LoraError(f"adapter {adapter.name!r} is for the {adapter.model}, which --parallel tensor "
-                                 "splits; LoRA over split layers is not supported (use --parallel cfg or data)")
+            raise lora.LoraError(f"{adapter.who}: it is for the {adapter.model}, which --parallel tensor splits; LoRA "
+                                 "over split layers is not supported (use --parallel cfg or data)")
+        self._check_not_folded(adapter)
         with self._lock:
             self._by_name[adapter.name] = adapter
             self.weights[adapter.name] = weight
@@ -55,7 +64,23 @@ class Adapters:
             self.apply(adapter.model, model)
         return adapter
 
+    def _free_name(self, name: str) -> str:
+        return next(f"{name}_{i}" for i in itertools.count(2) if f"{name}_{i}" not in self._by_name)
+
+    def _check_not_folded(self, adapter: lora.LoraAdapter):
+        """A converted folder whose model has this very adapter folded in (convert.py --lora records it in the
+        model's config, with its SHA-256) would apply it twice: refused."""
+        try:
+            folder = self.components.folder(adapter.model, files="*.json")
+        except loading.WeightsError:  # no source: a model given as it is
+            return
+        folded = loading.read_config(folder).get("lora")
+        if any(isinstance(r, dict) and r.get("sha256") == adapter.sha256 for r in folded or []):
+            raise lora.LoraError(f"{adapter.who}: the {adapter.model} of {self.components.source} has this adapter "
+                                 "folded in already (convert --lora); loading it again would apply it twice")
+
     def set_weights(self, weights: dict[str, float]):
+        weights = {n: lora.check_scale(w, f"the weight of adapter {n!r}") for n, w in weights.items()}
         unknown = sorted(set(weights) - set(self._by_name))
         if unknown:
             raise lora.LoraError(f"no adapter named {unknown[0]!r}; loaded: {', '.join(self._by_name) or 'none'}")

@@ -46,6 +46,11 @@ def check_guidance(value):
         raise ValueError(f"guidance must be a number from 0 to {MAX_GUIDANCE}, got {shown(value)}")
 
 
+def check_guidance_end(value):
+    if not (is_number(value) and math.isfinite(value) and 0 <= value <= 1):
+        raise ValueError(f"guidance_end must be a number from 0 to 1 (the share of the steps guided), got {shown(value)}")
+
+
 def check_temperature(value):
     if not (is_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {shown(value)}")

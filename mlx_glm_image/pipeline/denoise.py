@@ -91,6 +91,10 @@ class DenoiseInputs:
     target_size: mx.array  # (B, 2) pixels
     crop_coords: mx.array  # (B, 2)
     guidance_scale: float = 1.5
+    guidance_end: float = 1.0  # steps i with i < guidance_end * steps are guided; the rest run "cond" alone
+
+    def guided(self, i: int, steps: int) -> bool:
+        return self.negative_prompt_embeds is not None and i < self.guidance_end * steps
 
 
 @dataclass
@@ -130,7 +134,8 @@ class Stepper:
     ``steps(latents)`` is a generator: it yields ``(i, latents)`` after each step, evaluated, so its consumer
     reports progress and stops the work at a step boundary by closing it. ``placement`` decides which passes
     run in this process (parallel.py); ``blocks(pass, step, x, blocks)`` which blocks each pass computes.
-    ``computed`` / ``total`` count the blocks of the last step, ``velocity`` is the step's guided velocity
+    ``computed`` / ``total`` count the blocks of the last step, ``passes`` its passes (run, of the planned: a step
+    past ``guidance_end`` runs the conditional pass alone, everywhere), ``velocity`` is the step's guided velocity
     (``sampler.x0(latents, velocity, i + 1)`` is the clean image it points at).
     """
 
@@ -139,7 +144,7 @@ class Stepper:
                  in_flight: int = STEPS_IN_FLIGHT):
         self.transformer, self.sampler, self.inputs, self.kv_caches = transformer, sampler, inputs, kv_caches
         self.placement, self.blocks, self.in_flight = placement, blocks, in_flight
-        self.computed = self.total = 0
+        self.computed = self.total = self.passes_run = 0
         self.velocity: mx.array | None = None
         shape = inputs.prior_token_ids.shape
         cached = kv_caches is not None
@@ -169,7 +174,10 @@ class Stepper:
         have queued their work."""
         x = x.astype(self.transformer.dtype)
         t = mx.full((x.shape[0],), timestep, dtype=mx.float32)
-        mine = self.placement.my_passes(self.passes)
+        guided = self.inputs.guided(i, self.sampler.num_inference_steps)
+        # past the guided steps every process runs the conditional pass itself: nothing is exchanged
+        mine = self.placement.my_passes(self.passes) if guided else self.passes[:1]
+        self.passes_run = len(self.passes) if guided else 1
         running, done = [(p.name, self._pass(p, i, x, t)) for p in mine], {}
         while running:
             waiting = []
@@ -180,6 +188,8 @@ class Stepper:
                 except StopIteration as finished:
                     done[name] = finished.value
             running = waiting
+        if not guided:
+            return done["cond"]
         v = self.placement.gather({p.name: done[p.name] for p in mine})
         if "uncond" not in v:
             return v["cond"]

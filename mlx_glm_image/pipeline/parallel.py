@@ -83,6 +83,11 @@ class Single:
     def barrier(self):
         """Wait until every process is here."""
 
+    def record(self) -> dict | None:
+        """Where an image was made, for its metadata ("parallel"): None for one process, else the mode and the
+        number of processes (a tensor split rounds differently from one process: ``rounding_warning``)."""
+        return {"mode": self.mode, "ranks": self.size} if self.distributed else None
+
 
 class Distributed(Single):
     """Several processes in the group ``mlx.launch`` started."""
@@ -247,6 +252,21 @@ class DataSplit(Distributed):
 
     def picks(self, n: int) -> range:
         return range(self.rank, n, self.size)
+
+
+def rounding_warning(recorded: dict | None, placement: Single) -> str | None:
+    """What to say when an image made under the ``recorded`` placement (its metadata's "parallel") is made again
+    under ``placement``, if that may change it: a tensor split on either side, unless both are the same split (it
+    sums its partial results in another order than one process; cfg and data splits give one process's bits)."""
+    mine = placement.record()
+    if recorded == mine or not any(p is not None and "tensor" in p["mode"] for p in (recorded, mine)):
+        return None
+    return (f"it was made {_where(recorded)} and this run is {_where(mine)}: a tensor split rounds differently, so "
+            "the image may differ (slightly in float32, visibly in bfloat16: docs/parallel.md)")
+
+
+def _where(record: dict | None) -> str:
+    return "in one process" if record is None else f"with --parallel {record['mode']} on {record['ranks']} processes"
 
 
 def join(mode: str | None, timeout: float = 600.0) -> Single:

@@ -105,8 +105,8 @@ class GlmImagePipeline:
         return request
 
     def stream(self, prompt=None, image=None, **arguments) -> Iterator[Event]:
-        """``__call__``'s arguments; yields the run's events (events.py) as they happen: stage, token, step, image.
-        Closing it stops the work at the next token or step and frees what staged memory loaded."""
+        """``__call__``'s arguments; yields the run's events (events.py) as they happen: stage, condition, prefill,
+        token, step, image. Closing it stops the work at the next of them and frees what staged memory loaded."""
         return self.stream_batch([dict(prompt=prompt, image=image, **arguments)])
 
     def stream_batch(self, requests: list) -> Iterator[Event]:
@@ -149,24 +149,28 @@ class GlmImagePipeline:
     def record(self, request: Request, index: int = 0, cache_summary: dict | None = None) -> dict:
         """The metadata that regenerates image ``index`` of ``request`` (record.py), with the step cache's
         ``cache_summary`` when it ran."""
-        return image_record(request, run_record(self.components), index, cache_summary)
+        return image_record(request, run_record(self.components, self.placement), index, cache_summary)
 
     # -- LoRA adapters (diffusers' names; lora.py) -----------------------------------------------------------
 
     def load_lora_weights(self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str | None = None,
                           scale: float = 1.0) -> str:
         """An adapter for the AR model or the DiT (PEFT's or diffusers' files: a folder, a file or a Hub repo id),
-        active at ``scale``; the model it is for is the one whose layers it names. Returns its name."""
-        adapter = lora.read(str(pretrained_model_name_or_path), adapter_name)
-        return self.components.adapters.add(adapter, scale).name
+        active at ``scale`` (a finite number); the model it is for is the one whose layers it names. Without
+        ``adapter_name`` it is named after its file or folder (``NAME_2`` when that name is taken). Returns its
+        name."""
+        lora.check_scale(scale, "scale")
+        adapter = lora.read(str(pretrained_model_name_or_path), adapter_name, origin="adapter")
+        return self.components.adapters.add(adapter, scale, rename=adapter_name is None).name
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
-        """The adapters that are active, and their weights (1 each by default); the others stay loaded, off."""
+        """The adapters that are active, and their weights (finite numbers; 1 each by default); the others stay
+        loaded, off."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names and {len(weights)} weights")
-        self.components.adapters.set_weights({n: 1.0 if w is None else float(w) for n, w in zip(names, weights)})
+        self.components.adapters.set_weights({n: 1.0 if w is None else w for n, w in zip(names, weights)})
 
     def get_active_adapters(self) -> list[str]:
         return list(self.components.adapters.weights)

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .processor import TargetGrids, target_grids
-from .prior_tokens import drain, generate_step
+from .prior_tokens import Progress, drain, generate_step
 from .sample_utils import Sampler
 
 
@@ -60,6 +60,13 @@ class PriorPrompt:
 
 def prior_prompt(model, processor, prompts: list[str], height: int, width: int, images=None) -> PriorPrompt:
     """Chat template + tokens (+ the condition images' VQ tokens) for an ``height`` x ``width`` image."""
+    return drain(prior_prompt_steps(model, processor, prompts, height, width, images))
+
+
+def prior_prompt_steps(model, processor, prompts: list[str], height: int, width: int,
+                       images=None) -> Generator[Progress, None, PriorPrompt]:
+    """``prior_prompt``, yielding a ``Progress`` after each condition image the vision encoder reads, so that its
+    consumer can stop there (by closing it); returns the prompt."""
     images = normalize_images(images, len(prompts))
     t2i = images is None
     conversations = [
@@ -70,15 +77,21 @@ def prior_prompt(model, processor, prompts: list[str], height: int, width: int, 
     inputs = processor.apply_chat_template(conversations, target_h=height, target_w=width, padding=len(prompts) > 1)
     prompt = PriorPrompt(inputs, target_grids(height, width, t2i))
     if not t2i:
-        _add_source_images(model, prompt, len(images[0]))
+        yield from _add_source_images(model, prompt, len(images[0]))
     return prompt
 
 
-def _add_source_images(model, prompt: PriorPrompt, n_src: int):
+def _add_source_images(model, prompt: PriorPrompt, n_src: int) -> Generator[Progress, None, None]:
     inputs = prompt.inputs
     src = model.source_grids(inputs["image_grid_thw"], inputs["images_per_sample"])
-    image_ids = np.array(model.get_image_tokens(model.get_image_features(mx.array(inputs["pixel_values"]), src)))
     bounds = np.cumsum([0] + [int(np.prod(g)) for g in src])
+    pixels = mx.array(inputs["pixel_values"])
+    image_ids = []
+    for i, grid in enumerate(src):  # one image at a time (the vision encoder reads each alone anyway)
+        features = model.get_image_features(pixels[int(bounds[i]):int(bounds[i + 1])], grid[None])
+        image_ids.append(np.array(model.get_image_tokens(features)))
+        yield Progress("condition", i, len(src))
+    image_ids = np.concatenate(image_ids)
     up = [upsample_token_ids(image_ids[bounds[i]:bounds[i + 1]], int(g[1]), int(g[2])) for i, g in enumerate(src)]
     up_grids = src.copy()
     up_grids[:, 1:] *= 2
@@ -110,9 +123,10 @@ def end_tokens(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def prior_sequences(model, prompt: PriorPrompt, sampler: Sampler, key=None) -> Generator[np.ndarray, None, np.ndarray]:
-    """The AR model over ``prompt``, token by token (``generate_step``); returns the (B, L + n) sequences, each
-    with its grids written whole."""
+def prior_sequences(model, prompt: PriorPrompt, sampler: Sampler,
+                    key=None) -> Generator[Progress | np.ndarray, None, np.ndarray]:
+    """The AR model over ``prompt``, chunk by chunk of the prefill, then token by token (``generate_step``);
+    returns the (B, L + n) sequences, each with its grids written whole."""
     tc = model.config.text_config
     eos = end_tokens(model)
     n = prompt.max_new_tokens

@@ -2,8 +2,10 @@
 sampler (sample_utils.make_sampler) and logits processors, and owns the evaluation: the next step is queued before
 the current token is read back. It knows nothing of GLM-Image's prompt or grids (prior_grid.py).
 
-The loop is a generator: it yields each token as it is read back, so its consumer shows progress and stops the work
-at a token boundary by closing it; its return value (``yield from``, or ``drain``) is the sequences.
+The loop is a generator: it yields a ``Progress`` after each chunk of the prompt it reads into the cache, then each
+token as it is read back, so its consumer shows progress and stops the work at a chunk or token boundary by closing
+it (a long prompt's prefill is most of a request's time); its return value (``yield from``, or ``drain``) is the
+sequences.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill step
 # ``processor(n, logits) -> logits`` before sampling the token after ``n`` new ones (an int, or an array inside the
 # compiled step): mlx-lm's logits processors, given the count instead of the tokens
 LogitsProcessor = Callable[[object, mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Work before the first token, done in parts between which a token generator yields this: part ``index`` of
+    ``total`` of ``kind`` is done ("condition": a condition image through the vision encoder, prior_grid.py;
+    "prefill": a chunk of the prompt into the cache)."""
+
+    kind: str
+    index: int
+    total: int
 
 
 def as_key(key_or_seed=None) -> mx.array:
@@ -58,11 +71,14 @@ class Decoding:
         """The positions step ``i`` reads: the ones written by then, rounded up to a multiple of ``WINDOW``."""
         return min(-(-(self.prompt_length + i + 1) // WINDOW) * WINDOW, self.prompt_length + self.max_new_tokens)
 
-    def prefill(self, model, input_ids, position_ids, cache, key) -> mx.array:
+    def prefill(self, model, input_ids, position_ids, cache, key) -> Generator[Progress, None, tuple]:
         """The prompt into the cache, ``PREFILL_CHUNK`` queries at a time (mlx-lm's prefill steps): a long prompt's
-        attention scores then take chunk x prompt memory, not prompt x prompt; the first token after it."""
+        attention scores then take chunk x prompt memory, not prompt x prompt. Yields a ``Progress`` after each
+        chunk it evaluates (all but the last, which is read with the first token); returns the first token after
+        the prompt and whether its logits were finite."""
         L = input_ids.shape[1]
-        for start in range(0, L, PREFILL_CHUNK):
+        chunks = -(-L // PREFILL_CHUNK)
+        for index, start in enumerate(range(0, L, PREFILL_CHUNK)):
             end = min(start + PREFILL_CHUNK, L)
             for c in cache:
                 c.window = end
@@ -71,6 +87,7 @@ class Decoding:
                            cache=cache, logits_to_keep=1)
             if end < L:
                 mx.eval([c.state for c in cache])
+                yield Progress("prefill", index, chunks)
         return self.pick(logits[:, -1], 0, key), finite(logits)
 
     def step(self, model):
@@ -94,7 +111,7 @@ def finite(logits: mx.array) -> mx.array:
 
 
 def drain(steps: Generator):
-    """Run a token generator to its end; its return value (the sequences)."""
+    """Run a generator to its end, dropping what it yields; its return value (the sequences, the prompt)."""
     while True:
         try:
             next(steps)
@@ -104,8 +121,9 @@ def drain(steps: Generator):
 
 def generate_step(model, inputs: dict, *, max_new_tokens: int, sampler: Sampler = greedy, key=None,
                   logits_processors: tuple[LogitsProcessor, ...] = (), eos_token_id: int | list[int] | None = None,
-                  pad_token_id: int | None = None) -> Generator[np.ndarray, None, np.ndarray]:
-    """Yields each new token, (B,) numpy ids, as it is read back; returns the (B, L + n) sequences.
+                  pad_token_id: int | None = None) -> Generator[Progress | np.ndarray, None, np.ndarray]:
+    """Yields a ``Progress`` after each prefill chunk but the last, then each new token, (B,) numpy ids, as it is
+    read back; returns the (B, L + n) sequences.
 
     ``inputs``: the processor's arrays (``input_ids``; ``attention_mask``, ``image_grid_thw``,
     ``images_per_sample``, ``pixel_values`` when there are any) and, optionally, ``image_token_ids``: the source
@@ -133,7 +151,7 @@ def generate_step(model, inputs: dict, *, max_new_tokens: int, sampler: Sampler 
         max_new_tokens=max_new_tokens, sampler=sampler, logits_processors=tuple(logits_processors))
     cache = model.make_cache(L + max_new_tokens, window=L)
     key, sub = mx.random.split(as_key(key))
-    tok, ok = run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
+    tok, ok = yield from run.prefill(model, mx.array(input_ids), mx.array(position_ids), cache, sub)
     state = [c.state for c in cache]
     del cache  # the steps take the buffers over; a reference kept here would make the first step copy them
     step = run.step(model) if max_new_tokens > 1 else None

@@ -1,7 +1,7 @@
 """The metadata record that regenerates an image, assembled here and nowhere else: every setting of the name table
 (request.py) by its metadata key, what the pipeline loaded (model, quantization, dtype, adapters), what made it
-(versions, device) and, when the step cache ran, its decisions. ``metadata.py`` writes it into the PNG and the
-JSON sidecar and reads it back; nothing here writes a file.
+(versions, device, the processes it was split over) and, when the step cache ran, its decisions. ``metadata.py``
+writes it into the PNG and the JSON sidecar and reads it back; nothing here writes a file.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from .. import loading
 from .request import SETTINGS, Request
 
 
-def run_record(components) -> dict:
-    """What the pipeline's components contribute to each record: how they were asked for, and what they loaded."""
+def run_record(components, placement) -> dict:
+    """What the pipeline's components contribute to each record: how they were asked for, what they loaded, and
+    where the work went (``placement``, parallel.py: a tensor split changes the rounding)."""
     source = str(components.source)
     # a local folder is recorded resolved, so that the record regenerates from any folder; as given too
     model = str(Path(source).expanduser().resolve()) if loading.is_local(source) else source
     return {"model": model, "model_given": source, "quantize": components.quantize.bits if components.quantize else None,
             "dtype": next(name for name, dtype in loading.DTYPES.items() if dtype == components.dtype),
             "quantization": components.quantization(), "revision": components.revision(),
-            "lora": components.adapters.records()}
+            "lora": components.adapters.records(), "parallel": placement.record()}
 
 
 def image_record(request: Request, run: dict, index: int = 0, cache_summary: dict | None = None) -> dict:

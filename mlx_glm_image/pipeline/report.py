@@ -16,6 +16,7 @@ class StageReport:
         self.peaks: dict[str, int] = {}
         self.tokens = self.steps = 0
         self.blocks = [0, 0]  # DiT blocks computed, of all the steps' passes
+        self.passes = [0, 0]  # DiT passes run, of those of guided steps
 
     def observe(self, event: Event):
         if event.kind == "token":
@@ -24,6 +25,8 @@ class StageReport:
             self.steps += 1
             if event.blocks is not None:
                 self.blocks = [a + b for a, b in zip(self.blocks, event.blocks)]
+            if event.passes is not None:
+                self.passes = [a + b for a, b in zip(self.passes, event.passes)]
         elif event.kind == "stage" and event.done:
             self.timings[event.stage] = event.seconds
             self.load_seconds[event.stage] = event.load_seconds
@@ -36,6 +39,9 @@ class StageReport:
             rate = f", {self.tokens / max(self.timings[stage], 1e-9):.1f} tokens/s"
         if stage == "denoise" and self.steps:
             rate = f", {self.timings[stage] / self.steps:.2f} s/step"
+            run, planned = self.passes
+            if planned and run < planned:
+                rate += f", {run}/{planned} DiT passes run (guidance ends early)"
             computed, total = self.blocks
             if total and computed < total:
                 rate += f", {computed}/{total} DiT blocks computed ({100 * computed / total:.0f}%)"

@@ -45,12 +45,14 @@ class Sampling:
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
     """The denoising loop: its steps (or explicit ``timesteps`` / ``sigmas``), the guidance scale (diffusers'
-    defaults: 50 steps, 1.5) and the sampler that steps (a name of flow.SAMPLERS)."""
+    defaults: 50 steps, 1.5), the share of the steps guided (the first ones; the rest run the conditional pass
+    alone) and the sampler that steps (a name of flow.SAMPLERS)."""
 
     num_inference_steps: int = 50
     timesteps: tuple | None = None
     sigmas: tuple | None = None
     guidance_scale: float = 1.5
+    guidance_end: float = 1.0  # guidance on the steps before this share of them (arXiv 2404.07724's interval)
     sampler: str = "euler"
 
     @property
@@ -311,6 +313,10 @@ SETTINGS = (
     Setting(name="guidance_scale", flag="--guidance", key="guidance", body="guidance_scale", type=float,
             check=checks.check_guidance, part="schedule",
             help="classifier-free guidance scale, >= 0; 1 or less turns it off (default: 1.5)"),
+    Setting(name="guidance_end", flag="--guidance-end", key="guidance_end", body="guidance_end", type=float,
+            check=checks.check_guidance_end, part="schedule",
+            help="guidance on the first FRACTION of the steps only, 0 to 1: the later steps run the conditional pass "
+                 "alone, about half a step's work each (default: 1, every step)"),
     Setting(name="seed", flag="--seed", key="seed", body="seed", type=int, check=checks.check_seed, many=True,
             help="one image per seed, each 0 to 2^64 - 1 (default: a random one, printed)"),
     Setting(name="temperature", flag="--temperature", key="temperature", body="temperature", type=float,

@@ -6,7 +6,8 @@ once, also with staged memory, which frees a stage's models after it; the VAE th
 kept until it decodes them, so editing loads it once too.
 
 ``Run`` is iterated for its events (events.py). Closing the iteration (``close()`` on it, or a consumer that stops)
-stops the work at the next token or step and frees what staged memory loaded; a failure frees it too.
+stops the work at the next condition image, prefill chunk, token or step and frees what staged memory loaded; a
+failure frees it too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .image_processor import VaeImageProcessor, image_size
 from .flow import SAMPLERS
 from .preview import pooled, pooling, preview_steps
 from .checks import NonFiniteError
-from .prior_grid import prior_prompt, prior_sequences, prior_token_ids
+from .prior_grid import prior_prompt_steps, prior_sequences, prior_token_ids
+from .prior_tokens import Progress
 from .request import Request
 from .step_cache import blocks_policy
 
@@ -99,9 +101,10 @@ class Run:
             job.prior_token_ids = mx.zeros((r.batch, rows * cols), mx.int32)
         else:
             model, processor = self.components.get("vision_language_encoder"), self.components.get("processor")
-            prompt = prior_prompt(model, processor, list(r.prompt), r.height, r.width, r.image)
+            reading = prior_prompt_steps(model, processor, list(r.prompt), r.height, r.width, r.image)
+            prompt = yield from _prior_events(reading, job.index, 0, r.batch)
             steps = prior_sequences(model, prompt, r.sampling.sampler(), r.generator)
-            sequences = yield from _token_events(steps, job.index, prompt.max_new_tokens, r.batch)
+            sequences = yield from _prior_events(steps, job.index, prompt.max_new_tokens, r.batch)
             job.prior_token_ids = prior_token_ids(sequences, prompt)
             job.prior_token_image_ids, job.source_image_grid_thw = prompt.prior_token_image_ids, prompt.source_image_grid_thw
         job.prior_token_ids = self.placement.share(job.prior_token_ids)
@@ -129,7 +132,7 @@ class Run:
                                   r.latents, r.generator)
         kv_caches = None
         if r.image is not None and self.placement.reads_conditions:  # the conditional pass reads the condition images
-            conditions = self._encode_condition_images(r.image)
+            conditions = yield from self._encode_condition_images(job.index, r.image)
             kv_caches = write_condition_cache(transformer, conditions, job.prior_token_image_ids,
                                               job.source_image_grid_thw)
         schedule = r.schedule
@@ -143,7 +146,7 @@ class Run:
         try:
             for i, latents in stepper.steps(latents, self._callback(r)):
                 yield Event(kind="step", request=job.index, index=i, total=total, count=r.num_images,
-                            blocks=(stepper.computed, stepper.total))
+                            blocks=(stepper.computed, stepper.total), passes=(stepper.passes_run, len(stepper.passes)))
                 if i in previews:
                     x0 = sampler.x0(latents, stepper.velocity, i + 1)
                     for k, image in enumerate(self._preview(x0)):
@@ -197,20 +200,26 @@ class Run:
             prior_token_ids=repeat(job.prior_token_ids, r.num_images_per_prompt),
             target_size=mx.array([[r.height, r.width]] * n, dtype=mx.float32),
             crop_coords=mx.array([list(r.crops_coords_top_left)] * n, dtype=mx.float32),
-            guidance_scale=r.schedule.guidance_scale)
+            guidance_scale=r.schedule.guidance_scale, guidance_end=r.schedule.guidance_end)
 
-    def _encode_condition_images(self, images) -> list[list[tuple[mx.array, tuple[int, int]]]]:
-        """Per sample, each condition image as normalized VAE latents and its (height, width) in pixels."""
+    def _encode_condition_images(self, request: int, images) -> Iterator[Event]:
+        """Per sample, each condition image as normalized VAE latents and its (height, width) in pixels (the
+        return value); a "condition" event after each."""
         vae = self.components.get("vae")
         m = self.components.vae_scale_factor * self.components.patch_size
         processor = VaeImageProcessor(self.components.vae_scale_factor)
+        total, done = sum(len(sample_images) for sample_images in images), 0
         out = []
         for sample_images in images:
             encoded = []
             for img in sample_images:
                 w0, h0 = image_size(img)
                 pixels = processor.preprocess(img, height=(h0 // m) * m, width=(w0 // m) * m)
-                encoded.append((encode_latents(vae, pixels, self.pipe.vae_tiling), tuple(pixels.shape[-2:])))
+                latents = encode_latents(vae, pixels, self.pipe.vae_tiling)
+                mx.eval(latents)  # done before its event: a consumer that stops there stops after this image
+                encoded.append((latents, tuple(pixels.shape[-2:])))
+                yield Event(kind="condition", request=request, stage="denoise", index=done, total=total)
+                done += 1
             out.append(encoded)
         return out
 
@@ -235,16 +244,23 @@ def encode_latents(vae, pixels: mx.array, tiled: bool | None = None) -> mx.array
     return vae.normalize_latents(vae_codec.encode(vae, pixels.astype(vae.dtype), tiled=tiled))
 
 
-def _token_events(steps, request: int, total: int, count: int):
-    """The AR generator's tokens as events; returns its sequences."""
+def _prior_events(steps, request: int, total: int, count: int):
+    """The prior stage's generators as events: each ``Progress`` (a condition image, a prefill chunk) as its kind,
+    each token as a "token" of ``total``; returns the generator's value. Closing it closes the generator."""
     i = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-        yield Event(kind="token", request=request, index=i, total=total, count=count)
-        i += 1
+    try:
+        while True:
+            try:
+                item = next(steps)
+            except StopIteration as done:
+                return done.value
+            if isinstance(item, Progress):
+                yield Event(kind=item.kind, request=request, stage="prior", index=item.index, total=item.total)
+            else:
+                yield Event(kind="token", request=request, index=i, total=total, count=count)
+                i += 1
+    finally:
+        steps.close()
 
 
 def _as_ids(ids) -> mx.array:

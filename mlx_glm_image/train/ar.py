@@ -20,7 +20,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..models.ar.positions import decode_positions
@@ -93,16 +92,28 @@ def ar_example(model, processor, prompt: str, codes: np.ndarray, height: int, wi
         grids=grids)
 
 
-def causal_lm_loss(logits: mx.array, labels: mx.array) -> mx.array:
-    """Cross-entropy of each token's logits against the next token's label, in float32, the mean over the labelled
-    ones (transformers' ``ForCausalLMLoss``)."""
+def causal_lm_loss(logits: mx.array, labels: mx.array, reduction: str = "mean") -> mx.array:
+    """Cross-entropy of each token's logits against the next token's label (MLX's fused kernel, accumulated in
+    float32: no float32 copy of the vision head's logits), over the labelled ones:
+    their mean (transformers' ``ForCausalLMLoss``), or with ``reduction="sum"`` their sum."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    ce = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), mx.where(mask, targets, 0), reduction="none")
-    return (ce * mask).sum() / mask.sum()
+    logits = logits[:, :-1]
+    if mx.default_device() == mx.cpu:  # MLX's CPU fallback reduces in the logits' dtype; the fused kernel in float32
+        logits = logits.astype(mx.float32)
+    ce = mx.fast.cross_entropy(logits, mx.where(mask, targets, 0))
+    total = (ce * mask).sum()
+    return total if reduction == "sum" else total / mask.sum()
 
 
-def ar_loss(model, example: ArExample) -> mx.array:
+def ar_loss(model, example: ArExample, reduction: str = "mean") -> mx.array:
     """The example's loss under ``model`` (the AR prior, with its adapters)."""
     logits = model(mx.array(example.input_ids), position_ids=mx.array(example.position_ids))
-    return causal_lm_loss(logits, mx.array(example.labels))
+    return causal_lm_loss(logits, mx.array(example.labels), reduction)
+
+
+def ar_batch_loss(model, examples: list[ArExample]) -> mx.array:
+    """The mean over every labelled token of a batch of examples: what transformers' loss gives for the batch
+    padded on the right (padding changes no real token's logits), computed one sequence at a time."""
+    labelled = sum(int((e.labels[0, 1:] != IGNORE_INDEX).sum()) for e in examples)
+    return sum(ar_loss(model, e, "sum") for e in examples) / labelled

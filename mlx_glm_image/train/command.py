@@ -1,14 +1,17 @@
 """Train a LoRA adapter for GLM-Image's AR prior model or its DiT.
 
     PROG -m zai-org/GLM-Image --data my-style/ --output my-style-lora --dry-run
+    PROG -m zai-org/GLM-Image --data my-style/ --output my-style-lora --steps 500
     PROG --config run.json --steps 2000                # the file's settings, one changed
-    PROG --data my-style/ --output my-style-lora --resume my-style-lora/checkpoints/step-500
+    PROG --config run.json --resume my-style-lora      # continue a stopped run from its last checkpoint
 
 The data is a folder: metadata.jsonl with {"image": ..., "prompt": ...} per line ({"source": ..., "target": ...,
 "prompt": ...} to train editing), or images each with a same-name .txt caption. Every record is checked before any
-model loads. The adapter goes into --output (load it with mlx-glm-image --lora OUTPUT); checkpoints go below it.
---dry-run prints the plan (examples, steps, epochs, trainable parameters, a memory estimate) and stops.
-Every setting is also a key of the --config file (its name with _ for -). docs/training.md says more.
+model loads. The adapter goes into --output (load it with mlx-glm-image --lora OUTPUT); checkpoints go below it,
+with the loss log (loss.jsonl) and its picture (loss.png). Ctrl-C writes a checkpoint after the current step and
+stops; --resume continues exactly. --dry-run prints the plan (examples, steps, epochs, trainable parameters, a
+memory estimate) and stops. Every setting is also a key of the --config file (its name with _ for -).
+docs/training.md says more.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import argparse
 import sys
 
 from ..cli import Parser, fail, interrupting, prog_name
+from . import checkpoints
 from . import config as settings
-
-NOT_YET = "the training loop is not in this version yet: --dry-run checks the data and the settings and plans the run"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,5 +58,26 @@ def _main(argv: list[str] | None) -> int:
     if config.dry_run:
         print(plan.render(), flush=True)
         return 0
-    print(f"error: {NOT_YET}", file=sys.stderr)
-    return 1
+    from .trainer import Trainer
+
+    try:
+        trainer = Trainer(config, plan=plan)
+        if trainer.rank == 0:
+            print(plan.render(), flush=True)
+        result = trainer.run()
+    except KeyboardInterrupt:
+        last = checkpoints.latest(config.output)
+        print("interrupted; " + (f"the last checkpoint is {last}" if last else "no checkpoint was written"),
+              file=sys.stderr)
+        return 130
+    except (ValueError, WeightsError, OSError) as e:
+        return fail(e)
+    if result.stopped:
+        print(f"stopped after step {result.step}; checkpoint {result.checkpoint}: continue with the same command "
+              f"and --resume {result.checkpoint}", file=sys.stderr)
+        return 130
+    if result.adapter is not None:
+        skipped = f" ({result.skipped} skipped: not finite)" if result.skipped else ""
+        print(f"trained {result.step} steps{skipped}; the adapter is in {result.adapter}: "
+              f"mlx-glm-image --lora {result.adapter} ...", flush=True)
+    return 0

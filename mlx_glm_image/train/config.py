@@ -77,10 +77,21 @@ class TrainingConfig:
                                                  "of keeping them (less memory, about a third more time)", kind=bool)
     save_every: int = setting(100, "write a checkpoint every N steps (0: only at the end and when stopped)",
                               kind=int, low=0, metavar="N")
+    condition_dropout: float = setting(0.0, "dit: the share of batches trained unconditioned (the empty prompt, "
+                                            "no prior tokens), as classifier-free guidance's unconditional pass; "
+                                            "about 0.1 keeps guidance strong over a long run", kind=float, low=0,
+                                       metavar="P")
     validation_data: str = setting(None, "held-out examples, in either data format, for the validation loss",
                                    kind=str, metavar="DIR")
-    validate_every: int = setting(0, "the validation loss every N steps (0: never); needs --validation-data",
-                                  kind=int, low=0, metavar="N")
+    validation_prompts: list = setting(None, "prompts whose preview images (at --resolution, seeds --seed, "
+                                             "--seed + 1, ...) are made with the adapter so far at each validation",
+                                       kind=list, metavar="PROMPT")
+    validate_every: int = setting(0, "validate every N steps (0: never; always at the end when there is something "
+                                     "to validate): the loss of --validation-data and the images of "
+                                     "--validation-prompts", kind=int, low=0, metavar="N")
+    cache_dir: str = setting(None, "where the frozen models' encodings of the data are kept between runs (default: "
+                                   "$MLX_GLM_IMAGE_CACHE/encodings, else ~/.cache/mlx-glm-image/encodings)",
+                             kind=str, metavar="DIR")
     resume: str = setting(None, "continue the run whose checkpoint is this folder (below --output)", kind=str,
                           metavar="DIR")
     dry_run: bool = setting(False, "check the data and the settings, print the plan and stop: no model is loaded",
@@ -89,8 +100,12 @@ class TrainingConfig:
     def __post_init__(self):
         for f in fields(self):
             _checked(f.name, f.name, getattr(self, f.name))
-        if self.validate_every and self.validation_data is None:
-            raise ValueError("--validate-every needs --validation-data")
+        if self.validate_every and self.validation_data is None and not self.validation_prompts:
+            raise ValueError("--validate-every needs --validation-data or --validation-prompts")
+        if self.condition_dropout > 1:
+            raise ValueError(f"--condition-dropout must be at most 1, got {self.condition_dropout}")
+        if self.condition_dropout and self.target != "dit":
+            raise ValueError("--condition-dropout is for --target dit")
         if self.blocks is not None and len(self.layers) == 1 and not _NAME.fullmatch(self.layers[0]):
             raise ValueError("--blocks takes layer names in --targets, not a regular expression")
 
@@ -153,6 +168,8 @@ def check(name: str, value):
         check_seed(value)
     elif name == "targets":
         _check_layers(value)
+    elif name == "validation_prompts" and not (value and all(isinstance(v, str) and v.strip() for v in value)):
+        raise ValueError("must be one or more prompts, none empty")
     elif name == "blocks" and not (_BLOCKS.fullmatch(value) and value != ":"):
         raise ValueError(f"must be START:END (block numbers, either may be left out), got {value!r}")
     elif kind is str and not value.strip():

@@ -39,10 +39,14 @@ def adamw(*, learning_rate: float, weight_decay: float, warmup_steps: int, steps
                        eps=EPS, weight_decay=weight_decay, bias_correction=True)
 
 
+def global_norm(grads) -> mx.array:
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+
+
 def clip_grad_norm(grads, max_norm: float):
     """(grads scaled by ``min(1, max_norm / (norm + 1e-6))``, the global L2 norm before): torch's
     ``clip_grad_norm_``, which scales even just below the bound."""
-    norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+    norm = global_norm(grads)
     coef = mx.minimum(max_norm / (norm + 1e-6), 1.0)
     return tree_map(lambda g: (g * coef).astype(g.dtype), grads), norm
 
@@ -62,11 +66,17 @@ class Accumulator:
         return tree_map(lambda g: g / self.count, self.total)
 
 
-def apply_step(model: nn.Module, optimizer: optim.Optimizer, grads, max_grad_norm: float | None) -> mx.array | None:
-    """One optimizer step on ``model``'s trainable parameters with ``grads`` (clipped first when a bound is given);
-    returns the global norm before clipping (None without a bound)."""
-    norm = None
+def apply_step(model: nn.Module, optimizer: optim.Optimizer, grads, max_grad_norm: float | None,
+               loss: mx.array | None = None) -> tuple[mx.array, bool]:
+    """One optimizer step on ``model``'s trainable parameters with ``grads`` (clipped first when a bound is given).
+    A step whose gradients' global norm, or ``loss``, is not finite is skipped: nothing changes, the optimizer's
+    step count included. Returns (the global norm before clipping, whether the step was taken)."""
     if max_grad_norm is not None:
         grads, norm = clip_grad_norm(grads, max_grad_norm)
+    else:
+        norm = global_norm(grads)
+    finite = mx.isfinite(norm) if loss is None else mx.isfinite(norm) & mx.isfinite(loss)
+    if not finite.item():
+        return norm, False
     optimizer.update(model, grads)
-    return norm
+    return norm, True

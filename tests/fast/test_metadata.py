@@ -63,3 +63,56 @@ def test_the_step_cache_settings_round_trip(tmp_path):
     assert (back["cache"], back["calibrator"]) == (SGLANG, SGLANG_CALIBRATOR)
     plain = image_record(Request.from_call(Facts(), prompt="x", seed=1), RUN)
     assert plain["cache"] is None and plain["calibrator"] is None
+
+
+class _Group:
+    """Rank ``rank`` of a group of ``size`` (the placements read nothing else of it here)."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self.size, self.rank = (lambda: size), (lambda: rank)
+
+
+def test_where_an_image_was_made_round_trips_and_a_tensor_split_is_said(tmp_path):
+    """Before: the record did not say that a tensor split made the image (in bfloat16 visibly another image than
+    one process's), so regenerating it elsewhere gave another image silently."""
+    from mlx_glm_image.generate import build_parser, plan
+    from mlx_glm_image.pipeline.parallel import DataSplit, GuidanceSplit, Single, TensorSplit, rounding_warning
+
+    one, tensor, cfg, data = Single(), TensorSplit(_Group(2)), GuidanceSplit(_Group(2)), DataSplit(_Group(3))
+    assert [p.record() for p in (one, tensor, cfg, data)] == [None, {"mode": "tensor", "ranks": 2},
+                                                              {"mode": "cfg", "ranks": 2}, {"mode": "data", "ranks": 3}]
+    record = image_record(Request.from_call(Facts(), prompt="x", seed=1), {**RUN, "parallel": tensor.record()})
+    out = tmp_path / "out.png"
+    metadata.write(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), out, record, sidecar=True)
+    for path in (out, out.with_suffix(".json")):
+        assert metadata.read(str(path))["parallel"] == {"mode": "tensor", "ranks": 2}
+    run, _ = plan(build_parser().parse_args(["--config-from-metadata", str(out)]))
+    assert run["recorded_parallel"] == {"mode": "tensor", "ranks": 2} and run.get("parallel") is None, \
+        "compared with the run's placement, never taken as it"
+
+    made = metadata.read(str(out))["parallel"]
+    assert rounding_warning(made, one) == (
+        "it was made with --parallel tensor on 2 processes and this run is in one process: a tensor split rounds "
+        "differently, so the image may differ (slightly in float32, visibly in bfloat16: docs/parallel.md)")
+    assert rounding_warning(None, tensor).startswith("it was made in one process and this run is with --parallel "
+                                                     "tensor on 2 processes")
+    assert rounding_warning({"mode": "tensor", "ranks": 4}, tensor) is not None, "another split: other sums"
+    assert rounding_warning(made, tensor) is None, "the same split: the same sums"
+    # cfg and data splits give one process's bits (docs/parallel.md): nothing to say
+    assert rounding_warning({"mode": "cfg", "ranks": 2}, one) is None and rounding_warning(None, data) is None
+
+
+@pytest.mark.parametrize("value,message", [
+    ("tensor", "parallel must be null or an object, got the string 'tensor'"),
+    ({"mode": "pipeline", "ranks": 2}, "parallel.mode must be one of cfg, data, tensor, cfg,tensor, got the string "
+                                       "'pipeline'"),
+    ({"mode": "tensor"}, "parallel.ranks must be an integer of 2 or more, got null"),
+    ({"mode": "tensor", "ranks": 1}, "parallel.ranks must be an integer of 2 or more, got 1"),
+    ({"mode": "tensor", "ranks": True}, "parallel.ranks must be an integer of 2 or more, got true"),
+])
+def test_a_placement_record_of_the_wrong_kind_is_one_line(tmp_path, value, message):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"prompt": "x", "seed": 1, "parallel": value}))
+    with pytest.raises(ValueError) as refused:
+        metadata.read(str(path))
+    assert str(refused.value) == f"--config-from-metadata {path}: {message}"

@@ -17,7 +17,7 @@ def test_every_name_is_unique_and_every_call_name_is_an_argument():
     assert len(set(bodies)) == len(bodies)
     assert {s.name for s in SETTINGS} <= set(Request.arguments())
     assert {s.name: s.default for s in SETTINGS if s.default is not None} == {
-        "num_inference_steps": 50, "guidance_scale": 1.5, "previews": 0}
+        "num_inference_steps": 50, "guidance_scale": 1.5, "guidance_end": 1.0, "previews": 0}
 
 
 def test_the_cli_parser_is_the_table():

@@ -6,6 +6,7 @@ until a fixture that writes a checkpoint runs (tiny_checkpoints imports torch).
 """
 
 import shutil
+import signal
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,6 +19,13 @@ except ImportError:  # the fast tier alone, in an environment without the test r
     torch = None
 else:
     torch.set_num_threads(2)
+
+# A suite started in the background (a script's `cmd &`, nohup) has SIGINT or SIGHUP ignored, and a command inherits
+# an ignore and keeps it (cli.interrupting). The tests that signal a command start it as a terminal does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def to_mx(t, dtype=None):

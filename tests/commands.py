@@ -2,8 +2,11 @@
 ``python -m mlx_glm_image.<command>``, the converter as the README runs it (``python convert.py``), from the
 repository's root unless a test says where."""
 
+import shutil
+import socket
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +49,23 @@ def assert_one_line(proc: subprocess.CompletedProcess, message: str):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+LAUNCH = shutil.which("mlx.launch")
+
+
+def ring(n: int) -> list:
+    """``mlx.launch`` for ``n`` processes on this machine, on ports of their own: the ring backend listens with
+    SO_REUSEPORT, so two runs on the same ports (two test sessions on one machine) would connect each other's ranks."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        try:
+            with ExitStack() as held:
+                for port in range(first, first + n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return [LAUNCH, "-n", str(n), "--backend", "ring", "--starting-port", str(first)]
+    raise RuntimeError(f"no {n} free ports in a row")

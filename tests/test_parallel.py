@@ -5,43 +5,23 @@ the run."""
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from commands import ROOT, argv, cli, cli_ok
+from commands import LAUNCH, ROOT, argv, cli, cli_ok, ring
 from PIL import Image
 
 from mlx_glm_image.convert import convert
 
-LAUNCH = shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
 ARGS = ["--height", "64", "--width", "96", "--steps", "3", "--top-k", "1", "--dtype", "float32", "--quiet"]
-
-
-def ring(n: int) -> list:
-    """``mlx.launch`` for ``n`` processes on this machine, on ports of their own: the ring backend listens with
-    SO_REUSEPORT, so two runs on the same ports (two test sessions on one machine) would connect each other's ranks."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        try:
-            with ExitStack() as held:
-                for port in range(first, first + n):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return [LAUNCH, "-n", str(n), "--backend", "ring", "--starting-port", str(first)]
-    raise RuntimeError(f"no {n} free ports in a row")
 
 
 def launch(*args, n=2, wait=True):

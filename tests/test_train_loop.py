@@ -8,16 +8,14 @@ the frozen encodings are made once (a second run loads no encoder); two processe
 import json
 import shutil
 import signal
-import socket
 import subprocess
-from contextlib import ExitStack
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from commands import ROOT, argv, cli_ok
+from commands import LAUNCH, ROOT, argv, cli_ok, ring
 from PIL import Image
 
 from mlx_glm_image import lora, metadata
@@ -284,25 +282,6 @@ def test_the_python_api_takes_settings_by_name(model_dir, data, cache, tmp_path)
 
 
 # ---- several processes ------------------------------------------------------------------------------------
-
-LAUNCH = shutil.which("mlx.launch")
-
-
-def ring(n: int) -> list:
-    """mlx.launch on ports of its own (the ring backend listens with SO_REUSEPORT: see test_parallel.py)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        try:
-            with ExitStack() as held:
-                for port in range(first, first + n):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return [LAUNCH, "-n", str(n), "--backend", "ring", "--starting-port", str(first)]
-    raise RuntimeError(f"no {n} free ports in a row")
-
 
 @pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
 @pytest.mark.parametrize("target", ["ar", "dit"])

@@ -91,23 +91,28 @@ class StopRequest:
 
 # ---- the two targets: what each encodes, trains and saves ----------------------------------------------------
 
-class ArTarget:
-    """The AR prior model's text decoder on inference's sequence (train/ar.py)."""
-
-    unit = "tok"
-    save = staticmethod(lora.save_peft)
+class Target:
+    """What a target shares: its settings, the run's components, and the trained model, loaded once (``-q``: its
+    frozen base quantized)."""
 
     def __init__(self, config: TrainingConfig, components: Components):
         self.config, self.components = config, components
         self.model = None
 
     def load(self) -> nn.Module:
-        """The trained model; it encodes its own targets (its vision encoder + VQ), so it loads first."""
         if self.model is None:
             c = self.config
-            self.model = load_model(MODELS[MODEL["ar"]], c.model, dtype=c.dtype,
+            self.model = load_model(MODELS[MODEL[c.target]], c.model, dtype=c.dtype,
                                     quantize=as_spec(c.quantize) if c.quantize else None)
         return self.model
+
+
+class ArTarget(Target):
+    """The AR prior model's text decoder on inference's sequence (train/ar.py). The trained model encodes its own
+    targets (its vision encoder + VQ), so it loads first."""
+
+    unit = "tok"
+    save = staticmethod(lora.save_peft)
 
     def encoder(self) -> Callable:
         from .ar import ar_example, target_codes
@@ -158,22 +163,11 @@ def _grids(values: dict):
                        preview=None if values.get("preview") is None else tuple(values["preview"]))
 
 
-class DitTarget:
+class DitTarget(Target):
     """The DiT, flow matching on the image's latents under inference's conditions (train/dit.py)."""
 
     unit = "img"
     save = staticmethod(lora.save_diffusers)
-
-    def __init__(self, config: TrainingConfig, components: Components):
-        self.config, self.components = config, components
-        self.model = None
-
-    def load(self) -> nn.Module:
-        if self.model is None:
-            c = self.config
-            self.model = load_model(MODELS[MODEL["dit"]], c.model, dtype=c.dtype,
-                                    quantize=as_spec(c.quantize) if c.quantize else None)
-        return self.model
 
     def encoder(self) -> Callable:
         from PIL import Image
